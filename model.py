@@ -1,0 +1,556 @@
+"""
+The Wan 2.1 T2V 1.3B diffusion transformer as Self-Forcing runs it (causal, chunk
+by chunk, with a KV cache), the umT5-XXL text encoder that conditions it, and the
+code that loads both from the published safetensors in either key layout.
+
+Shapes: B batch, F latent frames, N tokens per latent frame, T tokens, D model dim,
+H heads, Dh head dim (128).
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Weight files: one reader and one checker shared by the DiT, text encoder and VAE
+
+
+class WeightsError(Exception):
+    """A weight file is missing, unreadable or does not match the model."""
+
+
+def read_safetensors(path):
+    """Read a .safetensors file, or a folder holding one or several shards.
+
+    Returns (tensors, config): tensors is a flat {name: tensor} dict on the CPU,
+    config the parsed config.json beside the weights (or None). A folder may hold
+    a single *.safetensors file or shards listed in a *.index.json, as the
+    diffusers repos' transformer/, vae/ and text_encoder/ folders do.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights not found: {path} does not exist (see weights.md for what to download)")
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if indexes:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            files = sorted({path / name for name in weight_map.values()})
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise WeightsError(f"no .safetensors file in {path} (see weights.md for the expected layout)")
+        if len(files) > 1 and not indexes:
+            raise WeightsError(f"{path} holds several .safetensors files but no *.index.json; point to one file instead")
+    else:
+        if path.suffix in (".pt", ".pth", ".bin"):
+            raise WeightsError(f"{path} is a pickled checkpoint; convert it once to safetensors as weights.md shows")
+        files = [path]
+    tensors = {}
+    for file in files:
+        if not file.exists():
+            raise WeightsError(f"shard {file.name} listed in the index of {folder} is missing")
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as err:  # safetensors raises several types; name the file once
+            raise WeightsError(f"{file} is not a readable safetensors file ({err})") from None
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    return tensors, config
+
+
+def load_into(module, tensors, layout, what, device="cpu", dtype=torch.float32):
+    """Check `tensors` against `module`'s parameters, then assign them in place.
+
+    `module` is built on the meta device, so the weights are never held twice:
+    each tensor is moved to (device, dtype) and becomes the parameter itself.
+    Missing, unexpected or mis-shaped names raise one WeightsError that lists them.
+    """
+    expected = {name: p.shape for name, p in module.state_dict(keep_vars=True).items()}
+    missing = [n for n in expected if n not in tensors]
+    unexpected = [n for n in tensors if n not in expected]
+    misshaped = [f"{n} {tuple(tensors[n].shape)} != {tuple(s)}"
+                 for n, s in expected.items() if n in tensors and tensors[n].shape != s]
+    if missing or unexpected or misshaped:
+        def first(items):
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+        problems = [f"{label} {len(items)}: {first(items)}"
+                    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                    if items]
+        raise WeightsError(f"{what} weights ({layout} layout detected) do not match the model: " + "; ".join(problems))
+    for name in list(tensors):
+        tensor = tensors.pop(name)  # drop our reference as we go: one copy in memory
+        tensors[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+    module.load_state_dict(tensors, assign=True)
+    return module.to(device)
+
+
+def rename(tensors, rules):
+    """Apply (regex, replacement) rules to every key; the first rule that matches wins."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        for pattern, repl in rules:
+            new, hits = re.subn(pattern, repl, key)
+            if hits:
+                key = new
+                break
+        renamed[key] = tensor
+    return renamed
+
+
+# -----------------------------------------------------------------------------
+# Wan 2.1 causal DiT
+
+
+@dataclass
+class DiTConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256  # sinusoidal timestep features
+    num_heads: int = 12
+    num_layers: int = 30
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096  # umT5-XXL width
+    patch_size: tuple = (1, 2, 2)  # (frames, rows, cols) of latent per token
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    frames_per_chunk: int = 3  # Self-Forcing denoises 3 latent frames at a time
+
+    @property
+    def head_dim(self):
+        return self.dim // self.num_heads
+
+    @classmethod
+    def tiny(cls):
+        """A few-thousand-parameter model for the CPU tests; same structure."""
+        return cls(dim=64, ffn_dim=96, freq_dim=32, num_heads=2, num_layers=2, text_dim=48)
+
+    @classmethod
+    def from_json(cls, config):
+        """Read either release's config.json: native Wan (dim, num_heads, ...) or diffusers."""
+        if "num_attention_heads" in config:  # diffusers
+            config = dict(config, dim=config["num_attention_heads"] * config["attention_head_dim"],
+                          num_heads=config["num_attention_heads"], in_dim=config.get("in_channels"),
+                          out_dim=config.get("out_channels"))
+        renamed = dict(config, in_channels=config.get("in_dim"), out_channels=config.get("out_dim"))
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in renamed.items() if k in known and v is not None}
+        if "patch_size" in values:
+            values["patch_size"] = tuple(values["patch_size"])
+        return cls(**values)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (Wan normalises q and k over all heads at once)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm evaluated in float32 whatever the weights' dtype, as Wan does."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+def sinusoidal_embedding(t, dim):
+    """Timestep features [cos | sin] of t (in 0..1000), in float64 as Wan computes them."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.double()[..., None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+# 3D RoPE. The head dim is split into (time, rows, cols) parts of 44/42/42 real dims
+# for Dh = 128; each pair of adjacent dims is rotated by position * frequency.
+
+def rope_axis_dims(head_dim):
+    return (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
+
+
+def rope_angles(positions, head_dim, theta):
+    """cos and sin [T, Dh/2] (float32) for integer token positions [T, 3] = (frame, row, col).
+
+    Angles are formed in float64 and rounded once: position * frequency reaches ~10³
+    rad, where a float32 product would already be off by ~1e-4.
+    """
+    parts = []
+    for axis, d in enumerate(rope_axis_dims(head_dim)):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)
+        parts.append(positions[:, axis, None].double() * freqs)
+    angles = torch.cat(parts, dim=1)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x, rope):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, H, Dh] by the angles of `rope`."""
+    cos, sin = (r[None, :, None, :] for r in rope)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def grid_positions(frames, rows, cols, start_frame=0, device=None):
+    """(frame, row, col) of every token of a [frames, rows, cols] grid in raster order: [T, 3]."""
+    f, h, w = torch.meshgrid(torch.arange(start_frame, start_frame + frames, device=device),
+                             torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
+    return torch.stack([f, h, w], dim=-1).reshape(-1, 3)
+
+
+def attention(q, k, v, key_mask=None, impl="sdpa"):
+    """softmax(q kᵀ / √Dh) v for q [B, Tq, H, Dh], k/v [B, Tk, H, Dh].
+
+    key_mask (bool, broadcastable to [Tq, Tk]) marks the keys a query may see.
+    impl="math" is the plain float32 formula, the reference the tests read; "sdpa"
+    hands the same computation to PyTorch's fused kernels (flash / cuDNN on CUDA).
+    """
+    if impl == "math":
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float("-inf"))
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float())
+        return out.type_as(q)
+    if key_mask is not None:
+        key_mask = torch.atleast_2d(key_mask)  # SDPA wants at least [Tq or 1, Tk]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
+    return out.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, x, rope, keys_values, impl):
+        """x [B, T, D] → [B, T, D]. `keys_values(k, v)` turns this call's pre-RoPE keys
+        and values into the full set the queries attend to (plus a key mask): the
+        whole sequence, or the KV cache with this chunk written into it."""
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(x)).unflatten(-1, heads)
+        v = self.v(x).unflatten(-1, heads)
+        k_all, v_all, key_mask = keys_values(k, v)
+        return self.o(attention(apply_rope(q, rope), k_all, v_all, key_mask, impl).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Tokens attend to the 512 prompt embeddings (no RoPE, no mask: Wan's T2V model
+    sees the zero-padded prompt embedding in full)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def context_kv(self, context):
+        heads = (self.num_heads, -1)
+        return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
+
+    def forward(self, x, context_kv, impl):
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        return self.o(attention(q, *context_kv, impl=impl).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+        # adaLN (DiT): a learned per-block offset to the six timestep-driven vectors
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e, rope, keys_values, context_kv, impl):
+        """x [B, T, D]; e [B, T or 1, 6, D] float32 modulation of each token's frame."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
+        h = (self.norm1(x).float() * (1 + scale1) + shift1).type_as(x)
+        x = (x.float() + self.self_attn(h, rope, keys_values, impl).float() * gate1).type_as(x)
+        x = x + self.cross_attn(self.norm3(x), context_kv, impl)
+        h = (self.norm2(x).float() * (1 + scale2) + shift2).type_as(x)
+        return (x.float() + self.ffn(h).float() * gate2).type_as(x)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        """x [B, T, D], e [B, T or 1, D] (the time embedding before the 6-way projection)."""
+        shift, scale = (self.modulation + e[:, :, None]).unbind(2)
+        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+
+
+def mlp_float32(layers, x):
+    """Run a small nn.Sequential in float32 whatever its weights' dtype: Wan keeps the
+    timestep path in float32 because bf16 would quantise the modulation vectors."""
+    for layer in layers:
+        x = F.linear(x, layer.weight.float(), layer.bias.float()) if isinstance(layer, nn.Linear) else layer(x)
+    return x
+
+
+class CausalWanModel(nn.Module):
+    """Wan 2.1 T2V DiT with Self-Forcing's per-frame timesteps and block-causal attention.
+
+    `forward` evaluates a whole latent video at once (chunk c attends to chunks ≤ c);
+    `forward_chunk` evaluates one chunk against a KVCache, which is how the sampler
+    runs it. Both share every weight and every line of the blocks.
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_impl = "sdpa"  # or "math": the plain softmax formula, for reading and testing
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    def embed_time(self, t):
+        """t [B, F] → e [B, F, D] (for the head) and e0 [B, F, 6, D] (for the blocks), float32."""
+        e = mlp_float32(self.time_embedding, sinusoidal_embedding(t, self.cfg.freq_dim).float())
+        return e, mlp_float32(self.time_projection, e).unflatten(-1, (6, self.cfg.dim))
+
+    def patchify(self, x):
+        """[B, C, F, H, W] latents → tokens [B, F·h·w, D] in raster order, and the grid (F, h, w)."""
+        x = self.patch_embedding(x)
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[2:])
+
+    def unpatchify(self, out, grid):
+        """[B, T, pt·ph·pw·C] head outputs on a grid (F, h, w) → [B, C, F·pt, h·ph, w·pw]."""
+        (f, h, w), (pt, ph, pw) = grid, self.cfg.patch_size
+        x = out.unflatten(1, (f, h, w)).unflatten(-1, (pt, ph, pw, -1))  # B f h w pt ph pw C
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # B C f pt h ph w pw
+        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
+
+    def run_blocks(self, tokens, t, frame_of_token, rope, keys_values, context_kvs):
+        """The transformer proper, for any subset of tokens: tokens [B, T, D] → head output [B, T, 64].
+
+        frame_of_token [T] picks each token's per-frame timestep (None when t is [B, 1]);
+        keys_values(layer) gives the self-attention's key/value source of that layer.
+        """
+        e, e0 = self.embed_time(t)
+        if frame_of_token is not None:
+            e, e0 = e[:, frame_of_token], e0[:, frame_of_token]
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, rope, keys_values(i), context_kvs[i], self.attn_impl)
+        return self.head(tokens, e)
+
+    def context_kvs(self, context):
+        """Cross-attention keys/values of the prompt for every layer: computed once per prompt."""
+        context = self.text_embedding(context)
+        return [block.cross_attn.context_kv(context) for block in self.blocks]
+
+    def forward(self, x, t, context):
+        """Velocity for a whole latent video. x [B, 16, F, H, W], t [B, F] (0..1000), context
+        [B, L, 4096] → [B, 16, F, H, W]. Block-causal: a token of chunk c sees chunks ≤ c."""
+        tokens, (f, h, w) = self.patchify(x)
+        frame_of_token = torch.arange(f, device=x.device).repeat_interleave(h * w)
+        chunk = frame_of_token // self.cfg.frames_per_chunk
+        key_mask = chunk[None, :] <= chunk[:, None] if f > self.cfg.frames_per_chunk else None
+        rope = rope_angles(grid_positions(f, h, w, device=x.device), self.cfg.head_dim, self.cfg.rope_theta)
+
+        def keys_values(layer):
+            return lambda k, v: (apply_rope(k, rope), v, key_mask)
+
+        out = self.run_blocks(tokens, t, frame_of_token, rope, keys_values, self.context_kvs(context))
+        return self.unpatchify(out, (f, h, w))
+
+    def forward_chunk(self, x, t, cache, start_frame, memory_step=False, plan=None):
+        """Velocity for one chunk, attending to the cached clean frames and to itself.
+
+        x [B, 16, F, H, W] the chunk's latents (F = frames_per_chunk), t [B, F] or [B, 1]
+        its timesteps; start_frame its first latent frame in the video. The chunk's
+        keys/values are written into `cache` (a memory step, t = 0, writes the clean
+        ones that later chunks read). With a LIPAR `plan` (lipar.RecoveryPlan) only
+        the plan's kept tokens are computed; their velocity is returned in place and
+        pruned positions are zero.
+        """
+        tokens, (f, h, w) = self.patchify(x)
+        positions = grid_positions(f, h, w, start_frame, device=x.device)
+        kept = None if plan is None else plan.kept
+        if kept is not None:
+            tokens, positions = tokens[:, kept], positions[kept]
+        frame_of_token = None if t.shape[1] == 1 else positions[:, 0] - start_frame
+        rope = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        keys_values = cache.writer(start_frame, f, plan, memory_step)
+        out = self.run_blocks(tokens, t, frame_of_token, rope, keys_values, cache.context_kvs)
+        if kept is not None:
+            out = out.new_zeros(out.shape[0], f * h * w, out.shape[2]).index_copy_(1, kept, out)
+        return self.unpatchify(out, (f, h, w))
+
+
+class KVCache:
+    """Self-attention keys/values of the frames a chunk may attend to, for every layer.
+
+    One preallocated tensor per layer, updated in place (as in gpt-fast); keys are
+    stored after RoPE, at their true frame position. Without a window every frame
+    has its own slot (Self-Forcing's full causal cache). With a window
+    (m_sink, m_recent), LIPAR's M-degree approximation, there are only
+    m_sink + m_recent frame slots: frames < m_sink keep theirs for ever and later
+    frames take turns in a ring of m_recent slots. The slots written so far then
+    always form a prefix, and that prefix holds exactly the frames of the window:
+    attention reads `k[:, :n]`, no gather, and the cache never grows past the window.
+
+    For LIPAR it also keeps the memory: each layer's pre-RoPE keys/values of the last
+    frame of the previous chunk, from which pruned tokens are recovered (Eq. 3–4).
+    """
+
+    def __init__(self, model, context, num_frames, grid_hw, window=None):
+        cfg = model.cfg
+        param = model.head.head.weight
+        self.grid_hw = grid_hw
+        self.tokens_per_frame = n = grid_hw[0] * grid_hw[1]
+        self.sink, self.recent = (0, num_frames) if window is None else window
+        if self.recent < cfg.frames_per_chunk:
+            raise ValueError(f"the attention window must cover the current chunk: m_recent={self.recent} "
+                             f"< {cfg.frames_per_chunk} frames per chunk")
+        self.num_slots = min(num_frames, self.sink + self.recent)
+        shape = (cfg.num_layers, context.shape[0], self.num_slots * n, cfg.num_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=param.device, dtype=param.dtype)
+        self.v = torch.zeros_like(self.k)
+        self.key_valid = torch.ones(self.num_slots * n, dtype=torch.bool, device=param.device)
+        self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask
+        memory_shape = (cfg.num_layers, context.shape[0], n, cfg.num_heads, cfg.head_dim)
+        self.memory_k = torch.zeros(memory_shape, device=param.device, dtype=param.dtype)
+        self.memory_v = torch.zeros_like(self.memory_k)
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.context_kvs = model.context_kvs(context)
+
+    def slot_of(self, frame):
+        return frame if frame < self.sink else self.sink + (frame - self.sink) % self.recent
+
+    def writer(self, start_frame, frames, plan=None, memory_step=False):
+        """Per-layer key/value sources for a chunk of `frames` frames from `start_frame`.
+
+        Each layer's source takes the chunk's pre-RoPE k/v (of its kept tokens, with a
+        plan), completes the chunk with recovered keys/values (plan), rotates them to
+        their positions, writes them into the chunk's slots, and returns every cached
+        key/value the chunk may attend to, with a key mask where some are absent.
+        """
+        n = self.tokens_per_frame
+        device = self.k.device
+        slots = [self.slot_of(f) for f in range(start_frame, start_frame + frames)]
+        token_slots = (torch.tensor(slots, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
+        rope = rope_angles(grid_positions(frames, *self.grid_hw, start_frame, device=device),
+                           self.head_dim, self.rope_theta)
+        chunk_valid = None if plan is None else plan.key_valid(memory_step)
+        self.key_valid[token_slots] = True if chunk_valid is None else chunk_valid
+        for slot in slots:
+            self.slot_has_holes[slot] = chunk_valid is not None
+        visible = min(start_frame + frames, self.num_slots)
+        key_mask = self.key_valid[: visible * n] if any(self.slot_has_holes[:visible]) else None
+
+        def keys_values(layer):
+            def write_and_read(k, v):
+                if plan is not None:
+                    k, v = plan.recover(self.memory_k[layer], self.memory_v[layer], k, v, memory_step)
+                    if memory_step:  # the next chunk's memory: this chunk's clean last frame
+                        self.memory_k[layer].copy_(k[:, -n:])
+                        self.memory_v[layer].copy_(v[:, -n:])
+                self.k[layer].index_copy_(1, token_slots, apply_rope(k, rope))
+                self.v[layer].index_copy_(1, token_slots, v)
+                return self.k[layer][:, : visible * n], self.v[layer][:, : visible * n], key_mask
+            return write_and_read
+
+        return keys_values
+
+
+# diffusers (WanTransformer3DModel) names → native Wan names, which our modules use.
+DIT_DIFFUSERS_TO_NATIVE = [
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.", r"blocks.\1.self_attn."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.", r"blocks.\1.cross_attn."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # the cross-attention norm
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+]
+
+
+def native_dit_tensors(tensors):
+    """Bring a DiT state dict of any supported layout to native Wan names.
+
+    Returns (tensors, layout). The Self-Forcing checkpoint holds two generators; its
+    EMA weights (`generator_ema.`) are the ones the authors sample with.
+    """
+    if any(k.startswith("generator_ema.") for k in tensors):
+        tensors = {k[len("generator_ema."):]: t for k, t in tensors.items() if k.startswith("generator_ema.")}
+        layout = "Self-Forcing (generator_ema)"
+    elif any(k.startswith("generator.") for k in tensors):
+        tensors = {k[len("generator."):]: t for k, t in tensors.items() if k.startswith("generator.")}
+        layout = "Self-Forcing (generator)"
+    else:
+        layout = None
+    if tensors and all(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: t for k, t in tensors.items()}
+    if any(k.startswith("condition_embedder.") or ".attn1." in k for k in tensors):
+        return rename(tensors, DIT_DIFFUSERS_TO_NATIVE), "diffusers"
+    return tensors, layout or "native Wan"
+
+
+def load_dit(path, device="cpu", dtype=torch.float32):
+    """Load the causal DiT from a safetensors file or folder in either layout (see weights.md)."""
+    tensors, config = read_safetensors(path)
+    tensors, layout = native_dit_tensors(tensors)
+    if config is not None:
+        cfg = DiTConfig.from_json(config)
+    else:  # infer the width from the tensors; every released model has 128-dim heads
+        try:
+            dim, in_channels = tensors["patch_embedding.weight"].shape[:2]
+            if dim % 128:
+                raise WeightsError(f"{path}: cannot infer the head count of a {dim}-wide DiT without a config.json")
+            cfg = DiTConfig(dim=dim, in_channels=in_channels, num_heads=dim // 128,
+                            num_layers=len({k.split(".")[1] for k in tensors if k.startswith("blocks.")}),
+                            ffn_dim=tensors["blocks.0.ffn.0.weight"].shape[0],
+                            freq_dim=tensors["time_embedding.0.weight"].shape[1],
+                            text_dim=tensors["text_embedding.0.weight"].shape[1],
+                            out_channels=tensors["head.head.weight"].shape[0] // 4)
+        except KeyError as missing:
+            raise WeightsError(f"{path} is not a Wan DiT checkpoint ({layout} layout detected): "
+                               f"tensor {missing} is missing") from None
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    model = load_into(model, tensors, layout, "DiT", device, dtype)
+    model.attn_impl = "sdpa"
+    return model.eval().requires_grad_(False)
