@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "weights"
+MANIFESTS = Path(__file__).resolve().parent / "manifests"  # copies of shared/reference/weights
 TINY = dict(num_attention_heads=2, attention_head_dim=32, text_dim=48, freq_dim=32, ffn_dim=96, num_layers=2)
 
 

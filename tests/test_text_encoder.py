@@ -10,9 +10,7 @@ from safetensors.torch import save_file
 
 from model import T5Config, Tokenizer, UMT5Encoder, WeightsError, clean_prompt, load_text_encoder, t5_to_native
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if p.exists()), ROOT / "shared")
-WEIGHTS = WEIGHTS / "reference" / "weights"
+WEIGHTS = Path(__file__).resolve().parent / "manifests"  # copies of shared/reference/weights
 TEXT_LEN = 512
 
 
