@@ -26,14 +26,17 @@ class WeightsError(Exception):
     """A weight file is missing, unreadable or does not match the model."""
 
 
-def read_safetensors(path):
+def read_safetensors(path, shapes_only=False):
     """Read a .safetensors file, or a folder holding one or several shards.
 
     Returns (tensors, config): tensors is a flat {name: tensor} dict on the CPU,
     config the parsed config.json beside the weights (or None). A folder may hold
     a single *.safetensors file or shards listed in a *.index.json, as the
-    diffusers repos' transformer/, vae/ and text_encoder/ folders do.
+    diffusers repos' transformer/, vae/ and text_encoder/ folders do. With
+    shapes_only the tensors are empty `meta` tensors read from the file headers:
+    enough to check names and shapes of a multi-GB checkpoint in a second.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -60,7 +63,11 @@ def read_safetensors(path):
         if not file.exists():
             raise WeightsError(f"shard {file.name} listed in the index of {folder} is missing")
         try:
-            tensors.update(load_file(str(file)))
+            if shapes_only:
+                with safe_open(str(file), "pt") as f:
+                    tensors.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
+            else:
+                tensors.update(load_file(str(file)))
         except Exception as err:  # safetensors raises several types; name the file once
             raise WeightsError(f"{file} is not a readable safetensors file ({err})") from None
     config_file = folder / "config.json"
@@ -68,13 +75,8 @@ def read_safetensors(path):
     return tensors, config
 
 
-def load_into(module, tensors, layout, what, device="cpu", dtype=torch.float32):
-    """Check `tensors` against `module`'s parameters, then assign them in place.
-
-    `module` is built on the meta device, so the weights are never held twice:
-    each tensor is moved to (device, dtype) and becomes the parameter itself.
-    Missing, unexpected or mis-shaped names raise one WeightsError that lists them.
-    """
+def check_tensors(module, tensors, layout, what):
+    """Raise one WeightsError listing the missing, unexpected and mis-shaped tensors."""
     expected = {name: p.shape for name, p in module.state_dict(keep_vars=True).items()}
     missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected]
@@ -87,6 +89,15 @@ def load_into(module, tensors, layout, what, device="cpu", dtype=torch.float32):
                     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
                     if items]
         raise WeightsError(f"{what} weights ({layout} layout detected) do not match the model: " + "; ".join(problems))
+
+
+def load_into(module, tensors, layout, what, device="cpu", dtype=torch.float32):
+    """Check `tensors` against `module`'s parameters, then assign them in place.
+
+    `module` is built on the meta device, so the weights are never held twice:
+    each tensor is moved to (device, dtype) and becomes the parameter itself.
+    """
+    check_tensors(module, tensors, layout, what)
     for name in list(tensors):
         tensor = tensors.pop(name)  # drop our reference as we go: one copy in memory
         tensors[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
@@ -186,10 +197,10 @@ def rope_axis_dims(head_dim):
     return (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
 
 
-def rope_angles(positions, head_dim, theta):
-    """cos and sin [T, Dh/2] (float32) for integer token positions [T, 3] = (frame, row, col).
+def rope_angles(positions, head_dim, theta, dtype=torch.float32):
+    """cos and sin [T, Dh/2] for integer token positions [T, 3] = (frame, row, col).
 
-    Angles are formed in float64 and rounded once: position * frequency reaches ~10³
+    Angles are formed in float64 and rounded once: position × frequency reaches ~10³
     rad, where a float32 product would already be off by ~1e-4.
     """
     parts = []
@@ -197,13 +208,14 @@ def rope_angles(positions, head_dim, theta):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)
         parts.append(positions[:, axis, None].double() * freqs)
     angles = torch.cat(parts, dim=1)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
 def apply_rope(x, rope):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, H, Dh] by the angles of `rope`."""
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, H, Dh] by the angles of `rope`.
+    Computed in float32 (float64 for float64 inputs, as the exactness tests use)."""
     cos, sin = (r[None, :, None, :] for r in rope)
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, cos.dtype)).unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -532,8 +544,9 @@ def native_dit_tensors(tensors):
 
 
 def load_dit(path, device="cpu", dtype=torch.float32):
-    """Load the causal DiT from a safetensors file or folder in either layout (see weights.md)."""
-    tensors, config = read_safetensors(path)
+    """Load the causal DiT from a safetensors file or folder in either layout (see weights.md).
+    On device "meta" only the file headers are read: a quick check of names and shapes."""
+    tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
     tensors, layout = native_dit_tensors(tensors)
     if config is not None:
         cfg = DiTConfig.from_json(config)
@@ -818,8 +831,9 @@ def load_text_encoder(path, tokenizer_path, device="cpu", dtype=torch.float32):
 
     The size comes from a T5 config.json beside the weights when there is one, else
     from the tensor shapes (Wan's release folder holds the DiT's config.json, which is ignored).
+    On device "meta" only the file headers are read: a quick check of names and shapes.
     """
-    tensors, config = read_safetensors(path)
+    tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
     layout, tensors = t5_to_native(tensors)
     cfg = T5Config.from_hf(config) if config and "d_model" in config else T5Config.from_tensors(tensors)
     with torch.device("meta"):

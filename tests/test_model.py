@@ -258,3 +258,15 @@ def test_rope_rotates_pairs_by_position_times_frequency():
                             for a, d in enumerate(dims)])
         expected = torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten()
         assert torch.allclose(got[0, token, 0].double(), expected, atol=1e-6)
+
+
+def test_meta_device_checks_headers_only(diffusers_dit, tmp_path):
+    _, folder = diffusers_dit
+    checked = M.load_dit(folder, device="meta")
+    assert all(p.is_meta for p in checked.parameters())
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["proj_out.weight"] = torch.zeros(64, 63)
+    save_file(tensors, str(tmp_path / "broken.safetensors"))
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(M.WeightsError, match="mis-shaped 1: head.head.weight"):
+        M.load_dit(tmp_path / "broken.safetensors", device="meta")
