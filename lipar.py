@@ -1,0 +1,327 @@
+"""LIPAR: training-free Latent Inter-frame Pruning with Attention Recovery.
+
+LIPAR speeds up video editing with a causal, chunk-by-chunk video DiT
+(Self-Forcing on Wan 2.1) by not computing tokens that do not change from one
+latent frame to the next.  One boolean mask on the DiT token grid [L, H/16, W/16]
+(True = compute the token, False = prune it) drives three stages:
+
+1. Latent inter-frame pruning (Eq. 1, 5-6).  Before sampling, each 2x2 patch of
+   the source video's latents is compared with the same patch one latent frame
+   earlier; patches that barely change are pruned.  A substitute bound keeps any
+   token that has drifted too far from the memory token that would stand in for it.
+2. Attention recovery (Eq. 3-4).  The DiT runs on the kept tokens only.  Self-
+   attention still sees every position: a pruned token's key/value is the clean
+   memory key/value at its location (noise-aware duplication), and attention is
+   limited to an M-degree window of frames.
+3. Restoration.  A pruned token's output is the memory x0 at its location, so every
+   chunk leaves the sampler full size and the VAE decodes a complete video.
+
+Everything here is plain torch and runs on the tensors' own device.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from model import apply_rope
+
+# ---- Latent inter-frame pruning (Eq. 1, 5-6) ----
+#
+# prune_mask() in one picture (t = latent frame, chunks of 3 frames):
+#   d_t   = robust L1(P_t, P_{t-1}), t >= 1                     Eq. 1
+#   d     = causal Gaussian(causal median(d))
+#   keep  = d > theta, frame 0 always kept
+#   keep |= substitute bound against the memory                 Eq. 5-6
+#   keep  = cleanup: causal median, open/close, causal dilation
+#   keep |= substitute bound again, now on the final mask       Eq. 5-6
+# Every step looks only at the current and earlier latent frames, so the mask of
+# frame t never depends on a later frame.
+
+
+def patchify(latents):
+    """[L, C, H, W] latents -> [L, H/2, W/2, 4C]: the values of each DiT token (2x2 patch)."""
+    L, C, H, W = latents.shape
+    assert H % 2 == 0 and W % 2 == 0, f"latent size {H}x{W} is not a multiple of the 2x2 patch"
+    x = latents.reshape(L, C, H // 2, 2, W // 2, 2)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(L, H // 2, W // 2, 4 * C)
+
+
+def robust_patch_l1(a, b):
+    """Eq. 1: robust L1 distance between patches, [..., n] x [..., n] -> [...].
+
+    The mean of |a - b| over its middle order statistics: sorted ranks n//5 up to
+    4n//5 - 1 (for n = 64 values: the 13th to the 51st smallest, 39 values), i.e. the
+    values between the 20th and 80th percentile.  Trimming both tails measures the
+    typical change of the patch, so a few extreme values (VAE noise, one flickering
+    channel) can neither force a keep nor hide a real change.
+    """
+    diff = (a - b).abs().sort(dim=-1).values
+    n = diff.shape[-1]
+    return diff[..., n // 5:(4 * n) // 5].mean(dim=-1)
+
+
+def causal_median3(x):
+    """Causal 3x3x3 median of x [T, h, w] over (time, h, w).
+
+    The window of frame t spans frames t-2..t, never a later frame, so a mask frame
+    can be final before the video that follows it is known.  Missing frames and
+    pixels repeat the nearest existing one (edge padding): frame 0 sees itself three
+    times, frame 1 sees frames 0, 0, 1.
+    """
+    p = F.pad(x[None, None], (1, 1, 1, 1, 2, 0), mode="replicate")[0, 0]
+    windows = p.unfold(0, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1)  # [T, h, w, 3, 3, 3]
+    return windows.reshape(*x.shape, 27).median(dim=-1).values
+
+
+def causal_gaussian3(x, sigma=1.5):
+    """Causal 3x3x3 Gaussian blur of x [T, h, w].
+
+    Weights exp(-|o|^2 / (2 sigma^2)) for offsets o in {-1, 0, 1}^3, with the future
+    slice (time offset +1) set to zero and the rest renormalised to sum 1: frame t
+    mixes frames t-1 and t only.  Edge padding, as in causal_median3.
+    """
+    o = torch.arange(-1, 2, device=x.device, dtype=x.dtype)
+    g = torch.exp(-o**2 / (2 * sigma**2))
+    k = g[:2, None, None] * g[None, :, None] * g[None, None, :]  # time offsets -1, 0
+    k = k / k.sum()
+    p = F.pad(x[None, None], (1, 1, 1, 1, 1, 0), mode="replicate")
+    return F.conv3d(p, k[None, None])[0, 0]
+
+
+def _dilate3x3(m):
+    # max-pool padding never wins a max, so the outside of the frame is ignored
+    return F.max_pool2d(m[:, None], 3, stride=1, padding=1)[:, 0]
+
+
+def _erode3x3(m):
+    return -_dilate3x3(-m)
+
+
+def open_close(mask):
+    """Per-frame morphological opening, then closing, with a 3x3 square ([T, h, w] bool).
+
+    Opening drops kept specks thinner than 3 tokens, which would cost attention
+    work for little gain; closing fills pruned pinholes and 1-token gaps inside
+    kept regions, which would otherwise be patched with stale memory.  Outside the
+    frame counts as neither kept nor pruned (OpenCV's default border does the same):
+    the border does not erode a region, and a 1-token strip between a region and
+    the border is closed like any other gap.
+    """
+    m = mask.float()
+    m = _dilate3x3(_erode3x3(m))
+    m = _erode3x3(_dilate3x3(m))
+    return m > 0.5
+
+
+def causal_dilate(mask):
+    """Causal dilation with a (3, 5, 5) box whose future frame slice is empty ([T, h, w] bool).
+
+    A token is kept at frame t when any token within 2 rows and columns was kept at
+    frame t-1 or t: kept regions get a 2-token safety margin and persist one extra
+    frame after motion stops, but never spread back into earlier frames.
+    """
+    m = F.pad(mask.float()[None, None], (0, 0, 0, 0, 1, 0))  # empty frame before frame 0
+    return F.max_pool3d(m, (2, 5, 5), stride=1, padding=(0, 2, 2))[0, 0] > 0.5
+
+
+def clean_mask(keep):
+    """Mask cleanup of [T, h, w] bool: causal median, per-frame open/close, causal dilation."""
+    m = causal_median3(keep.float()) > 0.5  # median of 0/1 values = majority vote
+    return causal_dilate(open_close(m))
+
+
+def substitute_bound(patches, keep, theta2, chunk_frames=3):
+    """Eq. 5-6: also keep every token that is too far from its substitute.
+
+    patches [L, h, w, n] (from patchify), keep [L, h, w] bool with frame 0 all kept.
+    A token pruned in chunk c is replaced by the memory at its location: what the KV
+    cache holds there at the last frame of chunk c-1.  For a pruned token the cache
+    holds a copy of the same location one frame earlier (the memory step chains
+    copies frame to frame), so the memory is the latent of the *last kept* frame at
+    that location up to the end of chunk c-1.  Eq. 1 only bounds neighbouring
+    frames, so slow drift could pile up without limit; comparing with the memory
+    bounds the error of the substitution itself: after this, every pruned token of
+    chunks >= 1 has robust L1 <= theta2 to its memory under the returned mask.
+
+    Chunk 0 has no memory (its pruned tokens are simply absent from attention), so
+    it is not checked; the first memory is the last kept value among frames
+    0..chunk_frames-1.  Only ever adds tokens; returns a new mask.
+    """
+    keep = keep.clone()
+    memory = patches[0]
+    for start in range(0, patches.shape[0], chunk_frames):
+        chunk = slice(start, start + chunk_frames)
+        if start > 0:
+            keep[chunk] |= robust_patch_l1(patches[chunk], memory) > theta2
+        for p, k in zip(patches[chunk], keep[chunk]):  # last kept value wins
+            memory = torch.where(k[..., None], p, memory)
+    return keep
+
+
+def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3):
+    """Token keep-mask [L, H/16, W/16] (bool, True = compute) for normalised latents [L, 16, H/8, W/8].
+
+    theta: threshold on the smoothed frame-to-frame distance (Eq. 1; paper 0.15).
+    theta2: substitute bound (Eq. 5-6); float('inf') turns it off.
+    chunk_frames: latent frames per sampler chunk; the memory advances once per chunk.
+    """
+    patches = patchify(latents.float())
+    first = torch.ones_like(patches[:1, ..., 0], dtype=torch.bool)  # frame 0 is always computed
+    if patches.shape[0] == 1:
+        return first
+    d = robust_patch_l1(patches[1:], patches[:-1])  # Eq. 1 for frames 1..L-1
+    d = causal_gaussian3(causal_median3(d))
+    keep = torch.cat([first, d > theta])
+    keep = substitute_bound(patches, keep, theta2, chunk_frames)
+    # Frame 0 stays out of the cleanup: it is kept by fiat, not by motion, and
+    # would otherwise vote frames 1-2 kept in the median and dilation.
+    keep = torch.cat([first, clean_mask(keep[1:])])
+    # The cleanup can drop tokens the bound kept (median, opening) and keeps extra
+    # ones, which moves the memory of later chunks; OR-ing the earlier bound-kept
+    # tokens back would not restore the guarantee.  Walking the chunks again on
+    # the cleaned mask does, and only adds the few tokens it needs.
+    return substitute_bound(patches, keep, theta2, chunk_frames)
+
+
+def prune_ratio(keep):
+    """Fraction of pruned tokens in latent frames 1..L-1 (frame 0 is never pruned)."""
+    return (~keep[1:]).float().mean().item()
+
+
+def chunk_prune_ratios(keep, chunk_frames=3):
+    """Fraction of pruned tokens in each chunk of chunk_frames latent frames (chunk 0 includes frame 0)."""
+    pruned = (~keep).float()
+    return [pruned[s:s + chunk_frames].mean().item() for s in range(0, keep.shape[0], chunk_frames)]
+
+
+# ---- Attention recovery (Eq. 3-4) ----
+#
+# Only self-attention mixes tokens, so only it needs the pruned tokens: the
+# norms, FFN and cross-attention of a kept token never look at another token.
+# Every layer therefore runs on the kept tokens alone, and each layer's
+# self-attention is handed a complete chunk of keys/values in which every pruned
+# token's entry is a copy of a clean one (noise-aware duplication), rotated by
+# RoPE to the pruned token's own (frame, row, col). When the copy is exact, the
+# softmax sums over the pruned sequence equal those over the full one (Eq. 3);
+# the M-degree window then keeps only the dominant terms of those sums: the first
+# m_sink frames and the last m_recent ones (Eq. 4; the KVCache in model.py holds
+# exactly that window).
+#
+# A RecoveryPlan says, for one chunk and one ablation mode, where each token's
+# key/value comes from. Rows 0..N-1 of the source are the memory (the clean,
+# pre-RoPE keys/values of the previous chunk's last frame, one row per location);
+# rows N.. are the kept tokens computed now. A plan is a pure function of the
+# chunk's mask, so it is built once per chunk, before the denoising loop.
+
+MODES = ("full", "naive", "noisy_dup", "lipar")
+
+
+class RecoveryPlan:
+    """Where the keys/values of one chunk's tokens come from.
+
+    kept [n_kept]: flat indices (frame-major raster order) of the computed tokens.
+    For the denoising steps and for the memory step separately:
+    src [F·N]: for every token of the chunk, its row in cat(memory, kept);
+    valid [F·N] or None: which of those keys exist (None: all of them).
+    """
+
+    def __init__(self, kept, denoise_src, denoise_valid, memory_src, memory_valid):
+        self.kept = kept
+        self.sources = {False: (denoise_src, denoise_valid), True: (memory_src, memory_valid)}
+
+    def recover(self, memory_k, memory_v, k_kept, v_kept, memory_step):
+        """Complete the chunk's pre-RoPE keys and values [B, F·N, H, Dh] (Eq. 3)."""
+        src = self.sources[memory_step][0]
+        return torch.cat([memory_k, k_kept], dim=1)[:, src], torch.cat([memory_v, v_kept], dim=1)[:, src]
+
+    def key_valid(self, memory_step):
+        return self.sources[memory_step][1]
+
+
+def recovery_plan(keep, mode="lipar", has_memory=True):
+    """The RecoveryPlan of one chunk from its mask keep [F, h, w] (True = computed).
+
+    lipar      denoising steps: a pruned token copies the memory at its location,
+               clean keys for a noisy chunk (noise-aware duplication). In the first
+               chunk there is no memory yet and pruned keys are simply absent.
+    noisy_dup  denoising steps: a pruned token copies the same location one frame
+               earlier in the current, noisy pass (the first frame: the memory):
+               the ablation whose copied noise breaks the i.i.d. assumption.
+    both       memory step (t = 0, everything clean): copies chain frame to frame,
+               from the same location one frame earlier (the first frame: memory).
+    naive      pruned keys are dropped, in every step.
+    """
+    if mode not in MODES[1:]:
+        raise ValueError(f"unknown pruning mode {mode!r}; choose one of {MODES[1:]}")
+    frames, h, w = keep.shape
+    n = h * w
+    flat = keep.flatten()
+    kept = flat.nonzero().squeeze(1)
+    own = n + flat.long().cumsum(0) - 1  # a kept token's row in cat(memory, kept)
+    location = torch.arange(frames * n, device=keep.device) % n
+    memory_row = torch.where(flat, own, location)
+    # the latest kept frame at or before each token, same location (-1: none in this chunk)
+    frame_ids = torch.arange(frames, device=keep.device)[:, None, None]
+    last_kept = torch.where(keep, frame_ids, -1).cummax(dim=0).values.flatten()
+    chained_row = torch.where(last_kept >= 0, own[(last_kept.clamp(min=0) * n + location)], location)
+
+    def valid(src):
+        """Without a memory (first chunk) the rows 0..N-1 do not exist yet."""
+        present = flat if mode == "naive" else (src >= n) | has_memory
+        return None if bool(present.all()) else present
+
+    if mode == "naive":
+        denoise_src = memory_src = memory_row
+    else:
+        memory_src = chained_row
+        denoise_src = memory_row if mode == "lipar" else chained_row
+    return RecoveryPlan(kept, denoise_src, valid(denoise_src), memory_src, valid(memory_src))
+
+
+def chunk_plans(keep, mode, frames_per_chunk=3):
+    """One RecoveryPlan per chunk of the video mask keep [L, h, w] (None for mode "full")."""
+    if mode == "full":
+        return [None] * (keep.shape[0] // frames_per_chunk)
+    return [recovery_plan(keep[s:s + frames_per_chunk], mode, has_memory=s > 0)
+            for s in range(0, keep.shape[0], frames_per_chunk)]
+
+
+def recovered_attention(q, k_kept, v_kept, plan, memory_k, memory_v, past_k, past_v, rope_q, rope_chunk,
+                        memory_step=False):
+    """LIPAR self-attention of one chunk's kept queries, as plain softmax math (Eq. 3-4).
+
+    The readable reference for what the model computes with SDPA and its KV cache.
+    q, k_kept, v_kept [B, n_kept, H, Dh]: this chunk's kept tokens, before RoPE.
+    memory_k/v [B, N, H, Dh]: the previous chunk's clean last frame, before RoPE.
+    past_k/v [B, P, H, Dh]: the cached keys (after RoPE) / values of the earlier
+    frames inside the M-degree window: the first m_sink frames and the most recent
+    ones (Eq. 4); frames outside it are not passed at all.
+    rope_q / rope_chunk: (cos, sin) of the kept tokens' and of all the chunk's positions.
+    Computes in float64 when given float64, else float32.
+    """
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    # Eq. 3: complete the chunk with duplicated clean keys/values, each key rotated
+    # to the position of the token it stands in for
+    k_chunk, v_chunk = plan.recover(memory_k, memory_v, k_kept, v_kept, memory_step)
+    keys = torch.cat([past_k, apply_rope(k_chunk, rope_chunk)], dim=1).to(dtype)
+    values = torch.cat([past_v, v_chunk], dim=1).to(dtype)
+    scores = torch.einsum("bqhd,bkhd->bhqk", apply_rope(q, rope_q).to(dtype), keys) / q.shape[-1] ** 0.5
+    valid = plan.key_valid(memory_step)
+    if valid is not None:  # keys that do not exist (naive pruning; the first chunk)
+        present = torch.cat([valid.new_ones(past_k.shape[1]), valid])
+        scores = scores.masked_fill(~present, float("-inf"))
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    return torch.einsum("bhqk,bkhd->bqhd", weights / weights.sum(dim=-1, keepdim=True), values)
+
+
+# ---- Restoration ----
+
+
+def restore(x0, keep, memory_x0):
+    """Full-size x0 of a chunk: computed where kept, the memory latent where pruned.
+
+    x0 [B, C, F, H, W] (pruned positions hold no prediction); keep [F, H/2, W/2];
+    memory_x0 [B, C, H, W]: the previous chunk's last frame of x0 (in the first
+    chunk: the chunk's own frame 0, which is always kept).
+    """
+    keep_pixels = keep.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # token grid → latent grid
+    return torch.where(keep_pixels[None, None], x0, memory_x0[:, :, None])
