@@ -1,0 +1,450 @@
+"""
+The Wan 2.1 video VAE: a causal 3D-convolutional autoencoder that turns a video
+[B, 3, T, H, W] in [-1, 1] (T = 4k + 1 frames) into normalised latents
+[B, 16, 1 + (T - 1) / 4, H / 8, W / 8], and latents back into video.
+
+"Causal" means that output frame t depends on input frames <= t only: every 3D
+convolution pads the past, never the future, in time. That is what lets the VAE
+run chunk by chunk, as the release does: encode takes frame 0 alone, then 4
+frames at a time (each chunk yields one latent frame); decode takes one latent
+frame at a time. Between chunks each causal layer keeps the last input frames
+its kernel reaches back to (`CausalCache`), so the chunked result equals one
+pass over the whole clip while memory stays that of a single chunk.
+
+Module and parameter names follow the released checkpoint (Wan2.1_VAE.pth), so
+its keys load unchanged; the diffusers layout (AutoencoderKLWan) is renamed on
+load.
+
+Shapes: B batch, C channels, T frames, H height, W width.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import WeightsError, load_into, read_safetensors, rename
+
+# Per-channel statistics of the VAE means over Wan's training data (SPEC §2). The
+# DiT works on z = (mu - mean) / std, i.e. latents of roughly unit variance.
+LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+               0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+LATENT_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of the VAE; the defaults are the released Wan 2.1 model."""
+
+    base_dim: int = 96                      # channels at full resolution
+    z_dim: int = 16                         # latent channels (the encoder outputs 2 * z_dim: mean and log-variance)
+    dim_mult: tuple = (1, 2, 4, 4)          # channel multiplier of each resolution level
+    num_res_blocks: int = 2                 # residual blocks per encoder level (the decoder has one more)
+    temporal_downsample: tuple = (False, True, True)  # which level transitions also halve the frame rate
+
+    @classmethod
+    def tiny(cls):
+        """The same network at 1/12 of the width, for tests on the CPU."""
+        return cls(base_dim=8)
+
+    @classmethod
+    def from_diffusers_json(cls, config):
+        """Read a diffusers AutoencoderKLWan config.json; refuse settings this (Wan 2.1) VAE does not implement."""
+        if config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
+            raise WeightsError(f"the config.json beside the VAE weights is for {config['_class_name']}, "
+                               f"not AutoencoderKLWan; point to the VAE's own folder")
+        wan21 = {"z_dim": 16, "attn_scales": [], "is_residual": False, "decoder_base_dim": None,
+                 "patch_size": None, "in_channels": 3, "out_channels": 3}
+        other = [f"{key}={config[key]!r}" for key, value in wan21.items() if key in config and config[key] != value]
+        if other:
+            raise WeightsError(f"the VAE config.json asks for {', '.join(other)}, but only the Wan 2.1 VAE is implemented")
+        defaults = cls()
+        return cls(base_dim=config.get("base_dim", defaults.base_dim),
+                   dim_mult=tuple(config.get("dim_mult", defaults.dim_mult)),
+                   num_res_blocks=config.get("num_res_blocks", defaults.num_res_blocks),
+                   temporal_downsample=tuple(config.get("temperal_downsample", defaults.temporal_downsample)))
+
+    def to_diffusers_json(self):
+        """This config as an AutoencoderKLWan config.json (diffusers spells "temperal")."""
+        return {"_class_name": "AutoencoderKLWan", "base_dim": self.base_dim, "z_dim": self.z_dim,
+                "dim_mult": list(self.dim_mult), "num_res_blocks": self.num_res_blocks,
+                "temperal_downsample": list(self.temporal_downsample)}
+
+    @property
+    def time_stride(self):
+        """Video frames per latent frame (after frame 0): 4."""
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def space_stride(self):
+        """Pixels per latent pixel along each side: 8."""
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+# -----------------------------------------------------------------------------
+# Layers
+
+
+def at_least_fp32(dtype):
+    """float32 for bf16/fp16/fp32, float64 for float64: the precision of statistics and outputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class CausalCache:
+    """What the causal layers carry from one chunk of a clip to the next.
+
+    `past[layer]` holds the last input frames that `layer` saw; on its next call
+    they are its past context, exactly the frames a single pass over the whole
+    clip would have found before the chunk. `at_start` is True while the chunk
+    being processed begins the clip (holds frame 0), which the temporal
+    resamplers treat apart. One pass over a whole clip is one chunk with an
+    empty cache: the causal layers then pad the past with zeros.
+    """
+
+    def __init__(self):
+        self.past = {}
+        self.at_start = True
+
+
+def run_causal(layers, x, cache):
+    """Apply `layers` in order, handing the cache to those that keep state across chunks."""
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, Resample)) else layer(x)
+    return x
+
+
+def per_frame(op, x):
+    """Apply a 2D operation to every frame of x [B, C, T, H, W]."""
+    B, T = x.shape[0], x.shape[2]
+    y = op(x.transpose(1, 2).flatten(0, 1))  # [B*T, C, H, W]
+    return y.unflatten(0, (B, T)).transpose(1, 2)
+
+
+class CausalConv3d(nn.Conv3d):
+    """A convolution with a 3-frame kernel that sees the present frame and the two before it.
+
+    Space is zero-padded on both sides as usual. Time is extended on the past
+    side only: with the two frames the cache kept from the previous chunk, or
+    with zeros at the start of the clip.
+    """
+
+    def __init__(self, in_dim, out_dim, kernel=(3, 3, 3)):
+        super().__init__(in_dim, out_dim, kernel, padding=(0, kernel[1] // 2, kernel[2] // 2))
+
+    def forward(self, x, cache):
+        past = cache.past.get(self)
+        if past is None:
+            past = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1, *x.shape[3:])
+        x = torch.cat([past, x], dim=2)
+        cache.past[self] = x[:, :, -past.shape[2]:].clone()  # a copy, so the cache does not keep the whole chunk alive
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """Scale each pixel's channel vector to unit RMS, then by a learned per-channel `gamma`.
+
+    x / ||x|| * sqrt(C) is x / rms(x). `spatial_dims` is 3 for video [B, C, T, H, W],
+    2 for frames [B, C, H, W]: it only shapes `gamma` as the checkpoint stores it.
+    """
+
+    def __init__(self, dim, spatial_dims):
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *[1] * spatial_dims))
+
+    def forward(self, x):
+        # The norm is accumulated in float32 (or wider): a bf16 sum of hundreds of squares is too coarse.
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=at_least_fp32(x.dtype)).clamp_min(1e-12)
+        return x / norm.to(x.dtype) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """x + (norm, SiLU, causal conv, norm, SiLU, causal conv)(x); a 1x1x1 conv adapts x's channels if needed."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        # Positions 0, 2, 3, 6 hold the checkpoint's residual.{0,2,3,6}; nn.Identity
+        # stands where training applied dropout.
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, 3), nn.SiLU(), CausalConv3d(in_dim, out_dim),
+            RMSNorm(out_dim, 3), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim))
+        self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x, cache):
+        return self.shortcut(x) + run_causal(self.residual, x, cache)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention among the pixels of each frame, with a residual connection.
+
+    Frames do not attend to each other, so there is nothing to carry between chunks.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = RMSNorm(dim, 2)
+        self.to_qkv = nn.Conv2d(dim, 3 * dim, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        return x + per_frame(self._attend, x)
+
+    def _attend(self, frames):
+        N, C, H, W = frames.shape
+        qkv = self.to_qkv(self.norm(frames)).flatten(2).transpose(1, 2)   # [N, H*W, 3C]
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)                       # [N, 1 head, H*W, C] each
+        out = F.scaled_dot_product_attention(q, k, v)                      # [N, 1, H*W, C]
+        return self.proj(out.squeeze(1).transpose(1, 2).unflatten(2, (H, W)))
+
+
+class Resample(nn.Module):
+    """Halve (encoder) or double (decoder) the frame size, and with `temporal` also the frame rate.
+
+    Space, frame by frame: downsampling zero-pads one pixel right and bottom and
+    applies a stride-2 3x3 conv; upsampling repeats each pixel 2x2 and applies a
+    3x3 conv that also halves the channels. Time: see `_halve_frame_rate` and
+    `_double_frame_rate`. The encoder resamples space first, then time; the
+    decoder time first, then space.
+    """
+
+    def __init__(self, dim, up, temporal):
+        super().__init__()
+        self.up, self.temporal = up, temporal
+        if up:
+            self.resample = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest-exact"),
+                                          nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if temporal and up:
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1))
+        elif temporal:
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x, cache):
+        if self.temporal and self.up:
+            x = self._double_frame_rate(x, cache)
+        x = per_frame(self.resample, x)
+        if self.temporal and not self.up:
+            x = self._halve_frame_rate(x, cache)
+        return x
+
+    def _halve_frame_rate(self, x, cache):
+        """1 + 2n frames -> 1 + n: frame 0 passes unchanged, output frame k >= 1 mixes input frames 2k-2, 2k-1, 2k.
+
+        Frame 0 is coded alone, like an image. The input frame just before a
+        chunk (2k - 2 for its first output) comes from the cache.
+        """
+        window = x if cache.at_start else torch.cat([cache.past[self], x], dim=2)
+        cache.past[self] = window[:, :, -1:].clone()
+        mixed = self.time_conv(window) if window.shape[2] >= 3 else window[:, :, :0]
+        return torch.cat([x[:, :, :1], mixed], dim=2) if cache.at_start else mixed
+
+    def _double_frame_rate(self, x, cache):
+        """1 + n frames -> 1 + 2n: frame 0 stays one frame, every later frame becomes two.
+
+        The causal conv outputs 2C channels per frame; its two halves are two
+        consecutive output frames. Its history starts after frame 0 (frame 1
+        sees zeros before it, not frame 0): that is what the released decoder
+        computes, so we do the same.
+        """
+        later = x[:, :, 1:] if cache.at_start else x
+        if later.shape[2]:
+            pairs = self.time_conv(later, cache)                                   # [B, 2C, n, H, W]
+            later = pairs.unflatten(1, (2, -1)).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)  # [B, C, 2n, H, W]
+        return torch.cat([x[:, :, :1], later], dim=2) if cache.at_start else later
+
+
+# -----------------------------------------------------------------------------
+# The network
+
+
+class Encoder(nn.Module):
+    """Video [B, 3, T, H, W] -> [B, 2 * z_dim, 1 + (T - 1) / 4, H / 8, W / 8]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]  # [96, 96, 192, 384, 384]
+        self.conv1 = CausalConv3d(3, dims[0])
+        downsamples = []
+        for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                downsamples.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if level < len(cfg.dim_mult) - 1:
+                downsamples.append(Resample(out_dim, up=False, temporal=cfg.temporal_downsample[level]))
+        self.downsamples = nn.ModuleList(downsamples)
+        dim = dims[-1]
+        self.middle = nn.ModuleList([ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim)])
+        self.head = nn.Sequential(RMSNorm(dim, 3), nn.SiLU(), CausalConv3d(dim, 2 * cfg.z_dim))
+
+    def forward(self, video, cache):
+        x = self.conv1(video, cache)
+        for layers in (self.downsamples, self.middle, self.head):
+            x = run_causal(layers, x, cache)
+        return x
+
+
+class Decoder(nn.Module):
+    """Latents [B, z_dim, F, h, w] -> video [B, 3, 1 + 4 (F - 1), 8 h, 8 w] (not clamped)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (cfg.dim_mult[-1], *reversed(cfg.dim_mult))]  # [384, 384, 384, 192, 96]
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0])
+        self.middle = nn.ModuleList([ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
+                                     ResidualBlock(dims[0], dims[0])])
+        upsamples = []
+        for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if level > 0:
+                in_dim //= 2  # the previous level's upsampler halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                upsamples.append(ResidualBlock(in_dim, out_dim))
+                in_dim = out_dim
+            if level < len(cfg.dim_mult) - 1:
+                upsamples.append(Resample(out_dim, up=True, temporal=temporal_upsample[level]))
+        self.upsamples = nn.ModuleList(upsamples)
+        self.head = nn.Sequential(RMSNorm(dims[-1], 3), nn.SiLU(), CausalConv3d(dims[-1], 3))
+
+    def forward(self, latents, cache):
+        x = self.conv1(latents, cache)
+        for layers in (self.middle, self.upsamples, self.head):
+            x = run_causal(layers, x, cache)
+        return x
+
+
+def run_chunks(network, chunks, cache):
+    """Run `network` over consecutive chunks of one clip, carrying `cache`; concatenate the outputs in time."""
+    outputs = []
+    for chunk in chunks:
+        outputs.append(network(chunk, cache))
+        cache.at_start = False
+    return torch.cat(outputs, dim=2)
+
+
+class WanVAE(nn.Module):
+    """Encoder, decoder and the two 1x1x1 convs around the latent, with the latent normalisation."""
+
+    def __init__(self, cfg=VAEConfig()):
+        super().__init__()
+        if cfg.z_dim != len(LATENT_MEAN):
+            raise ValueError(f"z_dim must be {len(LATENT_MEAN)}: the latent normalisation has that many channels")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.conv1 = nn.Conv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # encoder output -> (mean, log-variance)
+        self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)          # latent -> decoder input
+        self.decoder = Decoder(cfg)
+
+    @staticmethod
+    def _latent_stats(like):
+        """SPEC §2's per-channel (mean, std), shaped [1, 16, 1, 1, 1], on like's device and dtype."""
+        def column(values):
+            return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        return column(LATENT_MEAN), column(LATENT_STD)
+
+    @torch.no_grad()
+    def encode(self, video, chunked=True):
+        """Video [B, 3, T, H, W] in [-1, 1], T = 4k + 1 -> normalised latents [B, 16, 1 + k, H / 8, W / 8].
+
+        The latents are float32 (float64 for a float64 model), whatever the weights' dtype.
+
+        chunked=False runs the whole clip in one pass (same result, memory
+        growing with T): the reference the chunked path is tested against.
+        """
+        T, H, W = video.shape[2:]
+        stride_t, stride_s = self.cfg.time_stride, self.cfg.space_stride
+        if (T - 1) % stride_t or H % stride_s or W % stride_s:
+            raise ValueError(f"the VAE needs {stride_t}k + 1 frames with sides divisible by {stride_s}, got {T} frames "
+                             f"of {H}x{W} (video.pad_frames and video.resize_crop produce such clips)")
+        weight = self.conv1.weight
+        video = video.to(weight.device, weight.dtype)
+        # Frame 0 alone, then groups of 4: each chunk yields exactly one latent frame.
+        chunks = [video[:, :, :1], *video[:, :, 1:].split(stride_t, dim=2)] if chunked else [video]
+        features = run_chunks(self.encoder, chunks, CausalCache())
+        mu, _log_var = self.conv1(features).chunk(2, dim=1)  # the posterior's mean is the latent
+        mu = mu.to(at_least_fp32(mu.dtype))
+        mean, std = self._latent_stats(mu)
+        return (mu - mean) / std
+
+    @torch.no_grad()
+    def decode(self, latents, chunked=True):
+        """Normalised latents [B, 16, F, h, w] -> video [B, 3, 1 + 4 (F - 1), 8 h, 8 w] clamped to [-1, 1].
+
+        The video is float32 (float64 for a float64 model), whatever the weights' dtype.
+
+        chunked=False decodes all latent frames in one pass (see `encode`).
+        """
+        weight = self.conv2.weight
+        z = latents.to(weight.device, at_least_fp32(weight.dtype))
+        mean, std = self._latent_stats(z)
+        x = self.conv2((z * std + mean).to(weight.dtype))
+        chunks = x.split(1, dim=2) if chunked else [x]  # one latent frame (4 video frames, 1 for the first) at a time
+        video = run_chunks(self.decoder, chunks, CausalCache())
+        return video.to(at_least_fp32(video.dtype)).clamp(-1, 1)
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+
+def is_diffusers_layout(tensors):
+    """True for AutoencoderKLWan key names, False for the release's (ours)."""
+    markers = ("quant_conv.", "conv_in.", "down_blocks.", "mid_block.", "up_blocks.")
+    return any(marker in key for key in tensors for marker in markers)
+
+
+def diffusers_rules(cfg):
+    """(regex, replacement) rules turning AutoencoderKLWan keys into ours, in two passes.
+
+    First the layers inside residual blocks (in diffusers keys, norm1/conv1/... occur
+    nowhere else), then the block prefixes. The release lists each decoder level
+    flat (num_res_blocks + 1 residual blocks, then the upsampler) where diffusers
+    nests them in up_blocks, so those rules are generated per block.
+    """
+    layers = [(r"\.norm1\.", ".residual.0."), (r"\.conv1\.", ".residual.2."),
+              (r"\.norm2\.", ".residual.3."), (r"\.conv2\.", ".residual.6."),
+              (r"\.conv_shortcut\.", ".shortcut.")]
+    blocks = [(r"^quant_conv\.", "conv1."), (r"^post_quant_conv\.", "conv2."),
+              (r"^(en|de)coder\.conv_in\.", r"\1coder.conv1."),
+              (r"^(en|de)coder\.mid_block\.resnets\.0\.", r"\1coder.middle.0."),
+              (r"^(en|de)coder\.mid_block\.attentions\.0\.", r"\1coder.middle.1."),
+              (r"^(en|de)coder\.mid_block\.resnets\.1\.", r"\1coder.middle.2."),
+              (r"^(en|de)coder\.norm_out\.", r"\1coder.head.0."),
+              (r"^(en|de)coder\.conv_out\.", r"\1coder.head.2."),
+              (r"^encoder\.down_blocks\.", "encoder.downsamples.")]
+    blocks_per_level = cfg.num_res_blocks + 2
+    for level in range(len(cfg.dim_mult)):
+        first = level * blocks_per_level
+        for j in range(cfg.num_res_blocks + 1):
+            blocks.append((rf"^decoder\.up_blocks\.{level}\.resnets\.{j}\.", f"decoder.upsamples.{first + j}."))
+        if level < len(cfg.dim_mult) - 1:  # the last level keeps its resolution
+            blocks.append((rf"^decoder\.up_blocks\.{level}\.upsamplers\.0\.",
+                           f"decoder.upsamples.{first + cfg.num_res_blocks + 1}."))
+    return layers, blocks
+
+
+def diffusers_to_native(tensors, cfg):
+    """Rename an AutoencoderKLWan state dict to our (the release's) names."""
+    layers, blocks = diffusers_rules(cfg)
+    return rename(rename(tensors, layers), blocks)
+
+
+def load_vae(path, device="cpu", dtype=torch.float32):
+    """Load the Wan 2.1 VAE from safetensors in either key layout (see weights.md).
+
+    path: the diffusers repo's vae/ folder (or its .safetensors file), or the
+    release's Wan2.1_VAE.pth converted to safetensors. The architecture comes
+    from the (diffusers-style) config.json beside the weights; without one it is
+    the released model's. On device "meta" only the file headers are read: a
+    quick check of names and shapes.
+    """
+    tensors, file_config = read_safetensors(path, shapes_only=str(device) == "meta")
+    diffusers = is_diffusers_layout(tensors)
+    config = VAEConfig.from_diffusers_json(file_config) if file_config else VAEConfig()
+    if diffusers:
+        tensors = diffusers_to_native(tensors, config)
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    return load_into(vae, tensors, "diffusers" if diffusers else "native", "VAE", device, dtype).eval()
