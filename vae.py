@@ -46,8 +46,9 @@ class VAEConfig:
 
     @classmethod
     def tiny(cls):
-        """The same network at 1/12 of the width, for tests on the CPU."""
-        return cls(base_dim=8)
+        """The same network at 1/6 of the width, for tests on the CPU (16 channels is
+        the narrowest width PyTorch's CPU conv3d runs through oneDNN, 3x faster)."""
+        return cls(base_dim=16)
 
     @classmethod
     def from_diffusers_json(cls, config):

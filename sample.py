@@ -1,0 +1,523 @@
+"""
+Edit a video with LIPAR on the Self-Forcing causal video model, in one command:
+
+    python sample.py --video in.mp4 --prompt "a watercolor painting of ..."
+
+The sampler below follows SPEC §3 step by step (SDEdit-style editing with the
+Self-Forcing DMD checkpoint) with LIPAR's three stages from lipar.py at the marked
+places. With no arguments it runs a demo: a generated clip, edited by the real
+models if ./weights holds them, by tiny random-weight models otherwise.
+"""
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import lipar
+import model as M
+import vae as V
+import video as io
+
+EDIT_STEPS = (400, 350, 250)  # the authors' editing steps on Self-Forcing's 1000-step table
+SHIFT = 5.0
+DEFAULT_PROMPT = "a watercolor painting of a red ball rolling across a wooden table, soft brush strokes"
+DEMO_FRAMES, DEMO_FPS = 57, 16  # 57 = 12·5 − 3 frames: 15 latent frames, 5 chunks, 3.6 s
+
+
+class UsageError(Exception):
+    """Bad input the user can fix; the message says how."""
+
+
+# -----------------------------------------------------------------------------
+# The schedule (SPEC §3)
+
+
+def editing_schedule(steps=EDIT_STEPS, shift=SHIFT):
+    """[(t, σ)] of the editing steps: each step index into the shifted 1000-step table.
+
+    s_i = 1 − i/1000, σ(s) = shift·s / (1 + (shift − 1)·s), t = 1000·σ; step k is
+    entry 1000 − k of the table: [400, 350, 250] → t = 769.23, 729.17, 625.0.
+    """
+    schedule = []
+    for step in steps:
+        s = 1 - (1000 - step) / 1000
+        sigma = shift * s / (1 + (shift - 1) * s)
+        schedule.append((1000 * sigma, sigma))
+    return schedule
+
+
+# -----------------------------------------------------------------------------
+# The sampler, one function per step of SPEC §3
+
+
+def prepare_clip(path, height, width, notes):
+    """Step 1: read, centre-crop/resize to height × width, pad to 12k − 3 frames, scale to [−1, 1].
+
+    Returns (video [1, 3, T, H, W], source frames at model size, fps, source frame count).
+    """
+    frames, fps = io.read_video(path)
+    if frames.shape[1:3] != (height, width):
+        notes.append(f"resized {frames.shape[2]}x{frames.shape[1]} to {width}x{height} (centre crop)")
+    frames = io.resize_crop(frames, height, width)
+    padded, count = io.pad_frames(frames)
+    if len(padded) != count:
+        notes.append(f"padded {count} frames to {len(padded)} by repeating the last one "
+                     f"(the model takes 12k-3 frames); the output is trimmed back to {count}")
+    return io.to_model(padded), frames, fps, count
+
+
+def encode_prompt(text_encoder_loader, prompt, device, dtype):
+    """Step 4: the prompt's umT5 context [1, 512, 4096], computed once; the encoder is then freed."""
+    text_encoder = text_encoder_loader()
+    context = text_encoder.encode([prompt]).to(device, dtype)
+    del text_encoder
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return context
+
+
+def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True):
+    """Steps 5–7: noise the source latents to the first editing step, then denoise chunk by chunk.
+
+    latents [1, 16, L, h, w] normalised source latents; keep [L, h/2, w/2] the LIPAR
+    mask (ignored for mode "full"). Returns the edited latents (float32, full size).
+    The noise is drawn full-size in the same order for every mode, so `full` and
+    `lipar` with one seed see identical noise.
+    """
+    schedule = editing_schedule()
+    device, dtype = latents.device, dit.head.head.weight.dtype
+    fpc = dit.cfg.frames_per_chunk
+    num_frames = latents.shape[2]
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def noise(like):
+        return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
+
+    _, sigma0 = schedule[0]
+    x = (1 - sigma0) * latents + sigma0 * noise(latents)  # step 5
+    cache = M.KVCache(dit, context, num_frames, (latents.shape[3] // 2, latents.shape[4] // 2), window)
+    plans = lipar.chunk_plans(keep, mode, fpc)  # LIPAR stage 2: how each chunk recovers pruned keys
+    edited = torch.empty_like(latents)
+    memory_x0 = None  # the previous chunk's last frame of x0: the substitute of pruned latents
+    for c in tqdm(range(num_frames // fpc), desc=f"DiT {mode}", unit="chunk", disable=not progress, leave=False):
+        s = c * fpc
+        x_c, plan = x[:, :, s:s + fpc], plans[c]
+        for i, (t, sigma) in enumerate(schedule):  # step 6
+            v = dit.forward_chunk(x_c.to(dtype), torch.full((1, 1), t, device=device), cache, s, plan=plan)
+            x0 = x_c - sigma * v.float()
+            if plan is not None:  # LIPAR stage 3: pruned latents take the memory's value
+                x0 = lipar.restore(x0, keep[s:s + fpc], x0[:, :, 0] if memory_x0 is None else memory_x0)
+            if i + 1 < len(schedule):
+                next_sigma = schedule[i + 1][1]
+                x_c = (1 - next_sigma) * x0 + next_sigma * noise(x0)
+        edited[:, :, s:s + fpc] = x0
+        memory_x0 = x0[:, :, -1]
+        # step 7, the memory step: t = 0 writes the chunk's clean keys/values for later chunks
+        dit.forward_chunk(x0.to(dtype), torch.zeros(1, 1, device=device), cache, s, memory_step=True, plan=plan)
+    return edited
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+class Stopwatch:
+    """Wall time per stage; waits for the GPU so each stage is charged its own work."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.seconds = {}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, stage):
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def psnr(a, b):
+    """PSNR in dB between two uint8 videos."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def mask_preview(frames, keep):
+    """The input with pruned patches greyed out: what LIPAR skips, frame by frame.
+
+    frames uint8 [T, H, W, 3] at model size; keep [L, H/16, W/16]. Video frame 0 belongs
+    to latent frame 0, frames 4k−3..4k to latent frame k (the VAE's causal stride 4).
+    """
+    latent_of_frame = (torch.arange(len(frames)) + 3) // 4
+    cell = frames.shape[1] // keep.shape[1]
+    kept = keep.cpu()[latent_of_frame.clamp(max=keep.shape[0] - 1)]
+    kept = kept.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[..., None]
+    grey = (frames.float() * 0.25 + 96).to(torch.uint8)
+    return torch.where(kept, frames, grey)
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+class Models:
+    """The three networks, loaded lazily so that the text encoder is gone before the DiT arrives.
+
+    weights=None stands in tiny random-weight models (the demo without downloads).
+    """
+
+    def __init__(self, weights, device, dtype, text_device):
+        self.device, self.dtype, self.text_device = device, dtype, text_device
+        self.random = weights is None
+        self._vae = self._dit = None
+        if self.random:
+            self._tmp = tempfile.TemporaryDirectory()
+            self.weights = write_random_weights(self._tmp.name)
+        else:
+            self.weights = Path(weights)
+
+    def vae(self):
+        if self._vae is None:
+            self._vae = V.load_vae(self.weights / "vae", self.device, self.dtype)
+        return self._vae
+
+    def dit(self):
+        if self._dit is None:
+            self._dit = M.load_dit(self.weights / "dit", self.device, self.dtype)
+        return self._dit
+
+    def text_encoder(self):
+        # umT5-XXL is 5.7 B parameters: bf16 on the CPU too (22 GB in float32), except the tiny demo one
+        on_cpu = torch.device(self.text_device).type == "cpu"
+        dtype = torch.float32 if self.random else (torch.bfloat16 if on_cpu else self.dtype)
+        return M.load_text_encoder(self.weights / "text_encoder", self.weights / "tokenizer", self.text_device, dtype)
+
+
+def write_random_weights(folder):
+    """Tiny random-weight models saved in the layout of weights.md: the demo's and the tests' stand-ins."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    t5 = M.T5Config.tiny()
+    dit_cfg = M.DiTConfig(**{**vars(M.DiTConfig.tiny()), "text_dim": t5.dim})
+    for name, module in (("dit", M.CausalWanModel(dit_cfg)), ("vae", random_demo_vae()),
+                         ("text_encoder", M.UMT5Encoder(t5))):
+        (folder / name).mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / name / "model.safetensors"))
+    (folder / "dit" / "config.json").write_text(json.dumps(
+        {"dim": dit_cfg.dim, "ffn_dim": dit_cfg.ffn_dim, "freq_dim": dit_cfg.freq_dim, "num_heads": dit_cfg.num_heads,
+         "num_layers": dit_cfg.num_layers, "in_dim": 16, "out_dim": 16, "text_dim": t5.dim}))
+    (folder / "vae" / "config.json").write_text(json.dumps(V.VAEConfig.tiny().to_diffusers_json()))
+    words = sorted(set(DEFAULT_PROMPT.replace(",", "").split()))
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    (folder / "tokenizer").mkdir()
+    tokenizer.save(str(folder / "tokenizer" / "tokenizer.json"))
+    return folder
+
+
+def check_weights(weights):
+    """--check-weights: every file present, every tensor named and shaped right; headers only."""
+    weights = Path(weights)
+    if not weights.exists():
+        raise UsageError(f"no weights folder at {weights}; download the files listed in weights.md")
+    M.load_dit(weights / "dit", device="meta")
+    V.load_vae(weights / "vae", device="meta")
+    M.load_text_encoder(weights / "text_encoder", weights / "tokenizer", device="meta")
+    return f"{weights}: DiT, VAE, text encoder and tokenizer present, all names and shapes as expected"
+
+
+def convert_checkpoint(source, target):
+    """One-time conversion of Self-Forcing's pickled self_forcing_dmd.pt to safetensors.
+
+    The .pt is read with weights_only=True (tensors and plain containers only, no
+    code); we keep the EMA generator, which is what the authors sample with.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    if target.exists():
+        raise UsageError(f"{target} already exists; remove it or choose another path")
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint.get("generator_ema", checkpoint.get("generator", checkpoint))
+    tensors = {k.removeprefix("model."): v.contiguous() for k, v in state.items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target))
+    return f"wrote {len(tensors)} tensors to {target}"
+
+
+# -----------------------------------------------------------------------------
+# One edit, start to finish
+
+
+def run_edit(args, models, notes):
+    """Steps 1–8 for every requested mode; returns the stats and writes the outputs."""
+    device = torch.device(args.device)
+    clock = Stopwatch(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with clock("read"):
+        video, source_frames, fps, count = prepare_clip(args.video, args.height, args.width, notes)
+    with clock("encode"):  # step 2
+        latents = models.vae().encode(video.to(device))
+    with clock("mask"):  # step 3, LIPAR stage 1: which tokens repeat the previous frame
+        keep = lipar.prune_mask(latents[0].transpose(0, 1), args.theta, args.theta2)
+    with clock("text"):  # step 4
+        context = encode_prompt(models.text_encoder, args.prompt, device, models.dtype)
+    dit = models.dit()
+    window = None if args.m == "all" else args.m
+    modes = ["full", "lipar"] if args.compare else [args.mode]
+    stats = {"video": str(args.video), "prompt": args.prompt, "random_weights": models.random,
+             "frames": count, "fps": fps, "height": args.height, "width": args.width,
+             "latent_frames": latents.shape[2], "theta": args.theta, "theta2": args.theta2,
+             "m": "all" if window is None else list(window), "seed": args.seed, "device": str(device),
+             "dtype": str(models.dtype).removeprefix("torch."), "notes": notes, "modes": {}}
+    outputs = {}
+    for mode in modes:
+        with clock(f"dit_{mode}"):
+            edited = edit_latents(dit, latents, context, keep, mode, None if mode == "full" else window, args.seed)
+        with clock(f"decode_{mode}"):  # step 8
+            frames = io.trim_frames(io.from_model(models.vae().decode(edited)), count)
+        outputs[mode] = frames
+        pruned = 0.0 if mode == "full" else lipar.prune_ratio(keep)
+        per_chunk = [0.0] * (keep.shape[0] // 3) if mode == "full" else lipar.chunk_prune_ratios(keep)
+        shared = clock.seconds["read"] + clock.seconds["encode"] + clock.seconds["mask"]
+        dit_s, decode_s = clock.seconds[f"dit_{mode}"], clock.seconds[f"decode_{mode}"]
+        stats["modes"][mode] = {
+            "prune_ratio": pruned, "prune_ratio_per_chunk": per_chunk,
+            "seconds": {"read": clock.seconds["read"], "encode": clock.seconds["encode"],
+                        "mask": clock.seconds["mask"], "text": clock.seconds["text"], "dit": dit_s, "decode": decode_s},
+            "dit_fps": count / dit_s, "end_to_end_fps": count / (shared + dit_s + decode_s)}
+    stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    stats["outputs"] = write_outputs(args, outputs, source_frames[:count], keep, fps, stats)
+    return stats
+
+
+def write_outputs(args, outputs, source_frames, keep, fps, stats):
+    written = {}
+    for mode, frames in outputs.items():
+        path = output_path(args, mode)
+        io.write_video(path, frames, fps, audio_from=args.video)
+        written[mode] = str(path)
+    if args.compare:
+        stats["psnr_full_vs_lipar_db"] = psnr(outputs["full"], outputs["lipar"])
+        path = output_path(args, "compare")
+        io.write_video(path, torch.cat([source_frames, outputs["full"], outputs["lipar"]], dim=2), fps)
+        written["compare"] = str(path)
+    if args.save_mask:
+        path = output_path(args, "mask")
+        io.write_video(path, mask_preview(source_frames, keep), fps)
+        written["mask"] = str(path)
+    return written
+
+
+def output_path(args, kind):
+    """results/<input>_<kind>.mp4, or --out (with the kind appended when several files are written)."""
+    if args.out is None:
+        return Path("results") / f"{Path(args.video).stem}_{kind}.mp4"
+    out = Path(args.out)
+    several = args.compare or args.save_mask
+    return out.with_name(f"{out.stem}_{kind}{out.suffix or '.mp4'}") if several else out
+
+
+def check_outputs(args):
+    """Refuse to overwrite anything unless --overwrite, and never the input."""
+    kinds = (["full", "lipar", "compare"] if args.compare else [args.mode]) + (["mask"] if args.save_mask else [])
+    source = Path(args.video).resolve()
+    for kind in kinds:
+        path = output_path(args, kind)
+        if path.resolve() == source:
+            raise UsageError(f"the output {path} is the input video; choose another --out")
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{path} already exists; pass --overwrite or choose another --out")
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+# -----------------------------------------------------------------------------
+# The demo clip
+
+
+def demo_frames(height=480, width=832, frames=DEMO_FRAMES):
+    """A still textured background, a still block, and a ball rolling across: the case
+    LIPAR is made for (most patches repeat the previous frame, a few move). uint8 [T, H, W, 3]."""
+    y, x = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    wood = 0.5 + 0.25 * torch.sin(x / 9 + 3 * torch.sin(y / 40)) + 0.1 * torch.sin(y / 3)
+    background = torch.stack([150 * wood + 60, 100 * wood + 40, 60 * wood + 20], dim=-1)
+    background[height // 8:height // 3, width * 2 // 3:width * 5 // 6] = torch.tensor([40.0, 70.0, 160.0])
+    clip = []
+    for i in range(frames):
+        cx, cy = width * (0.1 + 0.5 * i / frames), height * (0.6 + 0.15 * math.sin(i / 6))
+        ball = ((x - cx) ** 2 + (y - cy) ** 2 < (height / 10) ** 2)[..., None]
+        shade = 0.8 + 0.2 * torch.cos((x - cx + y - cy) / 15)[..., None]
+        clip.append(torch.where(ball, torch.tensor([210.0, 30.0, 30.0]) * shade, background))
+    return torch.stack(clip).round().clamp(0, 255).to(torch.uint8)
+
+
+def random_demo_vae():
+    """A tiny random-weight VAE that behaves like a trained one where LIPAR looks.
+
+    Two things a trained VAE has and random weights lack: locality (a random deep
+    encoder lets a moving object change every latent of a small frame) and the
+    latent spread LIPAR's thresholds were set on (unit std per channel after
+    normalisation). So every residual branch and attention output starts at
+    zero ("identity" init), and the posterior-mean projection (conv1's first 16
+    outputs) is rescaled so that the demo scene's normalised latents are
+    zero-mean and unit-std. The pixels it decodes stay meaningless.
+    """
+    torch.manual_seed(0)
+    vae = V.WanVAE(V.VAEConfig.tiny())
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, V.ResidualBlock):
+                last_conv = [m for m in module.residual.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+                last_conv.weight.zero_()
+                last_conv.bias.zero_()
+            elif isinstance(module, V.AttentionBlock):
+                module.proj.weight.zero_()
+                module.proj.bias.zero_()
+        z = vae.encode(io.to_model(demo_frames(64, 112, 9)))
+        m, s = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
+        mean, std = torch.tensor(V.LATENT_MEAN), torch.tensor(V.LATENT_STD)
+        z_dim = len(mean)  # mu' = mean + std·(z − m)/s, with z = (mu − mean)/std and mu = W·h + b
+        vae.conv1.weight[:z_dim] /= s.view(-1, 1, 1, 1, 1)
+        vae.conv1.bias[:z_dim] = (vae.conv1.bias[:z_dim] - mean - std * m) / s + mean
+    return vae
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_window(text):
+    if text == "all":
+        return text
+    try:
+        sink, recent = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--m takes 'SINK,RECENT' (e.g. 1,6) or 'all', not {text!r}") from None
+    return sink, recent
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Edit a video with LIPAR on Self-Forcing (Wan 2.1 T2V 1.3B).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--video", help="input video (mp4, mov, webm, gif); default: a generated demo clip")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="what the edited video should show")
+    p.add_argument("--out", help="output mp4 (default: results/<input>_<mode>.mp4)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--weights", default="weights", help="folder laid out as weights.md says")
+    p.add_argument("--mode", default="lipar", choices=lipar.MODES,
+                   help="lipar: the method; full: the Self-Forcing baseline; naive / noisy_dup: ablations")
+    p.add_argument("--theta", type=float, default=0.149, help="prune threshold θ on the robust patch L1 (Eq. 1)")
+    p.add_argument("--theta2", type=float, default=0.3, help="substitute bound θ2 (Eq. 5-6)")
+    p.add_argument("--m", type=parse_window, default=(1, 6),
+                   help="M-degree window 'SINK,RECENT' in latent frames, or 'all' for the whole cache")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None, help="model height, a multiple of 16 (default 480)")
+    p.add_argument("--width", type=int, default=None, help="model width, a multiple of 16 (default 832)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="model precision (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--text-device", default=None, help="where the text encoder runs (default: --device)")
+    p.add_argument("--compare", action="store_true",
+                   help="run full and lipar from the same noise; write a side-by-side video and their PSNR")
+    p.add_argument("--save-mask", action="store_true", help="write the input with pruned patches greyed out")
+    p.add_argument("--json", help="write all stats to this JSON file")
+    p.add_argument("--check-weights", action="store_true", help="verify the weights folder (names, shapes) and exit")
+    p.add_argument("--convert-checkpoint", nargs=2, metavar=("PT", "SAFETENSORS"),
+                   help="convert Self-Forcing's self_forcing_dmd.pt to safetensors once, and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.check_weights:
+        print(check_weights(args.weights))
+        return 0
+    if args.convert_checkpoint:
+        print(convert_checkpoint(*args.convert_checkpoint))
+        return 0
+    demo = args.video is None
+    have_weights = Path(args.weights).exists()
+    if not demo and not have_weights:
+        raise UsageError(f"no weights at {args.weights}; download them as weights.md says (or run "
+                         "`python sample.py` with no arguments for the random-weight demo)")
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32)
+    models = Models(args.weights if have_weights else None, args.device, dtype, args.text_device or args.device)
+    notes = []
+    if demo:
+        args.video = Path("results") / "demo_input.mp4"
+        if not args.video.exists():
+            args.video.parent.mkdir(parents=True, exist_ok=True)
+            io.write_video(args.video, demo_frames(), DEMO_FPS)
+        args.compare = args.save_mask = args.overwrite = True
+        if models.random:  # tiny models: a small resolution keeps the CPU demo to about a minute
+            args.height, args.width = args.height or 240, args.width or 416
+        print(f"demo: editing {args.video} with the prompt {args.prompt!r}")
+    args.height, args.width = args.height or 480, args.width or 832
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value % 16 or value <= 0:
+            rounded = max(16, round(value / 16) * 16)
+            notes.append(f"--{name} {value} is not a multiple of 16; using {rounded}")
+            setattr(args, name, rounded)
+    check_outputs(args)
+    if models.random:
+        print(f"No weights at {args.weights}: running tiny RANDOM-weight models. The pipeline runs end to end, "
+              "but the pixels are not an edit. See weights.md to get the real ones.")
+    stats = run_edit(args, models, notes)
+    print_summary(stats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=2))
+    return 0
+
+
+def cli(argv=None):
+    """main() with bad input reported as one sentence and exit code 2, never a traceback."""
+    try:
+        return main(argv)
+    except (UsageError, io.VideoError, M.WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def print_summary(stats):
+    for note in stats["notes"]:
+        print(f"note: {note}")
+    print(f"{stats['frames']} frames at {stats['width']}x{stats['height']}, {stats['latent_frames']} latent frames, "
+          f"{stats['device']} {stats['dtype']}{' (random weights)' if stats['random_weights'] else ''}")
+    for mode, s in stats["modes"].items():
+        sec = s["seconds"]
+        chunks = " ".join(f"{r:.0%}" for r in s["prune_ratio_per_chunk"])
+        print(f"[{mode}] pruned {s['prune_ratio']:.1%} of tokens after frame 0 (per chunk: {chunks})")
+        print(f"[{mode}] read {sec['read']:.2f}s  encode {sec['encode']:.2f}s  mask {sec['mask']:.3f}s  "
+              f"text {sec['text']:.2f}s  DiT {sec['dit']:.2f}s  decode {sec['decode']:.2f}s")
+        print(f"[{mode}] DiT {s['dit_fps']:.1f} frames/s, end to end {s['end_to_end_fps']:.1f} frames/s "
+              f"(text encoding excluded)")
+    if "psnr_full_vs_lipar_db" in stats:
+        print(f"PSNR lipar vs full: {stats['psnr_full_vs_lipar_db']:.2f} dB")
+    if stats["peak_gpu_memory_gib"] is not None:
+        print(f"peak GPU memory: {stats['peak_gpu_memory_gib']:.2f} GiB")
+    for kind, path in stats["outputs"].items():
+        print(f"wrote {kind}: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

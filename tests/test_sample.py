@@ -1,0 +1,221 @@
+"""The editing sampler and the command line, end to end on tiny random-weight models."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lipar
+import model as M
+import sample
+import video as io
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = ["--height", "64", "--width", "112"]
+
+
+def test_schedule_matches_spec():
+    # SPEC §3: steps [400, 350, 250] on the shift-5 table → these timesteps and sigmas
+    expected = [(769.23, 0.7692), (729.17, 0.7292), (625.0, 0.625)]
+    for (t, sigma), (t_spec, sigma_spec) in zip(sample.editing_schedule(), expected):
+        assert abs(t - t_spec) < 0.005 and abs(sigma - sigma_spec) < 5e-5
+
+
+def write_clip(path, frames):
+    io.write_video(path, frames, 24.0)
+    return path
+
+
+def moving_clip(count=17, height=64, width=112):
+    return sample.demo_frames(height, width, count)
+
+
+def noise_clip(count=17, height=64, width=112):
+    return torch.randint(0, 256, (count, height, width, 3), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("clip") / "ball.mp4", moving_clip())
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A weights folder as weights.md lays it out, holding the demo's tiny random models."""
+    return sample.write_random_weights(tmp_path_factory.mktemp("weights"))
+
+
+def run_cli(args, weights):
+    return sample.cli([*args, "--weights", str(weights), *SIZE, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("mode", lipar.MODES)
+def test_each_mode_edits_a_clip_end_to_end(mode, clip, weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out, stats_file = tmp_path / f"{mode}.mp4", tmp_path / "stats.json"
+    assert run_cli(["--video", str(clip), "--mode", mode, "--out", str(out), "--json", str(stats_file)], weights) == 0
+    frames, fps = io.read_video(out)
+    assert frames.shape == (17, 64, 112, 3) and fps == pytest.approx(24.0, rel=1e-3)
+    stats = json.loads(stats_file.read_text())
+    for key in ("frames", "fps", "latent_frames", "theta", "theta2", "m", "seed", "device", "dtype",
+                "peak_gpu_memory_gib", "outputs", "notes", "random_weights"):
+        assert key in stats
+    s = stats["modes"][mode]
+    for key in ("read", "encode", "mask", "text", "dit", "decode"):
+        assert s["seconds"][key] >= 0
+    assert len(s["prune_ratio_per_chunk"]) == 2 and s["dit_fps"] > 0 and s["end_to_end_fps"] > 0
+    assert any("padded 17 frames to 21" in note for note in stats["notes"])
+
+
+def test_compare_and_mask_outputs(clip, weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["--video", str(clip), "--compare", "--save-mask", "--json", "s.json"], weights) == 0
+    stats = json.loads(Path("s.json").read_text())
+    assert set(stats["outputs"]) == {"full", "lipar", "compare", "mask"}
+    side_by_side, _ = io.read_video(stats["outputs"]["compare"])
+    assert side_by_side.shape == (17, 64, 3 * 112, 3)
+    assert isinstance(stats["psnr_full_vs_lipar_db"], float)
+    printed = capsys.readouterr().out
+    assert "PSNR lipar vs full" in printed and "[lipar] pruned" in printed and "frames/s" in printed
+
+
+def tiny_dit(seed=0):
+    torch.manual_seed(seed)
+    dit = M.CausalWanModel(M.DiTConfig.tiny())
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0, 0.2)
+    return dit.eval()
+
+
+def test_static_clip_prunes_everything_and_output_repeats_the_memory():
+    """Latents of a still clip (every frame identical): LIPAR prunes every token after
+    frame 0, and every later output frame is the restored memory, i.e. frame 0's x0."""
+    dit = tiny_dit()
+    frame = torch.randn(1, 16, 1, 8, 12)
+    latents = frame.expand(1, 16, 9, 8, 12).contiguous()
+    keep = lipar.prune_mask(latents[0].transpose(0, 1))
+    assert lipar.prune_ratio(keep) > 0.9
+    with torch.no_grad():
+        edited = sample.edit_latents(dit, latents, torch.randn(1, 7, 48), keep, "lipar", (1, 6), seed=0,
+                                     progress=False)
+    pruned = ~keep.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    for f in range(1, 9):
+        assert torch.equal(edited[0, :, f][:, pruned[f]], edited[0, :, 0][:, pruned[f]])
+
+
+def test_noise_clip_keeps_everything_and_lipar_equals_full_end_to_end(weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    clip = write_clip(tmp_path / "noise.mp4", noise_clip())
+    results = {}
+    for mode in ("full", "lipar"):
+        assert run_cli(["--video", str(clip), "--mode", mode, "--m", "all", "--out", f"{mode}.mp4",
+                        "--json", f"{mode}.json"], weights) == 0
+        results[mode] = io.read_video(tmp_path / f"{mode}.mp4")[0]
+    assert json.loads((tmp_path / "lipar.json").read_text())["modes"]["lipar"]["prune_ratio"] == 0.0
+    assert torch.equal(results["lipar"], results["full"])
+
+
+def reference_edit(dit, latents, context, seed):
+    """SPEC §3 written out without a KV cache: every call evaluates the whole video so
+    far with the block-causal forward, earlier chunks as their clean x0 at t = 0.
+    Same noise protocol as the sampler: one full-size draw, then a fresh one per step."""
+    schedule = sample.editing_schedule()
+    g = torch.Generator().manual_seed(seed)
+    x = (1 - schedule[0][1]) * latents + schedule[0][1] * torch.randn(latents.shape, generator=g)
+    done = []  # clean x0 of the finished chunks
+    for s in range(0, latents.shape[2], 3):
+        x_c = x[:, :, s:s + 3]
+        for i, (t, sigma) in enumerate(schedule):
+            video = torch.cat([*done, x_c], dim=2)
+            timesteps = torch.tensor([[0.0] * s + [t] * 3])
+            v = dit(video, timesteps, context)[:, :, s:]
+            x0 = x_c - sigma * v
+            if i + 1 < len(schedule):
+                x_c = (1 - schedule[i + 1][1]) * x0 + schedule[i + 1][1] * torch.randn(x0.shape, generator=g)
+        done.append(x0)
+    return torch.cat(done, dim=2)
+
+
+def test_full_mode_matches_the_spec_loop_without_a_cache():
+    dit = tiny_dit(1)
+    torch.manual_seed(2)
+    latents, context = torch.randn(1, 16, 9, 4, 6), torch.randn(1, 7, 48)
+    keep = torch.ones(9, 2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        got = sample.edit_latents(dit, latents, context, keep, "full", None, seed=3, progress=False)
+        expected = reference_edit(dit, latents, context, seed=3)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+# ---- bad input: one sentence, the right exit code, the input untouched ----
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_missing_file_and_non_video(weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["--video", "nowhere.mp4"], weights) == 2
+    assert "does not exist" in capsys.readouterr().err
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video")
+    before = digest(text)
+    assert run_cli(["--video", str(text)], weights) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert digest(text) == before
+
+
+def test_missing_and_mismatched_weights(clip, tmp_path, capsys):
+    assert sample.cli(["--video", str(clip), "--weights", str(tmp_path / "none")]) == 2
+    assert "weights.md" in capsys.readouterr().err
+    assert sample.cli(["--check-weights", "--weights", str(tmp_path / "none")]) == 2
+    capsys.readouterr()
+    # a weights folder whose DiT lacks a tensor
+    weights = sample.write_random_weights(tmp_path / "broken")
+    dit_file = weights / "dit" / "model.safetensors"
+    tensors = load_file(str(dit_file))
+    del tensors["blocks.0.self_attn.q.weight"]
+    save_file(tensors, str(dit_file))
+    assert sample.cli(["--check-weights", "--weights", str(weights)]) == 2
+    assert "missing 1: blocks.0.self_attn.q.weight" in capsys.readouterr().err
+
+
+def test_check_weights_passes_on_a_complete_folder(weights, capsys):
+    assert sample.cli(["--check-weights", "--weights", str(weights)]) == 0
+    assert "as expected" in capsys.readouterr().out
+
+
+def test_short_clip_odd_size_and_existing_output(weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    short = write_clip(tmp_path / "short.mp4", moving_clip(count=5, height=50, width=90))
+    before = digest(short)
+    args = ["--video", str(short), "--mode", "lipar", "--height", "60", "--width", "100", "--device", "cpu",
+            "--weights", str(weights), "--out", "edited.mp4"]
+    assert sample.cli(args) == 0
+    printed = capsys.readouterr().out
+    assert "padded 5 frames to 9" in printed and "not a multiple of 16; using 64" in printed
+    assert io.read_video(tmp_path / "edited.mp4")[0].shape == (5, 64, 96, 3)
+    assert sample.cli(args) == 2  # the output now exists
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert sample.cli([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert sample.cli([*args[:-1], str(short), "--overwrite"]) == 2  # never over the input
+    assert "is the input video" in capsys.readouterr().err
+    assert digest(short) == before
+
+
+def test_entry_point_reports_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--video", str(tmp_path / "missing.mp4"),
+                             "--weights", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
