@@ -7,6 +7,7 @@ Shapes: B batch, F latent frames, N tokens per latent frame, T tokens, D model d
 H heads, Dh head dim (128).
 """
 
+import functools
 import html
 import json
 import math
@@ -161,6 +162,44 @@ class DiTConfig:
         return cls(**values)
 
 
+def fused(fn):
+    """Run `fn` as one generated kernel (torch.compile) when its input is on CUDA.
+
+    The float32 islands of the block (norms, adaLN modulation, gated residuals,
+    RoPE) are chains of cheap elementwise ops; run one op at a time they cost as
+    much GPU time as the matrix products and flood the GPU with tiny launches.
+    Compiled, each chain reads and writes its tensors once. On the CPU the plain
+    code runs as written (the tests read it). Shapes are dynamic: the number of
+    kept tokens changes from chunk to chunk.
+    """
+    compiled = torch.compile(fn, dynamic=True)
+
+    @functools.wraps(fn)
+    def run(x, *args):
+        return compiled(x, *args) if x.is_cuda else fn(x, *args)
+
+    return run
+
+
+@fused
+def rms_norm(x, weight, eps):
+    """x / rms(x) · weight, statistics in float32."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+@fused
+def norm_modulate(x, shift, scale, eps):
+    """adaLN (DiT): LayerNorm without affine, then x·(1 + scale) + shift, in float32."""
+    return (F.layer_norm(x.float(), x.shape[-1:], eps=eps) * (1 + scale) + shift).type_as(x)
+
+
+@fused
+def gated_residual(x, y, gate):
+    """x + y·gate in float32: the block's gated residual connections."""
+    return (x.float() + y.float() * gate).type_as(x)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) · weight, statistics in float32: the DiT's q/k norm (over all heads at
     once) and T5's "LayerNorm" (no mean subtraction, no bias)."""
@@ -171,15 +210,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm evaluated in float32 whatever the weights' dtype, as Wan does."""
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 def sinusoidal_embedding(t, dim):
@@ -197,27 +237,40 @@ def rope_axis_dims(head_dim):
     return (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
 
 
-def rope_angles(positions, head_dim, theta, dtype=torch.float32):
-    """cos and sin [T, Dh/2] for integer token positions [T, 3] = (frame, row, col).
+@functools.lru_cache(maxsize=None)
+def rope_tables(head_dim, theta, device, dtype, max_position=1024):
+    """Per axis (frame, row, col): cos and sin [max_position, d/2] of position × frequency.
 
-    Angles are formed in float64 and rounded once: position × frequency reaches ~10³
-    rad, where a float32 product would already be off by ~1e-4.
+    Formed once in float64 and rounded once: position × frequency reaches ~10³ rad,
+    where a float32 product would already be off by ~1e-4.
     """
-    parts = []
-    for axis, d in enumerate(rope_axis_dims(head_dim)):
-        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=positions.device) / d)
-        parts.append(positions[:, axis, None].double() * freqs)
-    angles = torch.cat(parts, dim=1)
-    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+    tables = []
+    for d in rope_axis_dims(head_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angles = torch.arange(max_position, dtype=torch.float64)[:, None] * freqs
+        tables.append((angles.cos().to(device, dtype), angles.sin().to(device, dtype)))
+    return tables
+
+
+def rope_angles(positions, head_dim, theta, dtype=torch.float32):
+    """cos and sin [T, Dh/2] for integer token positions [T, 3] = (frame, row, col)."""
+    tables = rope_tables(head_dim, theta, positions.device, dtype)
+    cos = torch.cat([cos[positions[:, axis]] for axis, (cos, _) in enumerate(tables)], dim=1)
+    sin = torch.cat([sin[positions[:, axis]] for axis, (_, sin) in enumerate(tables)], dim=1)
+    return cos, sin
 
 
 def apply_rope(x, rope):
     """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, H, Dh] by the angles of `rope`.
     Computed in float32 (float64 for float64 inputs, as the exactness tests use)."""
-    cos, sin = (r[None, :, None, :] for r in rope)
+    return rotate_pairs(x, *rope)
+
+
+@fused
+def rotate_pairs(x, cos, sin):
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     x1, x2 = x.to(torch.promote_types(x.dtype, cos.dtype)).unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def grid_positions(frames, rows, cols, start_frame=0, device=None):
@@ -289,11 +342,10 @@ class CrossAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.eps = cfg.eps  # of the two LayerNorms without affine around self-attention and FFN
         self.self_attn = SelfAttention(cfg)
         self.norm3 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(cfg)
-        self.norm2 = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         # adaLN (DiT): a learned per-block offset to the six timestep-driven vectors
@@ -302,24 +354,24 @@ class Block(nn.Module):
     def forward(self, x, e, rope, keys_values, context_kv, impl):
         """x [B, T, D]; e [B, T or 1, 6, D] float32 modulation of each token's frame."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
-        h = (self.norm1(x).float() * (1 + scale1) + shift1).type_as(x)
-        x = (x.float() + self.self_attn(h, rope, keys_values, impl).float() * gate1).type_as(x)
+        h = norm_modulate(x, shift1, scale1, self.eps)
+        x = gated_residual(x, self.self_attn(h, rope, keys_values, impl), gate1)
         x = x + self.cross_attn(self.norm3(x), context_kv, impl)
-        h = (self.norm2(x).float() * (1 + scale2) + shift2).type_as(x)
-        return (x.float() + self.ffn(h).float() * gate2).type_as(x)
+        h = norm_modulate(x, shift2, scale2, self.eps)
+        return gated_residual(x, self.ffn(h), gate2)
 
 
 class Head(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.eps = cfg.eps
         self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e):
         """x [B, T, D], e [B, T or 1, D] (the time embedding before the 6-way projection)."""
         shift, scale = (self.modulation + e[:, :, None]).unbind(2)
-        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+        return self.head(norm_modulate(x, shift, scale, self.eps))
 
 
 def mlp_float32(layers, x):
@@ -470,12 +522,15 @@ class KVCache:
         Each layer's source takes the chunk's pre-RoPE k/v (of its kept tokens, with a
         plan), completes the chunk with recovered keys/values (plan), rotates them to
         their positions, writes them into the chunk's slots, and returns every cached
-        key/value the chunk may attend to, with a key mask where some are absent.
+        key/value the chunk may attend to (those that exist: see RecoveryPlan.key_valid).
         """
         n = self.tokens_per_frame
         device = self.k.device
         slots = [self.slot_of(f) for f in range(start_frame, start_frame + frames)]
-        token_slots = (torch.tensor(slots, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
+        # formed on the device from scalars: a host list copied over would stall the CPU on the GPU
+        frame = torch.arange(start_frame, start_frame + frames, device=device)
+        slot = torch.where(frame < self.sink, frame, self.sink + (frame - self.sink) % self.recent)
+        token_slots = (slot[:, None] * n + torch.arange(n, device=device)).flatten()
         rope = rope_angles(grid_positions(frames, *self.grid_hw, start_frame, device=device),
                            self.head_dim, self.rope_theta)
         chunk_valid = None if plan is None else plan.key_valid(memory_step)
@@ -483,7 +538,8 @@ class KVCache:
         for slot in slots:
             self.slot_has_holes[slot] = chunk_valid is not None
         visible = min(start_frame + frames, self.num_slots)
-        key_mask = self.key_valid[: visible * n] if any(self.slot_has_holes[:visible]) else None
+        # Absent keys are left out rather than masked: SDPA's fused kernels take no mask.
+        present = self.key_valid[: visible * n].nonzero().squeeze(1) if any(self.slot_has_holes[:visible]) else None
 
         def keys_values(layer):
             def write_and_read(k, v):
@@ -494,7 +550,10 @@ class KVCache:
                         self.memory_v[layer].copy_(v[:, -n:])
                 self.k[layer].index_copy_(1, token_slots, apply_rope(k, rope))
                 self.v[layer].index_copy_(1, token_slots, v)
-                return self.k[layer][:, : visible * n], self.v[layer][:, : visible * n], key_mask
+                k_all, v_all = self.k[layer][:, : visible * n], self.v[layer][:, : visible * n]
+                if present is not None:
+                    k_all, v_all = k_all[:, present], v_all[:, present]
+                return k_all, v_all, None
             return write_and_read
 
         return keys_values

@@ -270,3 +270,21 @@ def test_meta_device_checks_headers_only(diffusers_dit, tmp_path):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(M.WeightsError, match="mis-shaped 1: head.head.weight"):
         M.load_dit(tmp_path / "broken.safetensors", device="meta")
+
+
+def test_bfloat16_model_runs_and_agrees_with_float32(diffusers_dit):
+    """The sampler's dtype on the GPU, checked on the CPU: bf16 weights, float32 islands."""
+    model32 = M.load_dit(diffusers_dit[1])
+    model16 = M.load_dit(diffusers_dit[1], dtype=torch.bfloat16)
+    torch.manual_seed(6)
+    x, context = torch.randn(1, 16, 6, 4, 6), torch.randn(1, 9, 48)
+    out = []
+    with torch.no_grad():
+        for model in (model32, model16):
+            dtype = model.head.head.weight.dtype
+            cache = M.KVCache(model, context.to(dtype), 6, (2, 3), window=(1, 6))
+            for start in (0, 3):
+                chunk = x[:, :, start:start + 3].to(dtype)
+                model.forward_chunk(chunk, torch.zeros(1, 1), cache, start, memory_step=True)
+            out.append(model.forward_chunk(chunk, torch.full((1, 1), 700.0), cache, 3).float())
+    assert out[1].dtype == torch.float32 and rel_err(out[1], out[0]) < 3e-2
