@@ -162,39 +162,42 @@ class DiTConfig:
         return cls(**values)
 
 
-def fused(fn):
-    """Run `fn` as one generated kernel (torch.compile) when its input is on CUDA.
+FUSE = True  # compile the blocks on CUDA (bench.py turns it off to measure the eager baseline)
 
-    The float32 islands of the block (norms, adaLN modulation, gated residuals,
-    RoPE) are chains of cheap elementwise ops; run one op at a time they cost as
-    much GPU time as the matrix products and flood the GPU with tiny launches.
-    Compiled, each chain reads and writes its tensors once. On the CPU the plain
-    code runs as written (the tests read it). Shapes are dynamic: the number of
-    kept tokens changes from chunk to chunk.
+
+def fused(fn):
+    """Run `fn` as generated kernels (torch.compile) when its tensors are on CUDA.
+
+    The float32 islands of a block (norms, adaLN modulation, gated residuals,
+    RoPE) are chains of cheap elementwise ops. Run one op at a time they cost as
+    much GPU time as the matrix products, and each op costs the CPU ~20 µs to
+    dispatch, which at LIPAR's token counts is more than the GPU needs. Each
+    block is therefore compiled as two regions around its KV-cache write: inside
+    them the chains fuse, and the CPU pays one call instead of dozens. On the
+    CPU the plain code runs as written (the tests read it). Shapes are dynamic:
+    the number of kept tokens changes from chunk to chunk.
     """
     compiled = torch.compile(fn, dynamic=True)
 
     @functools.wraps(fn)
-    def run(x, *args):
-        return compiled(x, *args) if x.is_cuda else fn(x, *args)
+    def run(*args):
+        on_cuda = next(a for a in args if isinstance(a, torch.Tensor)).is_cuda
+        return compiled(*args) if FUSE and on_cuda else fn(*args)
 
     return run
 
 
-@fused
 def rms_norm(x, weight, eps):
     """x / rms(x) · weight, statistics in float32."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-@fused
 def norm_modulate(x, shift, scale, eps):
     """adaLN (DiT): LayerNorm without affine, then x·(1 + scale) + shift, in float32."""
     return (F.layer_norm(x.float(), x.shape[-1:], eps=eps) * (1 + scale) + shift).type_as(x)
 
 
-@fused
 def gated_residual(x, y, gate):
     """x + y·gate in float32: the block's gated residual connections."""
     return (x.float() + y.float() * gate).type_as(x)
@@ -263,12 +266,7 @@ def rope_angles(positions, head_dim, theta, dtype=torch.float32):
 def apply_rope(x, rope):
     """Rotate adjacent pairs (x[2i], x[2i+1]) of x [B, T, H, Dh] by the angles of `rope`.
     Computed in float32 (float64 for float64 inputs, as the exactness tests use)."""
-    return rotate_pairs(x, *rope)
-
-
-@fused
-def rotate_pairs(x, cos, sin):
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (r[None, :, None, :] for r in rope)
     x1, x2 = x.to(torch.promote_types(x.dtype, cos.dtype)).unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
@@ -307,16 +305,13 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
-    def forward(self, x, rope, keys_values, impl):
-        """x [B, T, D] → [B, T, D]. `keys_values(k, v)` turns this call's pre-RoPE keys
-        and values into the full set the queries attend to (plus a key mask): the
-        whole sequence, or the KV cache with this chunk written into it."""
+    def project(self, x, rope):
+        """x [B, T, D] → queries (rotated to their positions), keys and values (not yet
+        rotated: the KV cache and LIPAR's recovery work on pre-RoPE keys), [B, T, H, Dh]."""
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
         k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        k_all, v_all, key_mask = keys_values(k, v)
-        return self.o(attention(apply_rope(q, rope), k_all, v_all, key_mask, impl).flatten(2))
+        return apply_rope(q, rope), k, self.v(x).unflatten(-1, heads)
 
 
 class CrossAttention(nn.Module):
@@ -352,13 +347,25 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e, rope, keys_values, context_kv, impl):
-        """x [B, T, D]; e [B, T or 1, 6, D] float32 modulation of each token's frame."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
-        h = norm_modulate(x, shift1, scale1, self.eps)
-        x = gated_residual(x, self.self_attn(h, rope, keys_values, impl), gate1)
+        """x [B, T, D]; e [B, T or 1, 6, D] float32 modulation of each token's frame.
+        `keys_values(k, v)` turns this call's pre-RoPE keys and values into the full set
+        the queries attend to: the whole sequence, or the KV cache with this chunk
+        written into it (and LIPAR's recovered keys)."""
+        q, k, v = self.before_attention(x, e, rope)
+        k_all, v_all, key_mask = keys_values(k, v)
+        return self.after_attention(x, attention(q, k_all, v_all, key_mask, impl), e, context_kv, impl)
+
+    @fused
+    def before_attention(self, x, e, rope):
+        shift, scale = (self.modulation[:, 0] + e[:, :, 0]), (self.modulation[:, 1] + e[:, :, 1])
+        return self.self_attn.project(norm_modulate(x, shift, scale, self.eps), rope)
+
+    @fused
+    def after_attention(self, x, attended, e, context_kv, impl):
+        _, _, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)
+        x = gated_residual(x, self.self_attn.o(attended.flatten(2)), gate1)
         x = x + self.cross_attn(self.norm3(x), context_kv, impl)
-        h = norm_modulate(x, shift2, scale2, self.eps)
-        return gated_residual(x, self.ffn(h), gate2)
+        return gated_residual(x, self.ffn(norm_modulate(x, shift2, scale2, self.eps)), gate2)
 
 
 class Head(nn.Module):
