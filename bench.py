@@ -134,6 +134,27 @@ def profile_edit(edit):
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
 
 
+def vae_variants(vae, video, timer):
+    """Encode/decode time and peak of the VAE as bench runs it, with cuDNN's autotuner,
+    and with channels-last 3D convolutions: printed lines, one per variant."""
+    lines = []
+    for name in ("defaults", "cudnn.benchmark", "channels-last 3D"):
+        torch.backends.cudnn.benchmark = name == "cudnn.benchmark"
+        if name == "channels-last 3D":
+            for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
+                conv.weight.data = conv.weight.data.to(memory_format=torch.channels_last_3d)
+            video = video.to(memory_format=torch.channels_last_3d)
+        latents = vae.encode(video)
+        torch.cuda.reset_peak_memory_stats()
+        encode_ms = timer(lambda: vae.encode(video))
+        torch.cuda.reset_peak_memory_stats()
+        decode_ms = timer(lambda: vae.decode(latents))
+        lines.append(f"VAE {name}: encode {encode_ms:.0f} ms, decode {decode_ms:.0f} ms, "
+                     f"decode peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    torch.backends.cudnn.benchmark = False
+    return lines
+
+
 def random_(module, std=0.02):
     with torch.no_grad():
         for p in module.parameters():
@@ -148,6 +169,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one LIPAR 35% edit")
+    p.add_argument("--vae-variants", action="store_true",
+                   help="only time the VAE with its defaults, cudnn.benchmark and channels-last 3D, then exit")
     args = p.parse_args(argv)
 
     smoke = args.smoke
@@ -164,6 +187,10 @@ def main(argv=None):
         vae = random_(V.WanVAE(vae_cfg), 0.05).to(dtype).eval().requires_grad_(False)
     video = io.to_model(sample.demo_frames(height, width, frames)).to(device)
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
+    if args.vae_variants and not smoke:
+        with torch.no_grad():
+            print("\n".join(vae_variants(vae, video, timer)))
+        return None
     vae_peaks = None
     if not smoke:  # the VAE alone: does a round trip need memory growing with the clip?
         with torch.no_grad():
