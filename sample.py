@@ -199,6 +199,11 @@ class Models:
             self._dit = M.load_dit(self.weights / "dit", self.device, self.dtype)
         return self._dit
 
+    def release_dit(self):
+        self._dit = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def text_encoder(self):
         # umT5-XXL is 5.7 B parameters: bf16 on the CPU too (22 GB in float32), except the tiny demo one
         on_cpu = torch.device(self.text_device).type == "cpu"
@@ -280,7 +285,6 @@ def run_edit(args, models, notes):
         keep = lipar.prune_mask(latents[0].transpose(0, 1), args.theta, args.theta2)
     with clock("text"):  # step 4
         context = encode_prompt(models.text_encoder, args.prompt, device, models.dtype)
-    dit = models.dit()
     window = None if args.m == "all" else args.m
     modes = ["full", "lipar"] if args.compare else [args.mode]
     stats = {"video": str(args.video), "prompt": args.prompt, "random_weights": models.random,
@@ -288,13 +292,16 @@ def run_edit(args, models, notes):
              "latent_frames": latents.shape[2], "theta": args.theta, "theta2": args.theta2,
              "m": "all" if window is None else list(window), "seed": args.seed, "device": str(device),
              "dtype": str(models.dtype).removeprefix("torch."), "notes": notes, "modes": {}}
+    edited = {}
+    for mode in modes:  # steps 5-7
+        with clock(f"dit_{mode}"):
+            edited[mode] = edit_latents(models.dit(), latents, context, keep, mode,
+                                        None if mode == "full" else window, args.seed)
+    models.release_dit()  # the decoder's activations are the largest of the edit: not on top of the DiT
     outputs = {}
     for mode in modes:
-        with clock(f"dit_{mode}"):
-            edited = edit_latents(dit, latents, context, keep, mode, None if mode == "full" else window, args.seed)
         with clock(f"decode_{mode}"):  # step 8
-            frames = io.trim_frames(io.from_model(models.vae().decode(edited)), count)
-        outputs[mode] = frames
+            outputs[mode] = io.trim_frames(io.from_model(models.vae().decode(edited[mode])), count)
         pruned = 0.0 if mode == "full" else lipar.prune_ratio(keep)
         per_chunk = [0.0] * (keep.shape[0] // 3) if mode == "full" else lipar.chunk_prune_ratios(keep)
         shared = clock.seconds["read"] + clock.seconds["encode"] + clock.seconds["mask"]
