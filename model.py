@@ -521,7 +521,12 @@ class KVCache:
         self.context_kvs = model.context_kvs(context)
 
     def slot_of(self, frame):
-        return frame if frame < self.sink else self.sink + (frame - self.sink) % self.recent
+        """A frame's slot (int, or a tensor of frames): the sink frames keep their own,
+        later frames take turns in the ring."""
+        ring = self.sink + (frame - self.sink) % self.recent
+        if torch.is_tensor(frame):
+            return torch.where(frame < self.sink, frame, ring)
+        return frame if frame < self.sink else ring
 
     def writer(self, start_frame, frames, plan=None, memory_step=False):
         """Per-layer key/value sources for a chunk of `frames` frames from `start_frame`.
@@ -533,17 +538,15 @@ class KVCache:
         """
         n = self.tokens_per_frame
         device = self.k.device
-        slots = [self.slot_of(f) for f in range(start_frame, start_frame + frames)]
-        # formed on the device from scalars: a host list copied over would stall the CPU on the GPU
-        frame = torch.arange(start_frame, start_frame + frames, device=device)
-        slot = torch.where(frame < self.sink, frame, self.sink + (frame - self.sink) % self.recent)
-        token_slots = (slot[:, None] * n + torch.arange(n, device=device)).flatten()
+        # slots formed on the device: a host list copied over would stall the CPU on the GPU
+        slots = self.slot_of(torch.arange(start_frame, start_frame + frames, device=device))
+        token_slots = (slots[:, None] * n + torch.arange(n, device=device)).flatten()
         rope = rope_angles(grid_positions(frames, *self.grid_hw, start_frame, device=device),
                            self.head_dim, self.rope_theta)
         chunk_valid = None if plan is None else plan.key_valid(memory_step)
         self.key_valid[token_slots] = True if chunk_valid is None else chunk_valid
-        for slot in slots:
-            self.slot_has_holes[slot] = chunk_valid is not None
+        for frame in range(start_frame, start_frame + frames):  # host-side bookkeeping, no sync
+            self.slot_has_holes[self.slot_of(frame)] = chunk_valid is not None
         visible = min(start_frame + frames, self.num_slots)
         # Absent keys are left out rather than masked: SDPA's fused kernels take no mask.
         present = self.key_valid[: visible * n].nonzero().squeeze(1) if any(self.slot_has_holes[:visible]) else None
