@@ -177,12 +177,16 @@ def fused(fn):
     CPU the plain code runs as written (the tests read it). Shapes are dynamic:
     the number of kept tokens changes from chunk to chunk.
     """
-    compiled = torch.compile(fn, dynamic=True)
+    compiled = None  # made on the first CUDA call: CPU-only runs never load the compiler
 
     @functools.wraps(fn)
     def run(*args):
-        on_cuda = next(a for a in args if isinstance(a, torch.Tensor)).is_cuda
-        return compiled(*args) if FUSE and on_cuda else fn(*args)
+        nonlocal compiled
+        if not (FUSE and next(a for a in args if isinstance(a, torch.Tensor)).is_cuda):
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True)
+        return compiled(*args)
 
     return run
 
