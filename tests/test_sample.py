@@ -219,3 +219,14 @@ def test_entry_point_reports_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_without_arguments_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """`python sample.py` on a fresh machine: generated clip, random models, every output."""
+    monkeypatch.chdir(tmp_path)
+    assert sample.cli(["--height", "64", "--width", "112", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "RANDOM-weight models" in printed and "pixels are not an edit" in printed
+    for kind in ("input", "input_full", "input_lipar", "input_compare", "input_mask"):
+        frames, fps = io.read_video(tmp_path / "results" / f"demo_{kind}.mp4")
+        assert len(frames) == sample.DEMO_FRAMES and fps == pytest.approx(sample.DEMO_FPS)
