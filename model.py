@@ -361,8 +361,8 @@ class Block(nn.Module):
 
     @fused
     def before_attention(self, x, e, rope):
-        shift, scale = (self.modulation[:, 0] + e[:, :, 0]), (self.modulation[:, 1] + e[:, :, 1])
-        return self.self_attn.project(norm_modulate(x, shift, scale, self.eps), rope)
+        shift1, scale1 = (self.modulation + e).unbind(2)[:2]
+        return self.self_attn.project(norm_modulate(x, shift1, scale1, self.eps), rope)
 
     @fused
     def after_attention(self, x, attended, e, context_kv, impl):
@@ -475,12 +475,12 @@ class CausalWanModel(nn.Module):
         """
         tokens, (f, h, w) = self.patchify(x)
         positions = grid_positions(f, h, w, start_frame, device=x.device)
-        kept = None if plan is None else plan.kept
+        rope_chunk = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)  # every token, for the cache
+        rope, kept = rope_chunk, None if plan is None else plan.kept
         if kept is not None:
-            tokens, positions = tokens[:, kept], positions[kept]
+            tokens, positions, rope = tokens[:, kept], positions[kept], tuple(r[kept] for r in rope_chunk)
         frame_of_token = None if t.shape[1] == 1 else positions[:, 0] - start_frame
-        rope = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        keys_values = cache.writer(start_frame, f, plan, memory_step)
+        keys_values = cache.writer(start_frame, f, rope_chunk, plan, memory_step)
         out = self.run_blocks(tokens, t, frame_of_token, rope, keys_values, cache.context_kvs)
         if kept is not None:
             out = out.new_zeros(out.shape[0], f * h * w, out.shape[2]).index_copy_(1, kept, out)
@@ -506,7 +506,6 @@ class KVCache:
     def __init__(self, model, context, num_frames, grid_hw, window=None):
         cfg = model.cfg
         param = model.head.head.weight
-        self.grid_hw = grid_hw
         self.tokens_per_frame = n = grid_hw[0] * grid_hw[1]
         self.sink, self.recent = (0, num_frames) if window is None else window
         if self.recent < cfg.frames_per_chunk:
@@ -521,7 +520,6 @@ class KVCache:
         memory_shape = (cfg.num_layers, context.shape[0], n, cfg.num_heads, cfg.head_dim)
         self.memory_k = torch.zeros(memory_shape, device=param.device, dtype=param.dtype)
         self.memory_v = torch.zeros_like(self.memory_k)
-        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.context_kvs = model.context_kvs(context)
 
     def slot_of(self, frame):
@@ -532,8 +530,9 @@ class KVCache:
             return torch.where(frame < self.sink, frame, ring)
         return frame if frame < self.sink else ring
 
-    def writer(self, start_frame, frames, plan=None, memory_step=False):
-        """Per-layer key/value sources for a chunk of `frames` frames from `start_frame`.
+    def writer(self, start_frame, frames, rope, plan=None, memory_step=False):
+        """Per-layer key/value sources for a chunk of `frames` frames from `start_frame`;
+        rope: (cos, sin) of every token of the chunk.
 
         Each layer's source takes the chunk's pre-RoPE k/v (of its kept tokens, with a
         plan), completes the chunk with recovered keys/values (plan), rotates them to
@@ -545,8 +544,6 @@ class KVCache:
         # slots formed on the device: a host list copied over would stall the CPU on the GPU
         slots = self.slot_of(torch.arange(start_frame, start_frame + frames, device=device))
         token_slots = (slots[:, None] * n + torch.arange(n, device=device)).flatten()
-        rope = rope_angles(grid_positions(frames, *self.grid_hw, start_frame, device=device),
-                           self.head_dim, self.rope_theta)
         chunk_valid = None if plan is None else plan.key_valid(memory_step)
         self.key_valid[token_slots] = True if chunk_valid is None else chunk_valid
         for frame in range(start_frame, start_frame + frames):  # host-side bookkeeping, no sync
@@ -639,9 +636,7 @@ def load_dit(path, device="cpu", dtype=torch.float32):
                                f"tensor {missing} is missing") from None
     with torch.device("meta"):
         model = CausalWanModel(cfg)
-    model = load_into(model, tensors, layout, "DiT", device, dtype)
-    model.attn_impl = "sdpa"
-    return model.eval().requires_grad_(False)
+    return load_into(model, tensors, layout, "DiT", device, dtype).eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -864,7 +859,7 @@ T5_HF_RULES = [
 
 
 def t5_to_native(tensors):
-    """Detect the key layout of umT5 tensors and return (layout, tensors under our names).
+    """Detect the key layout of umT5 tensors and return (tensors under our names, layout).
 
     HF files hold the token embedding as `shared.weight` and/or its tied copy
     `encoder.embed_tokens.weight` (transformers ties the latter to the former). We take
@@ -878,9 +873,9 @@ def t5_to_native(tensors):
             if shared is not copy and not any(t.is_meta for t in (shared, copy)) and not (
                     shared.shape == copy.shape and torch.equal(shared, copy)):
                 raise WeightsError("text encoder: shared.weight and its tied copy encoder.embed_tokens.weight differ")
-        return "hf", rename(tensors, T5_HF_RULES)
+        return rename(tensors, T5_HF_RULES), "hf"
     if any(k.startswith(("blocks.", "token_embedding.")) for k in tensors):
-        return "native", tensors
+        return tensors, "native"
     raise WeightsError("text encoder weights are in no known layout (expected Wan's `blocks.N.attn.q.weight` "
                        f"or HF's `encoder.block.N...`); first keys: {', '.join(list(tensors)[:5])}")
 
@@ -907,7 +902,7 @@ def load_text_encoder(path, tokenizer_path, device="cpu", dtype=torch.float32):
     On device "meta" only the file headers are read: a quick check of names and shapes.
     """
     tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
-    layout, tensors = t5_to_native(tensors)
+    tensors, layout = t5_to_native(tensors)
     cfg = T5Config.from_hf(config) if config and "d_model" in config else T5Config.from_tensors(tensors)
     with torch.device("meta"):
         encoder = UMT5Encoder(cfg)

@@ -207,14 +207,14 @@ def test_hf_layout_maps_one_to_one_onto_native():
     native = read_tsv("umt5_xxl_encoder_native.tsv")
     assert "shared.weight" in hf and "encoder.embed_tokens.weight" in hf
     tensors = {k: torch.empty(s, device="meta") for k, s in hf.items()}
-    layout, mapped = t5_to_native(tensors)
+    mapped, layout = t5_to_native(tensors)
     assert layout == "hf"
     assert {k: tuple(v.shape) for k, v in mapped.items()} == native
     assert len(mapped) == len(hf) - 1  # only the tied duplicate is dropped
     for key in hf:  # every HF tensor lands on a distinct native one (the tied pair on the same)
         if key != "encoder.embed_tokens.weight":
             assert any(mapped[n] is tensors[key] for n in mapped), key
-    layout, same = t5_to_native({k: torch.empty(s, device="meta") for k, s in native.items()})
+    same, layout = t5_to_native({k: torch.empty(s, device="meta") for k, s in native.items()})
     assert layout == "native" and set(same) == set(native)
     assert T5Config.from_tensors(mapped) == T5Config()
 
