@@ -204,10 +204,14 @@ def main(argv=None):
         dit = random_(M.CausalWanModel(dit_cfg)).to(dtype).eval().requires_grad_(False)
     context = torch.randn(1, 512, dit_cfg.text_dim, device=device, dtype=dtype)
 
-    rows, results = [], {}
+    results = {}
     with torch.no_grad():
         encode_ms = timer(lambda: vae.encode(video))
         latents = vae.encode(video)
+
+        def edit(keep, mode, window, source=latents):
+            return sample.edit_latents(dit, source, context, keep, mode, window, seed=0, progress=False)
+
         decode_ms = timer(lambda: vae.decode(latents))
         L, (h, w) = latents.shape[2], (latents.shape[3] // 2, latents.shape[4] // 2)
         mask_ms = timer(lambda: lipar.prune_mask(latents[0].transpose(0, 1)))
@@ -219,9 +223,9 @@ def main(argv=None):
         # speed work must not change results beyond bf16 tolerance: the fast path
         # against the plain float32 softmax path on the 35 % mask
         keep35 = masks[2][1]
-        fast = sample.edit_latents(dit, latents, context, keep35, "lipar", (1, 6), seed=0, progress=False)
+        fast = edit(keep35, "lipar", (1, 6))
         dit.attn_impl = "math"
-        reference = sample.edit_latents(dit, latents, context, keep35, "lipar", (1, 6), seed=0, progress=False)
+        reference = edit(keep35, "lipar", (1, 6))
         dit.attn_impl = "sdpa"
         agreement = ((fast - reference).norm() / reference.norm()).item()
         assert agreement < 3e-2, f"fast path differs from the reference by {agreement:.2e}"
@@ -231,18 +235,15 @@ def main(argv=None):
             small_keep = coherent_mask(6, 15, 26, 0.35).to(device)
             cross_device = cpu_float32_vs_gpu(dit, context, small_keep)
         if args.profile and not smoke:
-            print(profile_edit(lambda: sample.edit_latents(dit, latents, context, keep35, "lipar", (1, 6), 0, False)))
+            print(profile_edit(lambda: edit(keep35, "lipar", (1, 6))))
         gemm_rate, sdpa_rate = (None, None) if smoke else ceilings(dit_cfg, 3 * h * w, timer)
         for name, mode, keep, window in configs:
-            def edit():
-                return sample.edit_latents(dit, latents, context, keep, mode, window, seed=0, progress=False)
             if not smoke:
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            dit_ms = timer(edit)
+            dit_ms = timer(lambda: edit(keep, mode, window))
             if not smoke:  # peak of a whole edit (encode, mask, DiT, decode) with the weights resident
                 torch.cuda.reset_peak_memory_stats()
-                vae.decode(sample.edit_latents(dit, vae.encode(video), context, keep, mode, window, 0, False))
+                vae.decode(edit(keep, mode, window, source=vae.encode(video)))
             peak = None if smoke else torch.cuda.max_memory_allocated() / 2**30
             linear, attention, cross = dit_flops(keep, mode, window, dit_cfg)
             ideal_ms = None if smoke else ((linear + cross) / gemm_rate + attention / sdpa_rate) / 1e9
@@ -253,7 +254,7 @@ def main(argv=None):
         if not smoke:  # the same edits with the blocks run op by op: the baseline of the fusion
             M.FUSE = False
             for name, mode, keep, window in (configs[0], configs[3]):
-                eager_ms = timer(lambda: sample.edit_latents(dit, latents, context, keep, mode, window, 0, False))
+                eager_ms = timer(lambda: edit(keep, mode, window))
                 results[f"{name} (eager, not fused)"] = dict(results[name], dit_ms=eager_ms,
                                                              e2e_ms=results[name]["e2e_ms"] - results[name]["dit_ms"]
                                                              + eager_ms, tflops=results[name]["flops"] / eager_ms / 1e9)
