@@ -111,15 +111,29 @@ def test_static_clip_prunes_everything_and_output_repeats_the_memory():
 
 
 def test_noise_clip_keeps_everything_and_lipar_equals_full_end_to_end(weights, tmp_path, monkeypatch):
+    """Two real CLI runs; the edits (the sampler's output latents) must be bit-identical.
+
+    Compared before the VAE decode: in about one full-suite run in ten, the decoded,
+    H.264-written frames of two bit-identical edits came out different on the CPU
+    (the DiT outputs were checked equal in that run; the cause, below the sampler,
+    is not pinned down yet), so frame equality would test that, not LIPAR.
+    """
     monkeypatch.chdir(tmp_path)
     clip = write_clip(tmp_path / "noise.mp4", noise_clip())
-    results = {}
+    edits = {}
+    edit_latents = sample.edit_latents
+
+    def recording(dit, latents, context, keep, mode, *args, **kwargs):
+        edits[mode] = edit_latents(dit, latents, context, keep, mode, *args, **kwargs)
+        return edits[mode]
+
+    monkeypatch.setattr(sample, "edit_latents", recording)
     for mode in ("full", "lipar"):
         assert run_cli(["--video", str(clip), "--mode", mode, "--m", "all", "--out", f"{mode}.mp4",
                         "--json", f"{mode}.json"], weights) == 0
-        results[mode] = io.read_video(tmp_path / f"{mode}.mp4")[0]
+        assert len(io.read_video(tmp_path / f"{mode}.mp4")[0]) == 17
     assert json.loads((tmp_path / "lipar.json").read_text())["modes"]["lipar"]["prune_ratio"] == 0.0
-    assert torch.equal(results["lipar"], results["full"])
+    assert torch.equal(edits["lipar"], edits["full"])
 
 
 def reference_edit(dit, latents, context, seed):
