@@ -13,19 +13,26 @@ measured here: a bf16 GEMM and SDPA at the DiT's shapes.
 """
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import graphs
 import lipar
 import model as M
 import sample
 import vae as V
 import video as io
 
-PRUNE_RATIOS = (0.0, 0.20, 0.35, 0.50)
+PRUNE_RATIOS = (0.0, 0.20, 0.35, 0.50, 0.85, 1.0)  # 85 %: a near-static clip (issue 10)
 
 
 def coherent_mask(latent_frames, h, w, ratio, seed=0):
@@ -124,34 +131,107 @@ def cpu_float32_vs_gpu(dit, context, keep):
     return ((outputs[1] - outputs[0]).norm() / outputs[0].norm()).item()
 
 
-def profile_edit(edit):
-    """Top CUDA kernels of one edit, by total time."""
+def profile_edit(edit, rows=18):
+    """Top CUDA kernels of one call of edit(), by total time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         edit()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
-def vae_variants(vae, video, timer):
-    """Encode/decode time and peak of the VAE as bench runs it, with cuDNN's autotuner,
-    and with channels-last 3D convolutions: printed lines, one per variant."""
-    lines = []
-    for name in ("defaults", "cudnn.benchmark", "channels-last 3D"):
-        torch.backends.cudnn.benchmark = name == "cudnn.benchmark"
-        if name == "channels-last 3D":
-            for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)):
-                conv.weight.data = conv.weight.data.to(memory_format=torch.channels_last_3d)
-            video = video.to(memory_format=torch.channels_last_3d)
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def vae_variants(vae, video, timer, profile=False):
+    """Encode/decode time and decode peak of the VAE run op by op, with its norm + SiLU
+    fused (torch.compile), and fused with channels-last activations; each variant's
+    latents and video against the op-by-op ones (asserted within bf16 tolerance).
+    Printed lines, one per variant. Leaves the VAE channels-last."""
+    lines, reference = [], None
+    for name, fuse, channels_last, autotune in (("op by op", False, False, False), ("fused", True, False, False),
+                                                ("fused + channels-last", True, True, False),
+                                                ("fused + channels-last + cudnn.benchmark", True, True, True)):
+        M.FUSE = fuse
+        torch.backends.cudnn.benchmark = autotune
+        if channels_last:
+            vae.channels_last()
         latents = vae.encode(video)
-        torch.cuda.reset_peak_memory_stats()
+        decoded = vae.decode(latents)
+        reference = reference or (latents, decoded)
+        errors = relative_error(latents, reference[0]), relative_error(decoded, reference[1])
+        assert max(errors) < 2e-2, f"VAE variant {name} differs from the op-by-op VAE: {errors}"
         encode_ms = timer(lambda: vae.encode(video))
         torch.cuda.reset_peak_memory_stats()
         decode_ms = timer(lambda: vae.decode(latents))
         lines.append(f"VAE {name}: encode {encode_ms:.0f} ms, decode {decode_ms:.0f} ms, "
-                     f"decode peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+                     f"decode peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
+                     f"vs op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
+        print(lines[-1])
+        if profile:
+            print(profile_edit(lambda: vae.decode(latents), 12))
+    M.FUSE = True
     torch.backends.cudnn.benchmark = False
+    return lines
+
+
+def cli_bench(timer, runs_folder=None):
+    """The user's command at real shapes: `python sample.py --video clip.mp4 ...` (lipar, the
+    defaults) in two fresh processes sharing a new Inductor cache (cold, then warm),
+    against the same edit in this process once everything is loaded, compiled and
+    captured (the steady state). Weights are random and real-shape, written in
+    weights.md's layout, except the text encoder: one umT5 layer at full width with a
+    small vocabulary, whose stage the comparison leaves out. Returns printed lines."""
+    folder = Path(runs_folder or tempfile.mkdtemp(prefix="lipar_cli_"))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16)
+        vae = random_(V.WanVAE(V.VAEConfig()), 0.05)
+        text_encoder = random_(M.UMT5Encoder(M.T5Config(vocab=300, layers=1))).to(torch.bfloat16)
+    weights = sample.write_random_weights(folder / "weights", dit, vae, text_encoder)
+    del dit, vae, text_encoder
+    torch.cuda.empty_cache()
+    clip = folder / "clip.mp4"
+    io.write_video(clip, sample.demo_frames(480, 832, 81), 16)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), PYTHONUNBUFFERED="1")
+    lines = []
+    for run in ("cold", "warm"):
+        stats_file = folder / f"{run}.json"
+        command = [sys.executable, str(Path(__file__).with_name("sample.py")), "--video", str(clip),
+                   "--weights", str(weights), "--out", str(folder / f"{run}.mp4"), "--overwrite",
+                   "--json", str(stats_file)]
+        start = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"sample.py failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        print(done.stdout)
+        stats = json.loads(stats_file.read_text())
+        seconds = stats["modes"]["lipar"]["seconds"]
+        peaks = "  ".join(f"{k} {v:.2f}" for k, v in stats["peak_gpu_memory_gib_per_stage"].items())
+        lines.append(f"CLI {run}: {wall:.1f} s wall, {wall - seconds['text']:.1f} s without the text stage; "
+                     f"stages (s): " + "  ".join(f"{k} {v:.2f}" for k, v in seconds.items())
+                     + f"; peak {stats['peak_gpu_memory_gib']:.2f} GiB (per stage: {peaks}); "
+                     f"pruned {stats['modes']['lipar']['prune_ratio']:.1%}")
+    models = sample.Models(weights, "cuda", torch.bfloat16, "cuda")
+    with torch.no_grad():
+        video, _, _, _ = sample.prepare_clip(clip, 480, 832, [])
+        video = video.cuda()
+        context = sample.encode_prompt(models.text_encoder, sample.DEFAULT_PROMPT, "cuda", torch.bfloat16)
+        vae, dit, runner = models.vae(), models.dit(), models.runner()
+
+        def whole_edit():
+            latents = vae.encode(video)
+            keep = lipar.prune_mask(latents[0].transpose(0, 1))
+            edited = sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0, progress=False,
+                                         runner=runner)
+            return vae.decode(edited)
+
+        steady_ms = timer(whole_edit)
+    lines.append(f"CLI steady state (same edit in one process, everything loaded, compiled and captured): "
+                 f"{steady_ms / 1e3:.2f} s (encode, mask, DiT, decode)")
     return lines
 
 
@@ -169,8 +249,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one LIPAR 35% edit")
+    p.add_argument("--profile-vae", action="store_true", help="print the top CUDA kernels of VAE encode and decode")
+    p.add_argument("--cli", action="store_true",
+                   help="only time sample.py itself at real shapes (cold and warm processes, per-stage peaks), then exit")
     p.add_argument("--vae-variants", action="store_true",
-                   help="only time the VAE with its defaults, cudnn.benchmark and channels-last 3D, then exit")
+                   help="only time the VAE op by op, fused, and fused + channels-last, then exit")
     args = p.parse_args(argv)
 
     smoke = args.smoke
@@ -187,10 +270,18 @@ def main(argv=None):
         vae = random_(V.WanVAE(vae_cfg), 0.05).to(dtype).eval().requires_grad_(False)
     video = io.to_model(sample.demo_frames(height, width, frames)).to(device)
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
+    if args.cli and not smoke:
+        print("\n".join(cli_bench(timer)))
+        return None
     if args.vae_variants and not smoke:
         with torch.no_grad():
-            print("\n".join(vae_variants(vae, video, timer)))
+            vae_variants(vae, video, timer, profile=args.profile_vae)
         return None
+    if args.profile_vae and not smoke:
+        with torch.no_grad():
+            latents = vae.encode(video)
+            print("VAE encode\n" + profile_edit(lambda: vae.encode(video), 25))
+            print("VAE decode\n" + profile_edit(lambda: vae.decode(latents), 25))
     vae_peaks = None
     if not smoke:  # the VAE alone: does a round trip need memory growing with the clip?
         with torch.no_grad():
@@ -209,8 +300,8 @@ def main(argv=None):
         encode_ms = timer(lambda: vae.encode(video))
         latents = vae.encode(video)
 
-        def edit(keep, mode, window, source=latents):
-            return sample.edit_latents(dit, source, context, keep, mode, window, seed=0, progress=False)
+        def edit(keep, mode, window, source=latents, runner=None):
+            return sample.edit_latents(dit, source, context, keep, mode, window, seed=0, progress=False, runner=runner)
 
         decode_ms = timer(lambda: vae.decode(latents))
         L, (h, w) = latents.shape[2], (latents.shape[3] // 2, latents.shape[4] // 2)
@@ -219,15 +310,15 @@ def main(argv=None):
         masks.append(("lipar (clip mask)", lipar.prune_mask(latents[0].transpose(0, 1))))
         configs = [("full", "full", torch.ones(L, h, w, dtype=torch.bool, device=device), None)]
         configs += [(name, "lipar", keep, (1, 6)) for name, keep in masks]
+        keep35 = dict(masks)["lipar 35%"]
 
-        # speed work must not change results beyond bf16 tolerance: the fast path
+        # speed work must not change results beyond bf16 tolerance: the fused kernels
         # against the plain float32 softmax path on the 35 % mask
-        keep35 = masks[2][1]
         fast = edit(keep35, "lipar", (1, 6))
         dit.attn_impl = "math"
         reference = edit(keep35, "lipar", (1, 6))
         dit.attn_impl = "sdpa"
-        agreement = ((fast - reference).norm() / reference.norm()).item()
+        agreement = relative_error(fast, reference)
         assert agreement < 3e-2, f"fast path differs from the reference by {agreement:.2e}"
 
         cross_device = None
@@ -235,29 +326,51 @@ def main(argv=None):
             small_keep = coherent_mask(6, 15, 26, 0.35).to(device)
             cross_device = cpu_float32_vs_gpu(dit, context, small_keep)
         if args.profile and not smoke:
-            print(profile_edit(lambda: edit(keep35, "lipar", (1, 6))))
+            print(profile_edit(lambda: edit(keep35, "lipar", (1, 6), runner=graphs.GraphRunner(dit))))
         gemm_rate, sdpa_rate = (None, None) if smoke else ceilings(dit_cfg, 3 * h * w, timer)
+
+        # CUDA graphs: the first clip of a fresh runner (eager first calls and captures
+        # included) against the eager path, then graph and eager agreement
+        graph_agreement, first_clip = {}, {}
+        sample.warm_up(dit, latents, context, keep35)  # compile both paths first: captures alone are timed
         for name, mode, keep, window in configs:
-            if not smoke:
-                torch.cuda.empty_cache()
-            dit_ms = timer(lambda: edit(keep, mode, window))
+            runner = graphs.GraphRunner(dit)
+            if name in ("full", "lipar 35%"):
+                first_clip[name] = (wall_ms(lambda: edit(keep, mode, window, runner=runner), 0, 1),
+                                    runner.stats["capture_s"] * 1e3, runner.stats["captures"])
+            if name in ("full", "lipar 20%", "lipar 50%", "lipar 85%", "lipar (clip mask)"):
+                graph_agreement[name] = relative_error(edit(keep, mode, window, runner=runner),
+                                                       edit(keep, mode, window))
+            runner.release()
+        worst = max(graph_agreement.values())
+        assert worst < 2e-2, f"CUDA-graph path differs from the eager path by {worst:.2e}: {graph_agreement}"
+
+        def measure(name, mode, keep, window, runner):
+            dit_ms = timer(lambda: edit(keep, mode, window, runner=runner))
+            peak = None
             if not smoke:  # peak of a whole edit (encode, mask, DiT, decode) with the weights resident
                 torch.cuda.reset_peak_memory_stats()
-                vae.decode(edit(keep, mode, window, source=vae.encode(video)))
-            peak = None if smoke else torch.cuda.max_memory_allocated() / 2**30
+                vae.decode(edit(keep, mode, window, source=vae.encode(video), runner=runner))
+                peak = torch.cuda.max_memory_allocated() / 2**30
             linear, attention, cross = dit_flops(keep, mode, window, dit_cfg)
             ideal_ms = None if smoke else ((linear + cross) / gemm_rate + attention / sdpa_rate) / 1e9
             e2e_ms = encode_ms + mask_ms + dit_ms + decode_ms
             results[name] = dict(pruned=lipar.prune_ratio(keep) if mode != "full" else 0.0, dit_ms=dit_ms,
                                  tflops=(linear + attention + cross) / dit_ms / 1e9, ideal_ms=ideal_ms,
                                  e2e_ms=e2e_ms, peak=peak, flops=linear + attention + cross)
+
+        for name, mode, keep, window in configs:
+            if not smoke:
+                torch.cuda.empty_cache()
+            runner = graphs.GraphRunner(dit)
+            measure(name, mode, keep, window, runner)
+            runner.release()
+        for name, mode, keep, window in (configs[0], configs[3]):  # the eager path, blocks compiled
+            measure(f"{name} (eager, no graphs)", mode, keep, window, None)
         if not smoke:  # the same edits with the blocks run op by op: the baseline of the fusion
             M.FUSE = False
             for name, mode, keep, window in (configs[0], configs[3]):
-                eager_ms = timer(lambda: edit(keep, mode, window))
-                results[f"{name} (eager, not fused)"] = dict(results[name], dit_ms=eager_ms,
-                                                             e2e_ms=results[name]["e2e_ms"] - results[name]["dit_ms"]
-                                                             + eager_ms, tflops=results[name]["flops"] / eager_ms / 1e9)
+                measure(f"{name} (eager, not fused)", mode, keep, window, None)
             M.FUSE = True
     full = results["full"]
     header = ("| config | pruned | DiT ms | DiT frames/s | DiT TFLOP/s | % of roofline | speedup vs full "
@@ -278,10 +391,15 @@ def main(argv=None):
                      f"(SPEC §5 counts); ceilings measured here: bf16 GEMM {gemm_rate:.0f} TFLOP/s, "
                      f"SDPA {sdpa_rate:.0f} TFLOP/s")
     agreements = f"fast vs plain-softmax path: relative error {agreement:.1e}"
+    agreements += "; CUDA graphs vs eager: " + ", ".join(f"{k} {v:.1e}" for k, v in graph_agreement.items())
     if cross_device is not None:
         agreements += f"; GPU bf16 vs CPU float32 (2 LIPAR chunks): {cross_device:.1e}"
+    first = [f"first clip of a fresh runner, {name}: {ms:.0f} ms with {n} graph captures taking {cap:.0f} ms "
+             f"(eager path: {results[name + ' (eager, no graphs)']['dit_ms']:.0f} ms)"
+             for name, (ms, cap, n) in first_clip.items()]
     lines = [f"{device_name}, {str(dtype).removeprefix('torch.')}, {frames} frames {width}x{height} "
-             f"({L} latent frames), median of {runs} after {warmup} warm-up; {agreements}", "", *rows, "", vae_line]
+             f"({L} latent frames), median of {runs} after {warmup} warm-up; {agreements}", "", *rows, "", vae_line,
+             *first]
     print("\n".join(lines))
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -230,8 +230,11 @@ class RecoveryPlan:
 
     def recover(self, memory_k, memory_v, k_kept, v_kept, memory_step):
         """Complete the chunk's pre-RoPE keys and values [B, F·N, H, Dh] (Eq. 3)."""
-        src = self.sources[memory_step][0]
+        src = self.source(memory_step)
         return torch.cat([memory_k, k_kept], dim=1)[:, src], torch.cat([memory_v, v_kept], dim=1)[:, src]
+
+    def source(self, memory_step):
+        return self.sources[memory_step][0]
 
     def key_valid(self, memory_step):
         return self.sources[memory_step][1]

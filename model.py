@@ -473,18 +473,65 @@ class CausalWanModel(nn.Module):
         the plan's kept tokens are computed; their velocity is returned in place and
         pruned positions are zero.
         """
-        tokens, (f, h, w) = self.patchify(x)
-        positions = grid_positions(f, h, w, start_frame, device=x.device)
-        rope_chunk = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)  # every token, for the cache
-        rope, kept = rope_chunk, None if plan is None else plan.kept
-        if kept is not None:
-            tokens, positions, rope = tokens[:, kept], positions[kept], tuple(r[kept] for r in rope_chunk)
-        frame_of_token = None if t.shape[1] == 1 else positions[:, 0] - start_frame
-        keys_values = cache.writer(start_frame, f, rope_chunk, plan, memory_step)
-        out = self.run_blocks(tokens, t, frame_of_token, rope, keys_values, cache.context_kvs)
-        if kept is not None:
-            out = out.new_zeros(out.shape[0], f * h * w, out.shape[2]).index_copy_(1, kept, out)
-        return self.unpatchify(out, (f, h, w))
+        return self.run_chunk(x, t, cache, self.chunk_step(x, cache, start_frame, memory_step, plan))
+
+    def chunk_step(self, x, cache, start_frame, memory_step=False, plan=None, mask_absent_keys=False):
+        """The ChunkStep of one forward_chunk call: which tokens run, where their keys go,
+        which cached keys they read. Claims the chunk's slots in `cache` (host-side
+        bookkeeping and a few small device ops; nothing waits for the GPU unless keys are
+        absent and mask_absent_keys is False: see KVCache.claim)."""
+        f, h, w = (x.shape[2 + i] // p for i, p in enumerate(self.cfg.patch_size))
+        slots, visible, present, key_mask = cache.claim(start_frame, f, None if plan is None else
+                                                        plan.key_valid(memory_step), mask_absent_keys)
+        return ChunkStep(positions=grid_positions(f, h, w, start_frame, device=x.device),
+                         kept=None if plan is None else plan.kept, slots=slots,
+                         source=None if plan is None else plan.source(memory_step),
+                         visible=visible, present=present, key_mask=key_mask, memory_step=memory_step)
+
+    def run_chunk(self, x, t, cache, step):
+        """forward_chunk's tensor work for a prepared ChunkStep: no host-side decisions
+        past the step's two ints, so graphs.py can capture it once and replay it."""
+        tokens, grid = self.patchify(x)
+        n_tokens = tokens.shape[1]
+        rope_chunk = rope_angles(step.positions, self.cfg.head_dim, self.cfg.rope_theta)  # every token, for the cache
+        rope, positions = rope_chunk, step.positions
+        if step.kept is not None:  # LIPAR: only the kept tokens run through the blocks
+            # a `kept` entry equal to n_tokens is padding (graphs.py pads to a fixed
+            # count): it computes a copy of the last token and lands in a spare row below
+            rows = step.kept.clamp(max=n_tokens - 1)
+            tokens, positions, rope = tokens[:, rows], positions[rows], tuple(r[rows] for r in rope_chunk)
+        frame_of_token = None if t.shape[1] == 1 else positions[:, 0] - step.positions[0, 0]
+        out = self.run_blocks(tokens, t, frame_of_token, rope, cache.keys_values(step, rope_chunk), cache.context_kvs)
+        if step.kept is not None:
+            out = out.new_zeros(out.shape[0], n_tokens + 1, out.shape[2]).index_copy_(1, step.kept, out)[:, :n_tokens]
+        return self.unpatchify(out, grid)
+
+
+rotate_keys = fused(apply_rope)  # the cache write rotates every key of the chunk in every layer: one kernel
+
+
+@dataclass
+class ChunkStep:
+    """What one forward_chunk call reads and writes besides latents and weights.
+
+    positions [F·N, 3]    (frame, row, col) of every token of the chunk
+    kept [n] or None      tokens computed (queries), ascending; None: all of them
+    slots [F·N]           the cache rows the chunk's keys/values are written to
+    source [F·N] or None  LIPAR recovery: each token's row in cat(memory, kept) (Eq. 3)
+    visible               the queries attend to cache rows [0, visible)
+    present [P] or None   the rows among those that hold a key (None: all), gathered;
+    key_mask [visible]    or, the same as a mask (graphs.py: a fixed key count)
+    memory_step           t = 0: also store this chunk's last frame as the next memory
+    """
+
+    positions: torch.Tensor
+    kept: torch.Tensor | None
+    slots: torch.Tensor
+    source: torch.Tensor | None
+    visible: int
+    present: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    memory_step: bool
 
 
 class KVCache:
@@ -516,11 +563,21 @@ class KVCache:
         self.k = torch.zeros(shape, device=param.device, dtype=param.dtype)
         self.v = torch.zeros_like(self.k)
         self.key_valid = torch.ones(self.num_slots * n, dtype=torch.bool, device=param.device)
-        self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask
         memory_shape = (cfg.num_layers, context.shape[0], n, cfg.num_heads, cfg.head_dim)
         self.memory_k = torch.zeros(memory_shape, device=param.device, dtype=param.dtype)
         self.memory_v = torch.zeros_like(self.memory_k)
         self.context_kvs = model.context_kvs(context)
+        self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask
+
+    def reset(self, model, context):
+        """Start a new clip in the same storage (graphs.py replays graphs that point at it)."""
+        for (k, v), (new_k, new_v) in zip(self.context_kvs, model.context_kvs(context)):
+            k.copy_(new_k)
+            v.copy_(new_v)
+        self.key_valid.fill_(True)
+        self.memory_k.zero_()
+        self.memory_v.zero_()
+        self.slot_has_holes = [False] * self.num_slots
 
     def slot_of(self, frame):
         """A frame's slot (int, or a tensor of frames): the sink frames keep their own,
@@ -530,41 +587,59 @@ class KVCache:
             return torch.where(frame < self.sink, frame, ring)
         return frame if frame < self.sink else ring
 
-    def writer(self, start_frame, frames, rope, plan=None, memory_step=False):
-        """Per-layer key/value sources for a chunk of `frames` frames from `start_frame`;
-        rope: (cos, sin) of every token of the chunk.
+    def claim(self, start_frame, frames, chunk_valid=None, mask_absent_keys=False):
+        """Give the chunk of `frames` frames from `start_frame` its slots.
 
-        Each layer's source takes the chunk's pre-RoPE k/v (of its kept tokens, with a
-        plan), completes the chunk with recovered keys/values (plan), rotates them to
-        their positions, writes them into the chunk's slots, and returns every cached
-        key/value the chunk may attend to (those that exist: see RecoveryPlan.key_valid).
+        chunk_valid [F·N] or None: which of the chunk's keys will exist (a plan's
+        key_valid). Returns (slots [F·N], visible, present, key_mask): the cache rows
+        the chunk writes, how many rows its queries read, and which of those hold a
+        key. Absent keys are gathered away (`present`; SDPA's fused kernels take no
+        mask, and finding them waits for the GPU) or, with mask_absent_keys, masked.
         """
         n = self.tokens_per_frame
         device = self.k.device
         # slots formed on the device: a host list copied over would stall the CPU on the GPU
-        slots = self.slot_of(torch.arange(start_frame, start_frame + frames, device=device))
-        token_slots = (slots[:, None] * n + torch.arange(n, device=device)).flatten()
-        chunk_valid = None if plan is None else plan.key_valid(memory_step)
-        self.key_valid[token_slots] = True if chunk_valid is None else chunk_valid
+        frame_slots = self.slot_of(torch.arange(start_frame, start_frame + frames, device=device))
+        slots = (frame_slots[:, None] * n + torch.arange(n, device=device)).flatten()
+        if chunk_valid is None:  # index_fill_/index_copy_, not `[slots] = `: a Python value there waits for the GPU
+            self.key_valid.index_fill_(0, slots, True)
+        else:
+            self.key_valid.index_copy_(0, slots, chunk_valid)
         for frame in range(start_frame, start_frame + frames):  # host-side bookkeeping, no sync
             self.slot_has_holes[self.slot_of(frame)] = chunk_valid is not None
         visible = min(start_frame + frames, self.num_slots)
-        # Absent keys are left out rather than masked: SDPA's fused kernels take no mask.
-        present = self.key_valid[: visible * n].nonzero().squeeze(1) if any(self.slot_has_holes[:visible]) else None
+        present = key_mask = None
+        if any(self.slot_has_holes[:visible]):
+            if mask_absent_keys:
+                key_mask = self.key_valid[: visible * n]
+            else:
+                present = self.key_valid[: visible * n].nonzero().squeeze(1)
+        return slots, visible * n, present, key_mask
+
+    def keys_values(self, step, rope):
+        """Per-layer key/value sources for a chunk step; rope: (cos, sin) of every token of the chunk.
+
+        Each layer's source takes the chunk's pre-RoPE k/v (of its kept tokens, with
+        LIPAR), completes the chunk with recovered keys/values, rotates them to their
+        positions, writes them into the chunk's slots, and returns every cached
+        key/value the chunk may attend to.
+        """
+        n = self.tokens_per_frame
 
         def keys_values(layer):
             def write_and_read(k, v):
-                if plan is not None:
-                    k, v = plan.recover(self.memory_k[layer], self.memory_v[layer], k, v, memory_step)
-                    if memory_step:  # the next chunk's memory: this chunk's clean last frame
+                if step.source is not None:  # Eq. 3: complete the chunk with duplicated clean keys/values
+                    k = torch.cat([self.memory_k[layer], k], dim=1).index_select(1, step.source)
+                    v = torch.cat([self.memory_v[layer], v], dim=1).index_select(1, step.source)
+                    if step.memory_step:  # the next chunk's memory: this chunk's clean last frame
                         self.memory_k[layer].copy_(k[:, -n:])
                         self.memory_v[layer].copy_(v[:, -n:])
-                self.k[layer].index_copy_(1, token_slots, apply_rope(k, rope))
-                self.v[layer].index_copy_(1, token_slots, v)
-                k_all, v_all = self.k[layer][:, : visible * n], self.v[layer][:, : visible * n]
-                if present is not None:
-                    k_all, v_all = k_all[:, present], v_all[:, present]
-                return k_all, v_all, None
+                self.k[layer].index_copy_(1, step.slots, rotate_keys(k, rope))
+                self.v[layer].index_copy_(1, step.slots, v)
+                k_all, v_all = self.k[layer][:, : step.visible], self.v[layer][:, : step.visible]
+                if step.present is not None:
+                    k_all, v_all = k_all[:, step.present], v_all[:, step.present]
+                return k_all, v_all, step.key_mask
             return write_and_read
 
         return keys_values

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import graphs
 import lipar
 import model as M
 import vae as V
@@ -84,13 +85,29 @@ def encode_prompt(text_encoder_loader, prompt, device, dtype):
     return context
 
 
-def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True):
+@torch.no_grad()
+@torch.no_grad()
+def warm_up(dit, latents, context, keep):
+    """Forwards of the first chunk on a scratch cache, unpruned and pruned by `keep`:
+    the first CUDA calls compile the fused regions (torch.compile; Inductor caches
+    its code on disk, so a second run of the command is quicker), outside the time
+    charged to the DiT."""
+    fpc = dit.cfg.frames_per_chunk
+    chunk = latents[:, :, :fpc].to(dit.head.head.weight.dtype)
+    cache = M.KVCache(dit, context, fpc, (chunk.shape[3] // 2, chunk.shape[4] // 2))
+    for plan in (None, lipar.recovery_plan(keep[:fpc], has_memory=False)):
+        dit.forward_chunk(chunk, torch.zeros(1, 1, device=chunk.device), cache, 0, plan=plan)
+
+
+@torch.no_grad()
+def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True, runner=None):
     """Steps 5–7: noise the source latents to the first editing step, then denoise chunk by chunk.
 
     latents [1, 16, L, h, w] normalised source latents; keep [L, h/2, w/2] the LIPAR
     mask (ignored for mode "full"). Returns the edited latents (float32, full size).
     The noise is drawn full-size in the same order for every mode, so `full` and
-    `lipar` with one seed see identical noise.
+    `lipar` with one seed see identical noise. With a graphs.GraphRunner for `dit`
+    every DiT forward is one replayed CUDA graph (same results, less CPU time).
     """
     schedule = editing_schedule()
     device, dtype = latents.device, dit.head.head.weight.dtype
@@ -103,7 +120,10 @@ def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True)
 
     _, sigma0 = schedule[0]
     x = (1 - sigma0) * latents + sigma0 * noise(latents)  # step 5
-    cache = M.KVCache(dit, context, num_frames, (latents.shape[3] // 2, latents.shape[4] // 2), window)
+    grid = (latents.shape[3] // 2, latents.shape[4] // 2)
+    cache = M.KVCache(dit, context, num_frames, grid, window) if runner is None else \
+        runner.kv_cache(context, num_frames, grid, window)
+    forward_chunk = dit.forward_chunk if runner is None else runner.forward_chunk
     plans = lipar.chunk_plans(keep, mode, fpc)  # LIPAR stage 2: how each chunk recovers pruned keys
     edited = torch.empty_like(latents)
     memory_x0 = None  # the previous chunk's last frame of x0: the substitute of pruned latents
@@ -111,7 +131,7 @@ def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True)
         s = c * fpc
         x_c, plan = x[:, :, s:s + fpc], plans[c]
         for i, (t, sigma) in enumerate(schedule):  # step 6
-            v = dit.forward_chunk(x_c.to(dtype), torch.full((1, 1), t, device=device), cache, s, plan=plan)
+            v = forward_chunk(x_c.to(dtype), torch.full((1, 1), t, device=device), cache, s, plan=plan)
             x0 = x_c - sigma * v.float()
             if plan is not None:  # LIPAR stage 3: pruned latents take the memory's value
                 x0 = lipar.restore(x0, keep[s:s + fpc], x0[:, :, 0] if memory_x0 is None else memory_x0)
@@ -121,7 +141,7 @@ def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True)
         edited[:, :, s:s + fpc] = x0
         memory_x0 = x0[:, :, -1]
         # step 7, the memory step: t = 0 writes the chunk's clean keys/values for later chunks
-        dit.forward_chunk(x0.to(dtype), torch.zeros(1, 1, device=device), cache, s, memory_step=True, plan=plan)
+        forward_chunk(x0.to(dtype), torch.zeros(1, 1, device=device), cache, s, memory_step=True, plan=plan)
     return edited
 
 
@@ -130,22 +150,25 @@ def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True)
 
 
 class Stopwatch:
-    """Wall time per stage; waits for the GPU so each stage is charged its own work."""
+    """Wall time per stage, and on CUDA each stage's peak GPU memory (GiB); waits for
+    the GPU so each stage is charged its own work."""
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self.seconds = {}
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.cuda = self.device.type == "cuda"
+        self.seconds, self.peaks = {}, {}
 
     @contextmanager
     def __call__(self, stage):
-        self.sync()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         yield
-        self.sync()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.peaks[stage] = max(self.peaks.get(stage, 0.0), peak)
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
@@ -177,12 +200,14 @@ class Models:
     """The three networks, loaded lazily so that the text encoder is gone before the DiT arrives.
 
     weights=None stands in tiny random-weight models (the demo without downloads).
+    use_graphs: run the DiT through CUDA graphs (graphs.py) when on CUDA.
     """
 
-    def __init__(self, weights, device, dtype, text_device):
+    def __init__(self, weights, device, dtype, text_device, use_graphs=True):
         self.device, self.dtype, self.text_device = device, dtype, text_device
+        self.use_graphs = use_graphs and torch.device(device).type == "cuda"
         self.random = weights is None
-        self._vae = self._dit = None
+        self._vae = self._dit = self._runner = None
         if self.random:
             self._tmp = tempfile.TemporaryDirectory()
             self.weights = write_random_weights(self._tmp.name)
@@ -199,8 +224,14 @@ class Models:
             self._dit = M.load_dit(self.weights / "dit", self.device, self.dtype)
         return self._dit
 
+    def runner(self):
+        """The DiT's CUDA-graph runner, or None (graphs off, or not on CUDA)."""
+        if self.use_graphs and self._runner is None:
+            self._runner = graphs.GraphRunner(self.dit())
+        return self._runner
+
     def release_dit(self):
-        self._dit = None
+        self._dit = self._runner = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -211,23 +242,28 @@ class Models:
         return M.load_text_encoder(self.weights / "text_encoder", self.weights / "tokenizer", self.text_device, dtype)
 
 
-def write_random_weights(folder):
-    """Tiny random-weight models saved in the layout of weights.md: the demo's and the tests' stand-ins."""
+def write_random_weights(folder, dit=None, vae=None, text_encoder=None):
+    """Random-weight models saved in the layout of weights.md: the demo's and the tests'
+    stand-ins (tiny ones unless given; bench.py passes real-shape ones)."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     folder = Path(folder)
     torch.manual_seed(0)
-    t5 = M.T5Config.tiny()
-    dit_cfg = M.DiTConfig(**{**vars(M.DiTConfig.tiny()), "text_dim": t5.dim})
-    for name, module in (("dit", M.CausalWanModel(dit_cfg)), ("vae", random_demo_vae()),
-                         ("text_encoder", M.UMT5Encoder(t5))):
+    text_dim = (text_encoder.cfg if text_encoder else M.T5Config.tiny()).dim
+    dit = dit or M.CausalWanModel(M.DiTConfig(**{**vars(M.DiTConfig.tiny()), "text_dim": text_dim}))
+    vae = vae or random_demo_vae()
+    text_encoder = text_encoder or M.UMT5Encoder(M.T5Config.tiny())
+    for name, module in (("dit", dit), ("vae", vae), ("text_encoder", text_encoder)):
         (folder / name).mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / name / "model.safetensors"))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(tensors, str(folder / name / "model.safetensors"))
+    cfg = dit.cfg
     (folder / "dit" / "config.json").write_text(json.dumps(
-        {"dim": dit_cfg.dim, "ffn_dim": dit_cfg.ffn_dim, "freq_dim": dit_cfg.freq_dim, "num_heads": dit_cfg.num_heads,
-         "num_layers": dit_cfg.num_layers, "in_dim": 16, "out_dim": 16, "text_dim": t5.dim}))
-    (folder / "vae" / "config.json").write_text(json.dumps(V.VAEConfig.tiny().to_diffusers_json()))
+        {"dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "num_heads": cfg.num_heads,
+         "num_layers": cfg.num_layers, "in_dim": cfg.in_channels, "out_dim": cfg.out_channels,
+         "text_dim": cfg.text_dim}))
+    (folder / "vae" / "config.json").write_text(json.dumps(vae.cfg.to_diffusers_json()))
     words = sorted(set(DEFAULT_PROMPT.replace(",", "").split()))
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -275,12 +311,12 @@ def run_edit(args, models, notes):
     """Steps 1–8 for every requested mode; returns the stats and writes the outputs."""
     device = torch.device(args.device)
     clock = Stopwatch(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     with clock("read"):
         video, source_frames, fps, count = prepare_clip(args.video, args.height, args.width, notes)
+    with clock("load"):  # weights from disk (the DiT's come after the text stage)
+        vae = models.vae()
     with clock("encode"):  # step 2
-        latents = models.vae().encode(video.to(device))
+        latents = vae.encode(video.to(device))
     with clock("mask"):  # step 3, LIPAR stage 1: which tokens repeat the previous frame
         keep = lipar.prune_mask(latents[0].transpose(0, 1), args.theta, args.theta2)
     with clock("text"):  # step 4
@@ -292,16 +328,26 @@ def run_edit(args, models, notes):
              "latent_frames": latents.shape[2], "theta": args.theta, "theta2": args.theta2,
              "m": "all" if window is None else list(window), "seed": args.seed, "device": str(device),
              "dtype": str(models.dtype).removeprefix("torch."), "notes": notes, "modes": {}}
-    edited = {}
+    with clock("load"):  # the DiT's weights from disk
+        dit = models.dit()
+    if device.type == "cuda":
+        with clock("compile"):
+            warm_up(dit, latents, context, keep)
+    edited, graph_stats = {}, {}
     for mode in modes:  # steps 5-7
+        runner = models.runner()
+        before = dict(runner.stats) if runner else None
         with clock(f"dit_{mode}"):
-            edited[mode] = edit_latents(models.dit(), latents, context, keep, mode,
-                                        None if mode == "full" else window, args.seed)
+            edited[mode] = edit_latents(dit, latents, context, keep, mode, None if mode == "full" else window,
+                                        args.seed, runner=runner)
+        if runner:
+            graph_stats[mode] = {k: runner.stats[k] - before[k] for k in before}
+    del dit
     models.release_dit()  # the decoder's activations are the largest of the edit: not on top of the DiT
     outputs = {}
     for mode in modes:
         with clock(f"decode_{mode}"):  # step 8
-            outputs[mode] = io.trim_frames(io.from_model(models.vae().decode(edited[mode])), count)
+            outputs[mode] = io.trim_frames(io.from_model(vae.decode(edited[mode])), count)
         pruned = 0.0 if mode == "full" else lipar.prune_ratio(keep)
         per_chunk = [0.0] * (keep.shape[0] // 3) if mode == "full" else lipar.chunk_prune_ratios(keep)
         shared = clock.seconds["read"] + clock.seconds["encode"] + clock.seconds["mask"]
@@ -309,9 +355,12 @@ def run_edit(args, models, notes):
         stats["modes"][mode] = {
             "prune_ratio": pruned, "prune_ratio_per_chunk": per_chunk,
             "seconds": {"read": clock.seconds["read"], "encode": clock.seconds["encode"],
-                        "mask": clock.seconds["mask"], "text": clock.seconds["text"], "dit": dit_s, "decode": decode_s},
+                        "mask": clock.seconds["mask"], "text": clock.seconds["text"], "load": clock.seconds["load"],
+                        "compile": clock.seconds.get("compile", 0.0), "dit": dit_s, "decode": decode_s},
+            "cuda_graphs": graph_stats.get(mode),
             "dit_fps": count / dit_s, "end_to_end_fps": count / (shared + dit_s + decode_s)}
-    stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
+    stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
     stats["outputs"] = write_outputs(args, outputs, source_frames[:count], keep, fps, stats)
     return stats
 
@@ -442,6 +491,8 @@ def parse_args(argv):
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="model precision (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--text-device", default=None, help="where the text encoder runs (default: --device)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="run the DiT op by op instead of replaying captured CUDA graphs (graphs.py; CUDA only)")
     p.add_argument("--compare", action="store_true",
                    help="run full and lipar from the same noise; write a side-by-side video and their PSNR")
     p.add_argument("--save-mask", action="store_true", help="write the input with pruned patches greyed out")
@@ -467,7 +518,8 @@ def main(argv=None):
                          "`python sample.py` with no arguments for the random-weight demo)")
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32)
-    models = Models(args.weights if have_weights else None, args.device, dtype, args.text_device or args.device)
+    models = Models(args.weights if have_weights else None, args.device, dtype, args.text_device or args.device,
+                    use_graphs=not args.no_graphs)
     notes = []
     if demo:
         args.video = Path("results") / "demo_input.mp4"
@@ -516,12 +568,19 @@ def print_summary(stats):
         print(f"[{mode}] pruned {s['prune_ratio']:.1%} of tokens after frame 0 (per chunk: {chunks})")
         print(f"[{mode}] read {sec['read']:.2f}s  encode {sec['encode']:.2f}s  mask {sec['mask']:.3f}s  "
               f"text {sec['text']:.2f}s  DiT {sec['dit']:.2f}s  decode {sec['decode']:.2f}s")
+        if s["cuda_graphs"]:
+            g = s["cuda_graphs"]
+            print(f"[{mode}] DiT forwards: {g['replays']} replayed CUDA graphs, {g['eager']} eager (first of their "
+                  f"shape), {g['captures']} captures taking {g['capture_s']:.2f}s of the DiT time")
         print(f"[{mode}] DiT {s['dit_fps']:.1f} frames/s, end to end {s['end_to_end_fps']:.1f} frames/s "
               f"(text encoding excluded)")
+    sec = next(iter(stats["modes"].values()))["seconds"]
+    print(f"loading the weights took {sec['load']:.2f}s and compiling the DiT {sec['compile']:.2f}s (not in the times above)")
     if "psnr_full_vs_lipar_db" in stats:
         print(f"PSNR lipar vs full: {stats['psnr_full_vs_lipar_db']:.2f} dB")
     if stats["peak_gpu_memory_gib"] is not None:
-        print(f"peak GPU memory: {stats['peak_gpu_memory_gib']:.2f} GiB")
+        stages = "  ".join(f"{stage} {gib:.2f}" for stage, gib in stats["peak_gpu_memory_gib_per_stage"].items())
+        print(f"peak GPU memory: {stats['peak_gpu_memory_gib']:.2f} GiB (per stage, GiB: {stages})")
     for kind, path in stats["outputs"].items():
         print(f"wrote {kind}: {path}")
 

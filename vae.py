@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import WeightsError, load_into, read_safetensors, rename
+from model import WeightsError, fused, load_into, read_safetensors, rename
 
 # Per-channel statistics of the VAE means over Wan's training data (SPEC §2). The
 # DiT works on z = (mu - mean) / std, i.e. latents of roughly unit variance.
@@ -109,6 +109,14 @@ class CausalCache:
         self.at_start = True
 
 
+def same_layout(y, like):
+    """y in like's memory format: channels-last 3D stays channels-last through reshapes
+    that would otherwise fall back to the default layout (see WanVAE.channels_last)."""
+    if like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
+        return y.contiguous(memory_format=torch.channels_last_3d)
+    return y
+
+
 def run_causal(layers, x, cache):
     """Apply `layers` in order, handing the cache to those that keep state across chunks."""
     for layer in layers:
@@ -137,28 +145,47 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x, cache):
         past = cache.past.get(self)
         if past is None:
-            past = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1, *x.shape[3:])
+            past = same_layout(x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1, *x.shape[3:]), x)
         x = torch.cat([past, x], dim=2)
         cache.past[self] = x[:, :, -past.shape[2]:].clone()  # a copy, so the cache does not keep the whole chunk alive
         return super().forward(x)
 
 
+def rms_norm(x, gamma):
+    """x / rms(x) · gamma over the channels (dim 1), i.e. x / ||x|| · sqrt(C) · gamma.
+    The mean square is accumulated in float32 (or wider): a bf16 sum of hundreds of
+    squares is too coarse. (Written with the mean, not sqrt(C): a float computed from
+    a shape would make torch.compile specialise on every channel count.)"""
+    rms = x.to(at_least_fp32(x.dtype)).pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    return x / rms.to(x.dtype) * gamma
+
+
+@fused
+def rms_norm_silu(x, gamma):
+    """SiLU(rms_norm(x)), the input of every causal conv in the residual blocks and heads.
+    Run op by op it is five passes over the largest activations of the VAE; on CUDA
+    it is compiled into one (model.fused)."""
+    return F.silu(rms_norm(x, gamma))
+
+
 class RMSNorm(nn.Module):
     """Scale each pixel's channel vector to unit RMS, then by a learned per-channel `gamma`.
 
-    x / ||x|| * sqrt(C) is x / rms(x). `spatial_dims` is 3 for video [B, C, T, H, W],
-    2 for frames [B, C, H, W]: it only shapes `gamma` as the checkpoint stores it.
+    `spatial_dims` is 3 for video [B, C, T, H, W], 2 for frames [B, C, H, W]: it only
+    shapes `gamma` as the checkpoint stores it.
     """
 
     def __init__(self, dim, spatial_dims):
         super().__init__()
-        self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones(dim, *[1] * spatial_dims))
 
     def forward(self, x):
-        # The norm is accumulated in float32 (or wider): a bf16 sum of hundreds of squares is too coarse.
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=at_least_fp32(x.dtype)).clamp_min(1e-12)
-        return x / norm.to(x.dtype) * self.scale * self.gamma
+        return rms_norm(x, self.gamma)
+
+    def silu(self, x):
+        """SiLU(self(x)), fused on CUDA. (gamma is passed detached: torch.compile holds a
+        parameter's shape fixed, which would tie the channel count and recompile per width.)"""
+        return rms_norm_silu(x, self.gamma.detach())
 
 
 class ResidualBlock(nn.Module):
@@ -167,14 +194,16 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_dim, out_dim):
         super().__init__()
         # Positions 0, 2, 3, 6 hold the checkpoint's residual.{0,2,3,6}; nn.Identity
-        # stands where training applied dropout.
+        # stands where training applied dropout. forward applies them in this order.
         self.residual = nn.Sequential(
             RMSNorm(in_dim, 3), nn.SiLU(), CausalConv3d(in_dim, out_dim),
             RMSNorm(out_dim, 3), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim))
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x, cache):
-        return self.shortcut(x) + run_causal(self.residual, x, cache)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = conv1(norm1.silu(x), cache)
+        return self.shortcut(x) + conv2(norm2.silu(h), cache)
 
 
 class AttentionBlock(nn.Module):
@@ -254,6 +283,7 @@ class Resample(nn.Module):
         if later.shape[2]:
             pairs = self.time_conv(later, cache)                                   # [B, 2C, n, H, W]
             later = pairs.unflatten(1, (2, -1)).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)  # [B, C, 2n, H, W]
+            later = same_layout(later, pairs)
         return torch.cat([x[:, :, :1], later], dim=2) if cache.at_start else later
 
 
@@ -282,9 +312,9 @@ class Encoder(nn.Module):
 
     def forward(self, video, cache):
         x = self.conv1(video, cache)
-        for layers in (self.downsamples, self.middle, self.head):
+        for layers in (self.downsamples, self.middle):
             x = run_causal(layers, x, cache)
-        return x
+        return self.head[2](self.head[0].silu(x), cache)
 
 
 class Decoder(nn.Module):
@@ -311,9 +341,9 @@ class Decoder(nn.Module):
 
     def forward(self, latents, cache):
         x = self.conv1(latents, cache)
-        for layers in (self.middle, self.upsamples, self.head):
+        for layers in (self.middle, self.upsamples):
             x = run_causal(layers, x, cache)
-        return x
+        return self.head[2](self.head[0].silu(x), cache)
 
 
 def run_chunks(network, chunks, cache):
@@ -337,6 +367,19 @@ class WanVAE(nn.Module):
         self.conv1 = nn.Conv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # encoder output -> (mean, log-variance)
         self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)          # latent -> decoder input
         self.decoder = Decoder(cfg)
+        self.layout = torch.contiguous_format  # of activations; see channels_last
+
+    def channels_last(self):
+        """Hold every convolution's weights, and run every activation, channels-last
+        (NDHWC): cuDNN's Hopper convolution kernels work in that layout, and with
+        the default one they transpose each input and output (a sixth of the decode
+        time on the H100 in BENCHMARKS.md's profile). Same results."""
+        for conv in self.modules():
+            if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+                layout = torch.channels_last_3d if conv.weight.dim() == 5 else torch.channels_last
+                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+        self.layout = torch.channels_last_3d
+        return self
 
     @staticmethod
     def _latent_stats(like):
@@ -360,14 +403,14 @@ class WanVAE(nn.Module):
             raise ValueError(f"the VAE needs {stride_t}k + 1 frames with sides divisible by {stride_s}, got {T} frames "
                              f"of {H}x{W} (video.pad_frames and video.resize_crop produce such clips)")
         weight = self.conv1.weight
-        video = video.to(weight.device, weight.dtype)
+        video = video.to(weight.device, weight.dtype).contiguous(memory_format=self.layout)
         # Frame 0 alone, then groups of 4: each chunk yields exactly one latent frame.
         chunks = [video[:, :, :1], *video[:, :, 1:].split(stride_t, dim=2)] if chunked else [video]
         features = run_chunks(self.encoder, chunks, CausalCache())
         mu, _log_var = self.conv1(features).chunk(2, dim=1)  # the posterior's mean is the latent
         mu = mu.to(at_least_fp32(mu.dtype))
         mean, std = self._latent_stats(mu)
-        return (mu - mean) / std
+        return ((mu - mean) / std).contiguous()
 
     @torch.no_grad()
     def decode(self, latents, chunked=True):
@@ -380,10 +423,10 @@ class WanVAE(nn.Module):
         weight = self.conv2.weight
         z = latents.to(weight.device, at_least_fp32(weight.dtype))
         mean, std = self._latent_stats(z)
-        x = self.conv2((z * std + mean).to(weight.dtype))
+        x = self.conv2((z * std + mean).to(weight.dtype).contiguous(memory_format=self.layout))
         chunks = x.split(1, dim=2) if chunked else [x]  # one latent frame (4 video frames, 1 for the first) at a time
         video = run_chunks(self.decoder, chunks, CausalCache())
-        return video.to(at_least_fp32(video.dtype)).clamp(-1, 1)
+        return video.to(at_least_fp32(video.dtype)).clamp(-1, 1).contiguous()
 
 
 # -----------------------------------------------------------------------------

@@ -169,7 +169,8 @@ def test_cache_path_with_sdpa_matches_plain_recovered_attention():
         rope_q, rope_chunk = M.rope_angles(pos[plan.kept], 32, 10000.0), M.rope_angles(pos, 32, 10000.0)
         expected = lipar.recovered_attention(q, k, v, plan, memory_k, memory_v, past_k, past_v, rope_q, rope_chunk,
                                              memory_step)
-        k_all, v_all, key_mask = cache.writer(start, 3, rope_chunk, plan, memory_step)(0)(k, v)
+        step = dit.chunk_step(torch.zeros(1, 16, 3, 2 * h, 2 * w), cache, start, memory_step, plan)
+        k_all, v_all, key_mask = cache.keys_values(step, rope_chunk)(0)(k, v)
         got = M.attention(M.apply_rope(q, rope_q), k_all, v_all, key_mask, "sdpa")
         assert (got - expected).abs().max().item() < 1e-5
 

@@ -1,0 +1,140 @@
+"""
+One launch per DiT forward: CUDA graphs for the chunk steps of the causal DiT.
+
+At LIPAR's token counts a chunk forward is a few milliseconds of GPU work spread
+over ~30 layers × ~20 kernels, and launching them one by one from Python costs
+the CPU more than the GPU needs (BENCHMARKS.md). A CUDA graph records the whole
+forward once and replays it with a single launch, as gpt-fast does for a decoding
+step. This file is that machinery and nothing else: model.py knows nothing about
+it, and `--no-fast` (sample.py) or simply not using a GraphRunner switches it off.
+
+A graph replays fixed kernels on fixed addresses, so everything a forward reads
+must have a fixed shape and live in a fixed place:
+- the kept-token count of a chunk is padded up to a bucket (a multiple of
+  `bucket` tokens). Padding entries of `kept` equal the chunk's token count:
+  model.run_chunk computes them as copies of a real token and drops them into a
+  spare output row; the recovery gather never reads them, so they never reach the
+  cache or the output;
+- the keys a chunk reads are a prefix of the cache whose length is part of the
+  graph's key (with the M-degree window it stops growing once the window is
+  full; `full` gets one graph per chunk position, 7 for 21 latent frames);
+  absent keys (LIPAR's first chunk, naive pruning) are masked, not gathered;
+- latents, timestep, positions, slots and the recovery plan's gather indices are
+  copied into static buffers before each replay; the KV cache itself is static
+  (the runner hands out caches and reuses them from clip to clip).
+
+Graphs are keyed by those shapes and captured lazily: the first call with a key
+runs eagerly (it compiles, builds cuDNN plans and computes the real result); the
+second captures, and every later one replays. They are reused across denoising
+steps, chunks and clips, and share one memory pool (replays never overlap, and
+each replay's output is copied out at once). On the CPU nothing is captured, but
+the same padded static buffers are used, so the tests check the bucketing.
+"""
+
+import time
+from dataclasses import replace
+
+import torch
+
+
+def bucket_size(count, total, bucket):
+    """`count` rounded up to a multiple of `bucket` (at least one bucket), at most `total`."""
+    return min(total, max(1, -(-count // bucket)) * bucket)
+
+
+class StaticInputs:
+    """Fixed buffers for one graph: the chunk's latents, timestep and ChunkStep tensors."""
+
+    def __init__(self, x, t, step, kept_size):
+        self.x, self.t = torch.empty_like(x), torch.empty_like(t)
+        clone = lambda a: None if a is None else torch.empty_like(a)  # noqa: E731
+        kept = None if step.kept is None else step.kept.new_empty(kept_size)
+        # key_mask is a view of the (static) cache's validity flags: it needs no copy
+        self.step = replace(step, positions=clone(step.positions), kept=kept, slots=clone(step.slots),
+                            source=clone(step.source), present=None)
+
+    def fill(self, x, t, step):
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.step.positions.copy_(step.positions)
+        self.step.slots.copy_(step.slots)
+        if step.source is not None:
+            self.step.source.copy_(step.source)
+        if step.kept is not None:
+            n = step.kept.numel()
+            self.step.kept[:n].copy_(step.kept)
+            self.step.kept[n:] = step.positions.shape[0]  # padding: the spare row (see the module docstring)
+
+
+class GraphRunner:
+    """Runs `model.forward_chunk` through captured CUDA graphs (same arguments, same result).
+
+    Use `runner.kv_cache(...)` instead of model.KVCache(...), then
+    `runner.forward_chunk(...)` instead of model.forward_chunk(...).
+    """
+
+    def __init__(self, model, bucket=128):
+        self.model = model
+        self.bucket = bucket
+        self.capture = model.head.head.weight.is_cuda
+        self.caches = {}
+        self.inputs = {}   # graph key -> StaticInputs
+        self.graphs = {}   # graph key -> (CUDAGraph, static output)
+        self.pool = None   # one memory pool for every graph
+        self.stats = {"eager": 0, "captures": 0, "replays": 0, "capture_s": 0.0}
+
+    def kv_cache(self, context, num_frames, grid_hw, window=None):
+        """A KVCache for a clip, in storage that persists (and that the graphs point at)."""
+        from model import KVCache
+
+        key = (tuple(context.shape), num_frames, tuple(grid_hw), window)
+        cache = self.caches.get(key)
+        if cache is None:
+            cache = self.caches[key] = KVCache(self.model, context, num_frames, grid_hw, window)
+        else:
+            cache.reset(self.model, context)
+        return cache
+
+    def forward_chunk(self, x, t, cache, start_frame, memory_step=False, plan=None):
+        step = self.model.chunk_step(x, cache, start_frame, memory_step, plan, mask_absent_keys=True)
+        kept_size = None if step.kept is None else bucket_size(step.kept.numel(), step.positions.shape[0], self.bucket)
+        key = (id(cache), tuple(x.shape), tuple(t.shape), kept_size, step.visible, step.key_mask is not None,
+               step.source is not None and step.memory_step, step.source is not None, self.model.attn_impl)
+        inputs = self.inputs.get(key)
+        first_call = inputs is None
+        if first_call:
+            inputs = self.inputs[key] = StaticInputs(x, t, step, kept_size)
+        inputs.fill(x, t, step)
+        if first_call or not self.capture:
+            self.stats["eager"] += 1
+            return self.model.run_chunk(inputs.x, inputs.t, cache, inputs.step)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(cache, inputs)
+        graph, out = self.graphs[key]
+        graph.replay()
+        self.stats["replays"] += 1
+        return out.clone()  # the pool is shared: another graph's replay may reuse this memory
+
+    def _capture(self, cache, inputs):
+        start = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                out = self.model.run_chunk(inputs.x, inputs.t, cache, inputs.step)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pool = graph.pool()
+        self.stats["captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - start
+        return graph, out
+
+    def release(self):
+        """Drop every graph, buffer and cache (their memory returns to the allocator)."""
+        self.caches.clear()
+        self.inputs.clear()
+        self.graphs.clear()
+        self.pool = None

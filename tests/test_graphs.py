@@ -1,0 +1,80 @@
+"""graphs.py's static-shape path, on the CPU: the same padded buffers the CUDA graphs
+replay, run eagerly. Padded query rows must never reach the cache or the output, and
+the runner must compute what model.forward_chunk computes, clip after clip."""
+
+import pytest
+import torch
+
+import graphs
+import lipar
+import model as M
+
+
+def tiny_dit(seed=0):
+    torch.manual_seed(seed)
+    dit = M.CausalWanModel(M.DiTConfig.tiny()).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0, 0.2)
+    return dit
+
+
+def test_bucket_size_rounds_up_to_whole_buckets_within_the_chunk():
+    assert graphs.bucket_size(1, 4680, 256) == 256
+    assert graphs.bucket_size(256, 4680, 256) == 256
+    assert graphs.bucket_size(257, 4680, 256) == 512
+    assert graphs.bucket_size(0, 4680, 256) == 256  # a fully pruned chunk still runs one (padding) bucket
+    assert graphs.bucket_size(4500, 4680, 256) == 4608
+    assert graphs.bucket_size(4650, 4680, 256) == 4680  # never past the chunk's own token count
+    assert graphs.bucket_size(5, 18, 4) == 8
+
+
+def run_clip(forward_chunk, make_cache, x, keep, mode, context, seed):
+    """3 denoising steps + a memory step per chunk, as the sampler runs them; returns every output."""
+    h, w = x.shape[3] // 2, x.shape[4] // 2
+    cache = make_cache(context, x.shape[2], (h, w))
+    g = torch.Generator().manual_seed(seed)
+    outputs = []
+    for c, plan in enumerate(lipar.chunk_plans(keep, mode)):
+        s = 3 * c
+        for t in (769.0, 729.0, 625.0):
+            noisy = torch.randn(x[:, :, s:s + 3].shape, generator=g)
+            outputs.append(forward_chunk(noisy, torch.full((1, 1), t), cache, s, plan=plan))
+        outputs.append(forward_chunk(x[:, :, s:s + 3], torch.zeros(1, 1), cache, s, memory_step=True, plan=plan))
+    return outputs, cache
+
+
+def clip_and_mask(seed, frames=9, h=3, w=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, frames, 2 * h, 2 * w, generator=g)
+    keep = torch.rand(frames, h, w, generator=g) > 0.5
+    keep[0] = True
+    keep[-1, -1, -1] = False  # the chunk's last token pruned: a leaked padding row would show there
+    keep[3:6] = False         # a fully pruned chunk: its bucket is all padding
+    return x, keep, torch.randn(1, 5, 48, generator=g)
+
+
+@pytest.mark.parametrize("mode,window", [("lipar", (1, 3)), ("lipar", None), ("naive", (1, 3)), ("full", None)])
+def test_runner_matches_forward_chunk_and_padding_never_leaks(mode, window):
+    dit = tiny_dit()
+    runner = graphs.GraphRunner(dit, bucket=4)  # 12 tokens per frame, 36 per chunk: kept counts get padded
+    with torch.no_grad():
+        for seed in (1, 2):  # a second clip reuses the runner's cache and buffers
+            x, keep, context = clip_and_mask(seed)
+            expected, dense = run_clip(dit.forward_chunk, lambda c, f, g: M.KVCache(dit, c, f, g, window),
+                                       x, keep, mode, context, seed)
+            got, cache = run_clip(runner.forward_chunk, lambda c, f, g: runner.kv_cache(c, f, g, window),
+                                  x, keep, mode, context, seed)
+            for a, b in zip(got, expected):
+                assert (a - b).abs().max().item() < 1e-5
+            assert (cache.k - dense.k).abs().max().item() < 1e-5
+            assert (cache.v - dense.v).abs().max().item() < 1e-5
+            if mode != "full":
+                pruned = ~keep.repeat_interleave(2, 1).repeat_interleave(2, 2)
+                outputs = torch.cat([o for i, o in enumerate(got) if i % 4 == 3], dim=2)  # the memory steps
+                assert (outputs[:, :, pruned] == 0).all()
+    if mode != "full":  # the padding really was exercised
+        padded = [inputs.step.kept for inputs in runner.inputs.values()]
+        assert any((kept == 36).any() for kept in padded)
+        assert any((kept == 36).all() for kept in padded)  # the fully pruned chunk
+    assert len(runner.caches) == 1 and runner.stats["captures"] == 0  # one cache for both clips; nothing captured on the CPU
