@@ -146,18 +146,12 @@ def relative_error(a, b):
 
 
 def vae_variants(vae, video, timer, profile=False):
-    """Encode/decode time and decode peak of the VAE run op by op, with its norm + SiLU
-    fused (torch.compile), and fused with channels-last activations; each variant's
-    latents and video against the op-by-op ones (asserted within bf16 tolerance).
-    Printed lines, one per variant. Leaves the VAE channels-last."""
+    """Encode/decode time and decode peak of the VAE run op by op and with its norm + SiLU
+    fused (torch.compile); the fused latents and video against the op-by-op ones
+    (asserted within bf16 tolerance). Printed lines, one per variant."""
     lines, reference = [], None
-    for name, fuse, channels_last, autotune in (("op by op", False, False, False), ("fused", True, False, False),
-                                                ("fused + channels-last", True, True, False),
-                                                ("fused + channels-last + cudnn.benchmark", True, True, True)):
+    for name, fuse in (("op by op", False), ("fused", True)):
         M.FUSE = fuse
-        torch.backends.cudnn.benchmark = autotune
-        if channels_last:
-            vae.channels_last()
         latents = vae.encode(video)
         decoded = vae.decode(latents)
         reference = reference or (latents, decoded)
@@ -173,17 +167,17 @@ def vae_variants(vae, video, timer, profile=False):
         if profile:
             print(profile_edit(lambda: vae.decode(latents), 12))
     M.FUSE = True
-    torch.backends.cudnn.benchmark = False
     return lines
 
 
 def cli_bench(timer, runs_folder=None):
-    """The user's command at real shapes: `python sample.py --video clip.mp4 ...` (lipar, the
-    defaults) in two fresh processes sharing a new Inductor cache (cold, then warm),
-    against the same edit in this process once everything is loaded, compiled and
-    captured (the steady state). Weights are random and real-shape, written in
-    weights.md's layout, except the text encoder: one umT5 layer at full width with a
-    small vocabulary, whose stage the comparison leaves out. Returns printed lines."""
+    """The user's command at real shapes: `python sample.py --video clip.mp4 ...` (lipar) in
+    fresh processes, twice with the defaults, then twice with --compile sharing a new
+    Inductor cache (cold, then warm); against the same edit in this process once
+    everything is loaded (compiled) and captured: the steady state. Weights are random
+    and real-shape, written in weights.md's layout, except the text encoder: one umT5
+    layer at full width with a small vocabulary, whose stage the comparison leaves out.
+    Returns printed lines."""
     folder = Path(runs_folder or tempfile.mkdtemp(prefix="lipar_cli_"))
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -197,11 +191,12 @@ def cli_bench(timer, runs_folder=None):
     io.write_video(clip, sample.demo_frames(480, 832, 81), 16)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), PYTHONUNBUFFERED="1")
     lines = []
-    for run in ("cold", "warm"):
-        stats_file = folder / f"{run}.json"
+    for run, flags in (("first", []), ("second", []), ("--compile, cold cache", ["--compile"]),
+                       ("--compile, warm cache", ["--compile"])):
+        stats_file = folder / "stats.json"
         command = [sys.executable, str(Path(__file__).with_name("sample.py")), "--video", str(clip),
-                   "--weights", str(weights), "--out", str(folder / f"{run}.mp4"), "--overwrite",
-                   "--json", str(stats_file)]
+                   "--weights", str(weights), "--out", str(folder / "out.mp4"), "--overwrite",
+                   "--json", str(stats_file), *flags]
         start = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -220,18 +215,24 @@ def cli_bench(timer, runs_folder=None):
         video, _, _, _ = sample.prepare_clip(clip, 480, 832, [])
         video = video.cuda()
         context = sample.encode_prompt(models.text_encoder, sample.DEFAULT_PROMPT, "cuda", torch.bfloat16)
-        vae, dit, runner = models.vae(), models.dit(), models.runner()
+        vae, dit = models.vae(), models.dit()
+        for compiled in (False, True):
+            M.FUSE = compiled
+            runner = graphs.GraphRunner(dit)
 
-        def whole_edit():
-            latents = vae.encode(video)
-            keep = lipar.prune_mask(latents[0].transpose(0, 1))
-            edited = sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0, progress=False,
-                                         runner=runner)
-            return vae.decode(edited)
+            def whole_edit():
+                latents = vae.encode(video)
+                keep = lipar.prune_mask(latents[0].transpose(0, 1))
+                edited = sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0, progress=False,
+                                             runner=runner)
+                return vae.decode(edited)
 
-        steady_ms = timer(whole_edit)
-    lines.append(f"CLI steady state (same edit in one process, everything loaded, compiled and captured): "
-                 f"{steady_ms / 1e3:.2f} s (encode, mask, DiT, decode)")
+            steady_ms = timer(whole_edit)
+            runner.release()
+            lines.append(f"CLI steady state{' with --compile' if compiled else ''} (the same edit in one process, "
+                         f"everything loaded{', compiled' if compiled else ''} and captured): "
+                         f"{steady_ms / 1e3:.2f} s (encode, mask, DiT, decode)")
+    M.FUSE = True
     return lines
 
 
@@ -248,12 +249,13 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--markdown", help="also write the table to this file")
-    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one LIPAR 35% edit")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top CUDA kernels of one LIPAR 35%% and one 100%% edit (CUDA graphs)")
     p.add_argument("--profile-vae", action="store_true", help="print the top CUDA kernels of VAE encode and decode")
     p.add_argument("--cli", action="store_true",
                    help="only time sample.py itself at real shapes (cold and warm processes, per-stage peaks), then exit")
     p.add_argument("--vae-variants", action="store_true",
-                   help="only time the VAE op by op, fused, and fused + channels-last, then exit")
+                   help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
 
     smoke = args.smoke
@@ -325,8 +327,13 @@ def main(argv=None):
         if not smoke:  # CPU float32 vs GPU bf16 at the real width, on a small (240x416) grid
             small_keep = coherent_mask(6, 15, 26, 0.35).to(device)
             cross_device = cpu_float32_vs_gpu(dit, context, small_keep)
-        if args.profile and not smoke:
-            print(profile_edit(lambda: edit(keep35, "lipar", (1, 6), runner=graphs.GraphRunner(dit))))
+        if args.profile and not smoke:  # the graph path, warmed up (captured) before the profiled edit
+            for name in ("lipar 35%", "lipar 100%"):
+                runner = graphs.GraphRunner(dit)
+                for _ in range(2):
+                    edit(dict(masks)[name], "lipar", (1, 6), runner=runner)
+                print(name + "\n" + profile_edit(lambda: edit(dict(masks)[name], "lipar", (1, 6), runner=runner)))
+                runner.release()
         gemm_rate, sdpa_rate = (None, None) if smoke else ceilings(dit_cfg, 3 * h * w, timer)
 
         # CUDA graphs: the first clip of a fresh runner (eager first calls and captures
@@ -365,12 +372,15 @@ def main(argv=None):
             runner = graphs.GraphRunner(dit)
             measure(name, mode, keep, window, runner)
             runner.release()
-        for name, mode, keep, window in (configs[0], configs[3]):  # the eager path, blocks compiled
-            measure(f"{name} (eager, no graphs)", mode, keep, window, None)
-        if not smoke:  # the same edits with the blocks run op by op: the baseline of the fusion
+        for name, mode, keep, window in (configs[0], configs[3]):  # no graphs, blocks compiled
+            measure(f"{name} (eager, compiled)", mode, keep, window, None)
+        if not smoke:  # nothing compiled (sample.py's default), with and without graphs
             M.FUSE = False
             for name, mode, keep, window in (configs[0], configs[3]):
-                measure(f"{name} (eager, not fused)", mode, keep, window, None)
+                runner = graphs.GraphRunner(dit)
+                measure(f"{name} (graphs, not compiled)", mode, keep, window, runner)
+                runner.release()
+                measure(f"{name} (eager, not compiled)", mode, keep, window, None)
             M.FUSE = True
     full = results["full"]
     header = ("| config | pruned | DiT ms | DiT frames/s | DiT TFLOP/s | % of roofline | speedup vs full "
@@ -395,7 +405,7 @@ def main(argv=None):
     if cross_device is not None:
         agreements += f"; GPU bf16 vs CPU float32 (2 LIPAR chunks): {cross_device:.1e}"
     first = [f"first clip of a fresh runner, {name}: {ms:.0f} ms with {n} graph captures taking {cap:.0f} ms "
-             f"(eager path: {results[name + ' (eager, no graphs)']['dit_ms']:.0f} ms)"
+             f"(eager path, compiled: {results[name + ' (eager, compiled)']['dit_ms']:.0f} ms)"
              for name, (ms, cap, n) in first_clip.items()]
     lines = [f"{device_name}, {str(dtype).removeprefix('torch.')}, {frames} frames {width}x{height} "
              f"({L} latent frames), median of {runs} after {warmup} warm-up; {agreements}", "", *rows, "", vae_line,

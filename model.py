@@ -162,7 +162,7 @@ class DiTConfig:
         return cls(**values)
 
 
-FUSE = True  # compile the blocks on CUDA (bench.py turns it off to measure the eager baseline)
+FUSE = True  # compile the fused regions on CUDA (sample.py: only with --compile; bench.py: both ways)
 
 
 def fused(fn):
@@ -173,9 +173,11 @@ def fused(fn):
     much GPU time as the matrix products, and each op costs the CPU ~20 µs to
     dispatch, which at LIPAR's token counts is more than the GPU needs. Each
     block is therefore compiled as two regions around its KV-cache write: inside
-    them the chains fuse, and the CPU pays one call instead of dozens. On the
-    CPU the plain code runs as written (the tests read it). Shapes are dynamic:
-    the number of kept tokens changes from chunk to chunk.
+    them the chains fuse, and the CPU pays one call instead of dozens. The
+    rotation of a chunk's keys for the cache (`rotate_keys`) and the VAE's
+    norm + SiLU (vae.rms_norm_silu) are fused the same way. On the CPU the plain
+    code runs as written (the tests read it). Shapes are dynamic: the number of
+    kept tokens changes from chunk to chunk.
     """
     compiled = None  # made on the first CUDA call: CPU-only runs never load the compiler
 
@@ -185,6 +187,10 @@ def fused(fn):
         if not (FUSE and next(a for a in args if isinstance(a, torch.Tensor)).is_cuda):
             return fn(*args)
         if compiled is None:
+            # Each width, frame count of 1 (specialised) and stride pattern is a compiled
+            # variant; the VAE's norm meets ~20 of them. Past the default limit of 8,
+            # Dynamo would silently run the rest op by op.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             compiled = torch.compile(fn, dynamic=True)
         return compiled(*args)
 

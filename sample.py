@@ -328,21 +328,7 @@ def run_edit(args, models, notes):
              "latent_frames": latents.shape[2], "theta": args.theta, "theta2": args.theta2,
              "m": "all" if window is None else list(window), "seed": args.seed, "device": str(device),
              "dtype": str(models.dtype).removeprefix("torch."), "notes": notes, "modes": {}}
-    with clock("load"):  # the DiT's weights from disk
-        dit = models.dit()
-    if device.type == "cuda":
-        with clock("compile"):
-            warm_up(dit, latents, context, keep)
-    edited, graph_stats = {}, {}
-    for mode in modes:  # steps 5-7
-        runner = models.runner()
-        before = dict(runner.stats) if runner else None
-        with clock(f"dit_{mode}"):
-            edited[mode] = edit_latents(dit, latents, context, keep, mode, None if mode == "full" else window,
-                                        args.seed, runner=runner)
-        if runner:
-            graph_stats[mode] = {k: runner.stats[k] - before[k] for k in before}
-    del dit
+    edited, graph_stats = denoise(args, models, clock, latents, context, keep, modes, window)
     models.release_dit()  # the decoder's activations are the largest of the edit: not on top of the DiT
     outputs = {}
     for mode in modes:
@@ -363,6 +349,26 @@ def run_edit(args, models, notes):
     stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
     stats["outputs"] = write_outputs(args, outputs, source_frames[:count], keep, fps, stats)
     return stats
+
+
+def denoise(args, models, clock, latents, context, keep, modes, window):
+    """Steps 5–7 for every mode: {mode: edited latents} and {mode: CUDA-graph counts}.
+    (A function of its own so that no local name keeps the DiT alive past it.)"""
+    with clock("load"):  # the DiT's weights from disk
+        dit = models.dit()
+    if M.FUSE and clock.cuda:
+        with clock("compile"):
+            warm_up(dit, latents, context, keep)
+    edited, graph_stats = {}, {}
+    for mode in modes:
+        runner = models.runner()
+        before = dict(runner.stats) if runner else None
+        with clock(f"dit_{mode}"):
+            edited[mode] = edit_latents(dit, latents, context, keep, mode, None if mode == "full" else window,
+                                        args.seed, runner=runner)
+        if runner:
+            graph_stats[mode] = {k: runner.stats[k] - before[k] for k in before}
+    return edited, graph_stats
 
 
 def write_outputs(args, outputs, source_frames, keep, fps, stats):
@@ -493,6 +499,9 @@ def parse_args(argv):
     p.add_argument("--text-device", default=None, help="where the text encoder runs (default: --device)")
     p.add_argument("--no-graphs", action="store_true",
                    help="run the DiT op by op instead of replaying captured CUDA graphs (graphs.py; CUDA only)")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse the DiT's and VAE's elementwise chains with torch.compile (CUDA only): faster per "
+                        "clip, but it costs 10-50 s per process, more than one short edit saves (BENCHMARKS.md)")
     p.add_argument("--compare", action="store_true",
                    help="run full and lipar from the same noise; write a side-by-side video and their PSNR")
     p.add_argument("--save-mask", action="store_true", help="write the input with pruned patches greyed out")
@@ -505,6 +514,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    M.FUSE = args.compile
     if args.check_weights:
         print(check_weights(args.weights))
         return 0
@@ -575,7 +585,8 @@ def print_summary(stats):
         print(f"[{mode}] DiT {s['dit_fps']:.1f} frames/s, end to end {s['end_to_end_fps']:.1f} frames/s "
               f"(text encoding excluded)")
     sec = next(iter(stats["modes"].values()))["seconds"]
-    print(f"loading the weights took {sec['load']:.2f}s and compiling the DiT {sec['compile']:.2f}s (not in the times above)")
+    compiling = f", compiling the DiT {sec['compile']:.2f}s" if sec["compile"] else ""
+    print(f"loading the weights took {sec['load']:.2f}s{compiling} (not in the times above)")
     if "psnr_full_vs_lipar_db" in stats:
         print(f"PSNR lipar vs full: {stats['psnr_full_vs_lipar_db']:.2f} dB")
     if stats["peak_gpu_memory_gib"] is not None:

@@ -109,14 +109,6 @@ class CausalCache:
         self.at_start = True
 
 
-def same_layout(y, like):
-    """y in like's memory format: channels-last 3D stays channels-last through reshapes
-    that would otherwise fall back to the default layout (see WanVAE.channels_last)."""
-    if like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous():
-        return y.contiguous(memory_format=torch.channels_last_3d)
-    return y
-
-
 def run_causal(layers, x, cache):
     """Apply `layers` in order, handing the cache to those that keep state across chunks."""
     for layer in layers:
@@ -145,7 +137,7 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x, cache):
         past = cache.past.get(self)
         if past is None:
-            past = same_layout(x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1, *x.shape[3:]), x)
+            past = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1, *x.shape[3:])
         x = torch.cat([past, x], dim=2)
         cache.past[self] = x[:, :, -past.shape[2]:].clone()  # a copy, so the cache does not keep the whole chunk alive
         return super().forward(x)
@@ -283,7 +275,6 @@ class Resample(nn.Module):
         if later.shape[2]:
             pairs = self.time_conv(later, cache)                                   # [B, 2C, n, H, W]
             later = pairs.unflatten(1, (2, -1)).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)  # [B, C, 2n, H, W]
-            later = same_layout(later, pairs)
         return torch.cat([x[:, :, :1], later], dim=2) if cache.at_start else later
 
 
@@ -367,19 +358,6 @@ class WanVAE(nn.Module):
         self.conv1 = nn.Conv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)  # encoder output -> (mean, log-variance)
         self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)          # latent -> decoder input
         self.decoder = Decoder(cfg)
-        self.layout = torch.contiguous_format  # of activations; see channels_last
-
-    def channels_last(self):
-        """Hold every convolution's weights, and run every activation, channels-last
-        (NDHWC): cuDNN's Hopper convolution kernels work in that layout, and with
-        the default one they transpose each input and output (a sixth of the decode
-        time on the H100 in BENCHMARKS.md's profile). Same results."""
-        for conv in self.modules():
-            if isinstance(conv, (nn.Conv2d, nn.Conv3d)):
-                layout = torch.channels_last_3d if conv.weight.dim() == 5 else torch.channels_last
-                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
-        self.layout = torch.channels_last_3d
-        return self
 
     @staticmethod
     def _latent_stats(like):
@@ -403,14 +381,14 @@ class WanVAE(nn.Module):
             raise ValueError(f"the VAE needs {stride_t}k + 1 frames with sides divisible by {stride_s}, got {T} frames "
                              f"of {H}x{W} (video.pad_frames and video.resize_crop produce such clips)")
         weight = self.conv1.weight
-        video = video.to(weight.device, weight.dtype).contiguous(memory_format=self.layout)
+        video = video.to(weight.device, weight.dtype)
         # Frame 0 alone, then groups of 4: each chunk yields exactly one latent frame.
         chunks = [video[:, :, :1], *video[:, :, 1:].split(stride_t, dim=2)] if chunked else [video]
         features = run_chunks(self.encoder, chunks, CausalCache())
         mu, _log_var = self.conv1(features).chunk(2, dim=1)  # the posterior's mean is the latent
         mu = mu.to(at_least_fp32(mu.dtype))
         mean, std = self._latent_stats(mu)
-        return ((mu - mean) / std).contiguous()
+        return (mu - mean) / std
 
     @torch.no_grad()
     def decode(self, latents, chunked=True):
@@ -423,10 +401,10 @@ class WanVAE(nn.Module):
         weight = self.conv2.weight
         z = latents.to(weight.device, at_least_fp32(weight.dtype))
         mean, std = self._latent_stats(z)
-        x = self.conv2((z * std + mean).to(weight.dtype).contiguous(memory_format=self.layout))
+        x = self.conv2((z * std + mean).to(weight.dtype))
         chunks = x.split(1, dim=2) if chunked else [x]  # one latent frame (4 video frames, 1 for the first) at a time
         video = run_chunks(self.decoder, chunks, CausalCache())
-        return video.to(at_least_fp32(video.dtype)).clamp(-1, 1).contiguous()
+        return video.to(at_least_fp32(video.dtype)).clamp(-1, 1)
 
 
 # -----------------------------------------------------------------------------

@@ -78,3 +78,21 @@ def test_runner_matches_forward_chunk_and_padding_never_leaks(mode, window):
         assert any((kept == 36).any() for kept in padded)
         assert any((kept == 36).all() for kept in padded)  # the fully pruned chunk
     assert len(runner.caches) == 1 and runner.stats["captures"] == 0  # one cache for both clips; nothing captured on the CPU
+
+
+def test_sampler_with_a_runner_edits_like_the_plain_sampler():
+    import sample
+
+    dit = tiny_dit(3)
+    x, keep, context = clip_and_mask(4, frames=12)
+    runner = graphs.GraphRunner(dit, bucket=8)
+    for mode, window in (("lipar", (1, 3)), ("full", None)):
+        plain = sample.edit_latents(dit, x, context, keep, mode, window, seed=5, progress=False)
+        fast = sample.edit_latents(dit, x, context, keep, mode, window, seed=5, progress=False, runner=runner)
+        assert (fast - plain).abs().max().item() < 1e-5
+
+
+def test_models_use_no_runner_off_cuda():
+    import sample
+
+    assert sample.Models(None, "cpu", torch.float32, "cpu").runner() is None
