@@ -98,15 +98,17 @@ def wall_ms(fn, warmup, runs):
     return statistics.median(times)
 
 
-def ceilings(cfg, n_tokens, timer):
-    """Measured bf16 GEMM rate at the FFN's shape and SDPA rate at a chunk's shape (TFLOP/s)."""
+def ceilings(cfg, n_tokens, timer, reps=20):
+    """Measured bf16 GEMM rate at the FFN's shape and SDPA rate at a chunk's shape (TFLOP/s).
+    Each sample times `reps` back-to-back calls: one call alone is short enough
+    (~0.2 ms) for launch latency to show in the rate."""
     a = torch.randn(n_tokens, cfg.dim, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(cfg.dim, cfg.ffn_dim, device="cuda", dtype=torch.bfloat16)
-    gemm = 2 * n_tokens * cfg.dim * cfg.ffn_dim / timer(lambda: a @ b) / 1e9
+    gemm = reps * 2 * n_tokens * cfg.dim * cfg.ffn_dim / timer(lambda: [a @ b for _ in range(reps)]) / 1e9
     q = torch.randn(1, n_tokens, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 7 * n_tokens // 3, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
-    sdpa = 4 * q.shape[1] * k.shape[1] * cfg.dim / timer(lambda: M.attention(q, k, k)) / 1e9
-    return gemm, sdpa
+    sdpa = reps * 4 * q.shape[1] * k.shape[1] * cfg.dim / timer(lambda: [M.attention(q, k, k) for _ in range(reps)])
+    return gemm, sdpa / 1e9
 
 
 def cpu_float32_vs_gpu(dit, context, keep):

@@ -501,7 +501,7 @@ def parse_args(argv):
                    help="run the DiT op by op instead of replaying captured CUDA graphs (graphs.py; CUDA only)")
     p.add_argument("--compile", action="store_true",
                    help="fuse the DiT's and VAE's elementwise chains with torch.compile (CUDA only): faster per "
-                        "clip, but it costs 10-50 s per process, more than one short edit saves (BENCHMARKS.md)")
+                        "clip, but it costs 15-50 s per process, more than one short edit saves (BENCHMARKS.md)")
     p.add_argument("--compare", action="store_true",
                    help="run full and lipar from the same noise; write a side-by-side video and their PSNR")
     p.add_argument("--save-mask", action="store_true", help="write the input with pruned patches greyed out")
