@@ -28,13 +28,18 @@ from model import apply_rope
 #
 # prune_mask() in one picture (t = latent frame, chunks of 3 frames):
 #   d_t   = robust L1(P_t, P_{t-1}), t >= 1                     Eq. 1
-#   d     = causal Gaussian(causal median(d))
+#   d     = causal Gaussian(median(d))
 #   keep  = d > theta, frame 0 always kept
 #   keep |= substitute bound against the memory                 Eq. 5-6
-#   keep  = cleanup: causal median, open/close, causal dilation
+#   keep  = cleanup: median, open/close, dilation
 #   keep |= substitute bound again, now on the final mask       Eq. 5-6
-# Every step looks only at the current and earlier latent frames, so the mask of
-# frame t never depends on a later frame.
+# The two medians see frames t-2+a .. t+a and the dilation t-1+a .. t+a, where a is
+# `lookahead`: 1 is what the authors' code computes (the paper's numbers were
+# measured with it), 0 strictly causal windows. Each of the three stages adds its
+# look-ahead, so with lookahead=1 the mask of frame t depends on latent frames up to
+# t+3: a stream must read three latent frames (12 video frames) ahead. With
+# lookahead=0 it never depends on a later frame, at the price of kept regions that
+# linger three frames longer after motion stops (tests/test_prune_mask.py).
 
 
 def patchify(latents):
@@ -59,15 +64,17 @@ def robust_patch_l1(a, b):
     return diff[..., n // 5:(4 * n) // 5].mean(dim=-1)
 
 
-def causal_median3(x):
-    """Causal 3x3x3 median of x [T, h, w] over (time, h, w).
+def median3(x, lookahead=1):
+    """3x3x3 median of x [T, h, w] over (time, h, w).
 
-    The window of frame t spans frames t-2..t, never a later frame, so a mask frame
-    can be final before the video that follows it is known.  Missing frames and
-    pixels repeat the nearest existing one (edge padding): frame 0 sees itself three
-    times, frame 1 sees frames 0, 0, 1.
+    The window of frame t spans frames t-2+lookahead .. t+lookahead: centred for
+    lookahead=1 (the authors' median_filter: they pad two past frames but keep the
+    centred window), causal for 0 (a mask frame
+    is then final before the video that follows it is known).  Missing frames and
+    pixels repeat the nearest existing one (edge padding, scipy's mode="nearest"):
+    causally, frame 0 sees itself three times and frame 1 sees frames 0, 0, 1.
     """
-    p = F.pad(x[None, None], (1, 1, 1, 1, 2, 0), mode="replicate")[0, 0]
+    p = F.pad(x[None, None], (1, 1, 1, 1, 2 - lookahead, lookahead), mode="replicate")[0, 0]
     windows = p.unfold(0, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1)  # [T, h, w, 3, 3, 3]
     return windows.reshape(*x.shape, 27).median(dim=-1).values
 
@@ -77,7 +84,7 @@ def causal_gaussian3(x, sigma=1.5):
 
     Weights exp(-|o|^2 / (2 sigma^2)) for offsets o in {-1, 0, 1}^3, with the future
     slice (time offset +1) set to zero and the rest renormalised to sum 1: frame t
-    mixes frames t-1 and t only.  Edge padding, as in causal_median3.
+    mixes frames t-1 and t only.  Edge padding, as in median3.
     """
     o = torch.arange(-1, 2, device=x.device, dtype=x.dtype)
     g = torch.exp(-o**2 / (2 * sigma**2))
@@ -112,21 +119,23 @@ def open_close(mask):
     return m > 0.5
 
 
-def causal_dilate(mask):
-    """Causal dilation with a (3, 5, 5) box whose future frame slice is empty ([T, h, w] bool).
+def dilate(mask, lookahead=1):
+    """Dilation of [T, h, w] bool over 5x5 tokens and the two frames t-1+lookahead .. t+lookahead.
 
-    A token is kept at frame t when any token within 2 rows and columns was kept at
-    frame t-1 or t: kept regions get a 2-token safety margin and persist one extra
-    frame after motion stops, but never spread back into earlier frames.
+    A token is kept at frame t when any token within 2 rows and columns is kept in
+    that window: kept regions get a 2-token safety margin, and either start one
+    frame early (lookahead=1, the authors': their (3, 5, 5) box with its last time
+    slice zeroed, which in scipy's convention drops the past frame) or persist one
+    frame after motion stops (lookahead=0, never reaching back into earlier frames).
     """
-    m = F.pad(mask.float()[None, None], (0, 0, 0, 0, 1, 0))  # empty frame before frame 0
+    m = F.pad(mask.float()[None, None], (0, 0, 0, 0, 1 - lookahead, lookahead))  # empty frames outside the clip
     return F.max_pool3d(m, (2, 5, 5), stride=1, padding=(0, 2, 2))[0, 0] > 0.5
 
 
-def clean_mask(keep):
-    """Mask cleanup of [T, h, w] bool: causal median, per-frame open/close, causal dilation."""
-    m = causal_median3(keep.float()) > 0.5  # median of 0/1 values = majority vote
-    return causal_dilate(open_close(m))
+def clean_mask(keep, lookahead=1):
+    """Mask cleanup of [T, h, w] bool: median, per-frame open/close, dilation."""
+    m = median3(keep.float(), lookahead) > 0.5  # median of 0/1 values = majority vote
+    return dilate(open_close(m), lookahead)
 
 
 def substitute_bound(patches, keep, theta2, chunk_frames=3):
@@ -157,24 +166,26 @@ def substitute_bound(patches, keep, theta2, chunk_frames=3):
     return keep
 
 
-def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3):
+def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
     """Token keep-mask [L, H/16, W/16] (bool, True = compute) for normalised latents [L, 16, H/8, W/8].
 
     theta: threshold on the smoothed frame-to-frame distance (Eq. 1; paper 0.15).
     theta2: substitute bound (Eq. 5-6); float('inf') turns it off.
     chunk_frames: latent frames per sampler chunk; the memory advances once per chunk.
+    lookahead: how far the medians and the dilation see ahead in time, 1 (the
+    authors') or 0 (strictly causal); see the picture above.
     """
     patches = patchify(latents.float())
     first = torch.ones_like(patches[:1, ..., 0], dtype=torch.bool)  # frame 0 is always computed
     if patches.shape[0] == 1:
         return first
     d = robust_patch_l1(patches[1:], patches[:-1])  # Eq. 1 for frames 1..L-1
-    d = causal_gaussian3(causal_median3(d))
+    d = causal_gaussian3(median3(d, lookahead))
     keep = torch.cat([first, d > theta])
     keep = substitute_bound(patches, keep, theta2, chunk_frames)
     # Frame 0 stays out of the cleanup: it is kept by fiat, not by motion, and
     # would otherwise vote frames 1-2 kept in the median and dilation.
-    keep = torch.cat([first, clean_mask(keep[1:])])
+    keep = torch.cat([first, clean_mask(keep[1:], lookahead)])
     # The cleanup can drop tokens the bound kept (median, opening) and keeps extra
     # ones, which moves the memory of later chunks; OR-ing the earlier bound-kept
     # tokens back would not restore the guarantee.  Walking the chunks again on

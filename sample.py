@@ -318,7 +318,7 @@ def run_edit(args, models, notes):
     with clock("encode"):  # step 2
         latents = vae.encode(video.to(device))
     with clock("mask"):  # step 3, LIPAR stage 1: which tokens repeat the previous frame
-        keep = lipar.prune_mask(latents[0].transpose(0, 1), args.theta, args.theta2)
+        keep = lipar.prune_mask(latents[0].transpose(0, 1), args.theta, args.theta2, lookahead=args.mask_lookahead)
     with clock("text"):  # step 4
         context = encode_prompt(models.text_encoder, args.prompt, device, models.dtype)
     window = None if args.m == "all" else args.m
@@ -326,6 +326,7 @@ def run_edit(args, models, notes):
     stats = {"video": str(args.video), "prompt": args.prompt, "random_weights": models.random,
              "frames": count, "fps": fps, "height": args.height, "width": args.width,
              "latent_frames": latents.shape[2], "theta": args.theta, "theta2": args.theta2,
+             "mask_lookahead": args.mask_lookahead,
              "m": "all" if window is None else list(window), "seed": args.seed, "device": str(device),
              "dtype": str(models.dtype).removeprefix("torch."), "notes": notes, "modes": {}}
     edited, graph_stats = denoise(args, models, clock, latents, context, keep, modes, window)
@@ -488,6 +489,9 @@ def parse_args(argv):
                    help="lipar: the method; full: the Self-Forcing baseline; naive / noisy_dup: ablations")
     p.add_argument("--theta", type=float, default=0.149, help="prune threshold θ on the robust patch L1 (Eq. 1)")
     p.add_argument("--theta2", type=float, default=0.3, help="substitute bound θ2 (Eq. 5-6)")
+    p.add_argument("--mask-lookahead", type=int, default=1, choices=[0, 1],
+                   help="latent frames the mask's medians and dilation see ahead: 1 as the authors' code (the "
+                        "paper's numbers), 0 strictly causal (kept regions linger 3 frames longer after motion)")
     p.add_argument("--m", type=parse_window, default=(1, 6),
                    help="M-degree window 'SINK,RECENT' in latent frames, or 'all' for the whole cache")
     p.add_argument("--seed", type=int, default=0)

@@ -37,3 +37,18 @@ def test_dit_flops_follow_spec_section_5():
     # the M-degree window (1, 6) caps the keys at 7 frames; pruning cuts the queries
     _, windowed, _ = bench.dit_flops(keep, "lipar", (1, 6), cfg)
     assert windowed == sum(4 * 30 * 3 * n * 4 * (min(3 * (c + 1), 7) * n) * d for c in range(7))
+
+
+def test_clip_mask_row_uses_a_clip_that_prunes_like_a_real_one():
+    """Neither everything nor nothing: still background pruned, moving objects and the
+    pan segment (frames 10-14) kept; the authors' windows prune more than causal ones."""
+    import lipar
+
+    z = bench.realistic_latents(21, 30, 52)
+    ratios = {}
+    for lookahead in (0, 1):
+        keep = lipar.prune_mask(z, lookahead=lookahead)
+        assert keep[10:15].all()  # the pan moves every token
+        ratios[lookahead] = lipar.prune_ratio(keep)
+        assert 0.2 < ratios[lookahead] < 0.8
+    assert ratios[1] > ratios[0]

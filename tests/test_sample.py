@@ -63,7 +63,7 @@ def test_each_mode_edits_a_clip_end_to_end(mode, clip, weights, tmp_path, monkey
     frames, fps = io.read_video(out)
     assert frames.shape == (17, 64, 112, 3) and fps == pytest.approx(24.0, rel=1e-3)
     stats = json.loads(stats_file.read_text())
-    for key in ("frames", "fps", "latent_frames", "theta", "theta2", "m", "seed", "device", "dtype",
+    for key in ("frames", "fps", "latent_frames", "theta", "theta2", "mask_lookahead", "m", "seed", "device", "dtype",
                 "peak_gpu_memory_gib", "outputs", "notes", "random_weights"):
         assert key in stats
     s = stats["modes"][mode]
@@ -71,6 +71,21 @@ def test_each_mode_edits_a_clip_end_to_end(mode, clip, weights, tmp_path, monkey
         assert s["seconds"][key] >= 0
     assert len(s["prune_ratio_per_chunk"]) == 2 and s["dit_fps"] > 0 and s["end_to_end_fps"] > 0
     assert any("padded 17 frames to 21" in note for note in stats["notes"])
+
+
+def test_speed_and_mask_flags_are_taken(clip, weights, tmp_path, monkeypatch, capsys):
+    """--mask-lookahead reaches the mask; --no-graphs and --compile change nothing on the CPU."""
+    monkeypatch.chdir(tmp_path)
+    runs = {}
+    for lookahead in ("0", "1"):
+        args = ["--video", str(clip), "--out", f"{lookahead}.mp4", "--json", f"{lookahead}.json",
+                "--mask-lookahead", lookahead, "--no-graphs", "--compile"]
+        assert run_cli(args, weights) == 0
+        runs[lookahead] = json.loads(Path(f"{lookahead}.json").read_text())
+        assert runs[lookahead]["mask_lookahead"] == int(lookahead)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--video", str(clip), "--mask-lookahead", "2"], weights)
+    assert exit_info.value.code == 2 and "--mask-lookahead" in capsys.readouterr().err
 
 
 def test_compare_and_mask_outputs(clip, weights, tmp_path, monkeypatch, capsys):
