@@ -88,7 +88,72 @@ def memory_walk_violations(z, keep, theta2, chunk_frames=3):
     return bad
 
 
+def authors_mask(z, theta=THETA, theta2=THETA2):
+    """The authors' rlt_prune (DennisMenn/lipar, src/utils/rlt_prune.py) re-derived in
+    float64 numpy/scipy, step for step: Eq. 1 distances, their median_blur (two edge
+    frames padded before the clip, scipy's centred median, the first two outputs
+    dropped), their causal Gaussian, the threshold, their bound_diff walk, the
+    median again, OpenCV's 3x3 opening then closing, their dilation (a (3, 5, 5)
+    box with time slice 2 zeroed) and frame 0 kept. No substitute bound afterwards."""
+    p = np_patches(z)
+    d = np_robust_l1(p[1:], p[:-1])
+
+    def median_blur(x):
+        padded = np.pad(x, ((2, 0), (0, 0), (0, 0)), mode="edge")
+        return ndimage.median_filter(padded, mode="nearest", size=(3, 3, 3))[2:]
+
+    padded = np.pad(median_blur(d), ((1, 0), (1, 1), (1, 1)), mode="edge")
+    weights = {(dt, dy, dx): math.exp(-(dt * dt + dy * dy + dx * dx) / 4.5)
+               for dt in (-1, 0) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    T, h, w = d.shape
+    smooth = sum(wt * padded[1 + dt:1 + dt + T, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                 for (dt, dy, dx), wt in weights.items()) / sum(weights.values())
+    keep = np.concatenate([np.ones((1, h, w), bool), smooth > theta])
+    if theta2 != INF:
+        last = 2 - np.argmax(keep[:3][::-1], axis=0)  # the last kept of frames 0-2
+        memory = np.take_along_axis(p[:3], last[None, ..., None], axis=0)[0]
+        pending = memory.copy()
+        for t in range(3, len(p)):
+            keep[t] |= np_robust_l1(memory, p[t]) > theta2
+            pending[keep[t]] = p[t][keep[t]]
+            if t % 3 == 2:
+                memory = pending.copy()
+    m = median_blur(keep[1:].astype(np.float64)) > 0.5
+    square = np.ones((3, 3), bool)
+    opened_closed = []
+    for frame in m:
+        frame = ndimage.binary_dilation(ndimage.binary_erosion(frame, square, border_value=1), square, border_value=0)
+        frame = ndimage.binary_erosion(ndimage.binary_dilation(frame, square, border_value=0), square, border_value=1)
+        opened_closed.append(frame)
+    structure = np.ones((3, 5, 5), bool)
+    structure[2] = False
+    m = ndimage.binary_dilation(np.stack(opened_closed), structure)
+    return torch.from_numpy(np.concatenate([np.ones((1, h, w), bool), m]))
+
+
 # ---------------------------------------------------------------- whole mask
+
+
+@pytest.mark.parametrize("clip", ["square", "drift", "realistic"])
+def test_default_mask_is_the_authors_plus_the_final_bound(clip):
+    """Without the substitute bound the two masks are identical. With it, ours only adds
+    tokens, and only where the authors' mask leaves a pruned token farther than theta2
+    from its substitute."""
+    import bench
+
+    if clip == "square":
+        z, _ = moving_square_clip()
+        z = z + 0.3 * drifting_clip(1, L=12, H=32, W=48, amax=0.4)
+    elif clip == "drift":
+        z = drifting_clip(3, L=15)
+    else:
+        z = bench.realistic_latents(15, 24, 40)
+    assert torch.equal(lipar.prune_mask(z, theta2=INF), authors_mask(z, theta2=INF))
+    ours, theirs = lipar.prune_mask(z), authors_mask(z)
+    assert not (theirs & ~ours).any()
+    assert memory_walk_violations(z, ours, THETA2) == []
+    added = (ours & ~theirs).sum().item()
+    assert (added > 0) == (memory_walk_violations(z, theirs, THETA2) != [])
 
 def test_static_clip_prunes_everything_after_frame0():
     z = randn(1, 16, 16, 24).repeat(9, 1, 1, 1)
@@ -192,7 +257,7 @@ def test_a_one_frame_change_below_theta2_is_voted_away():
         assert kept_frames(lipar.prune_mask(z, lookahead=lookahead)) == [0]
 
 
-@pytest.mark.parametrize("cut", [6, 7])
+@pytest.mark.parametrize("cut", [6, 7, 8])
 def test_a_scene_cut_keeps_the_cut_and_prunes_the_still_frames_after_it(cut):
     """Scene A still until the cut, scene B still after it. Eq. 1 sees one frame of change
     and the median votes it away; the substitute bound keeps the new scene until its
@@ -204,6 +269,8 @@ def test_a_scene_cut_keeps_the_cut_and_prunes_the_still_frames_after_it(cut):
     chunk_end = cut // 3 * 3 + 2
     assert keep[cut:chunk_end + 1].all() and not keep[chunk_end + 1:].any()
     assert lipar.prune_mask(z, theta2=INF)[1:].sum() == 0  # without the bound nothing is kept
+    if cut == 8:  # the bound keeps only the cut frame, and the authors' cleanup median drops it:
+        assert not authors_mask(z)[1:].any()  # their mask would restore scene A over all of scene B
 
 
 # ---------------------------------------------------------------- Eq. 1 distance
