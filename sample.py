@@ -516,8 +516,44 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def flag_problems(args):
+    """Every problem with the flags and the input that can be seen before any work: one
+    sentence each, naming the flag and what to give instead."""
+    problems = []
+    for name in ("theta", "theta2"):
+        value = getattr(args, name)
+        if math.isnan(value) or value < 0 or (name == "theta" and math.isinf(value)):
+            problems.append(f"--{name} {value} is not a threshold; give a number >= 0"
+                            + (" (inf turns the bound off)" if name == "theta2" else ""))
+    if args.m != "all" and (args.m[0] < 0 or args.m[1] < 3):
+        problems.append(f"--m {args.m[0]},{args.m[1]} cannot hold a chunk; give SINK >= 0 and RECENT >= 3 "
+                        "latent frames (e.g. 1,6) or 'all'")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            problems.append(f"--{name} {value} is not a size; give a positive multiple of 16")
+    for flag, device in (("--device", args.device), ("--text-device", args.text_device)):
+        try:
+            kind = torch.device(device).type if device is not None else None
+        except RuntimeError:
+            problems.append(f"{flag} {device!r} is not a device; give cpu or cuda")
+            continue
+        if kind == "cuda" and not torch.cuda.is_available():
+            problems.append(f"{flag} {device}: this machine has no usable CUDA GPU; give cpu")
+    if args.out is not None and Path(args.out).suffix.lower() not in ("", ".mp4"):
+        problems.append(f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name")
+    if args.video is not None and not Path(args.video).is_file():
+        state = "is a folder" if Path(args.video).is_dir() else "does not exist"
+        problems.append(f"the video {args.video} {state}; give the path of a video file")
+    return problems
+
+
 def main(argv=None):
     args = parse_args(argv)
+    problems = flag_problems(args)
+    if problems:
+        raise UsageError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
     M.FUSE = args.compile
     if args.check_weights:
         print(check_weights(args.weights))
@@ -569,6 +605,10 @@ def cli(argv=None):
     except (UsageError, io.VideoError, M.WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are renamed into place only when complete (video.write_video)
+        print("interrupted: every output already reported as written is complete; nothing else was written",
+              file=sys.stderr)
+        return 130
 
 
 def print_summary(stats):

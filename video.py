@@ -8,6 +8,7 @@ Frames are uint8 tensors [T, H, W, 3] (RGB); the model takes float video
 """
 
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -129,30 +130,40 @@ def write_video(path, frames, fps, audio_from=None):
     rate = Fraction(fps).limit_denominator(1001)  # 29.97002997... -> 30000/1001
     duration = len(frames) / rate
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a hidden file beside the target and renamed when complete: an error or
+    # Ctrl-C part-way leaves no half-written video under the output's name.
+    partial = path.with_name(f".{path.name}.partial")
     try:
-        with av.open(str(path), "w", format="mp4") as out:
-            stream = out.add_stream("libx264", rate=rate, options={"crf": "18"})
-            stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
-            source = av.open(str(audio_from)) if audio_from is not None else None
-            try:
-                audio = source.streams.audio[0] if source is not None and source.streams.audio else None
-                if audio is None:
-                    _encode_frames(out, stream, frames)
-                elif audio.codec_context.name in MP4_AUDIO_CODECS:
-                    copy = out.add_stream_from_template(audio)
-                    _encode_frames(out, stream, frames)
-                    _copy_audio(out, copy, source, audio, duration)
-                else:
-                    aac = out.add_stream("aac", rate=audio.rate, layout=audio.layout.name)
-                    _encode_frames(out, stream, frames)
-                    _reencode_audio(out, aac, source, audio, duration)
-            finally:
-                if source is not None:
-                    source.close()
+        _write(partial, frames, rate, duration, audio_from)
+        os.replace(partial, path)
     except av.FFmpegError as err:
-        path.unlink(missing_ok=True)
         raise VideoError(f"cannot write {path} ({err.strerror}); check the folder is writable and the audio "
                          f"source {audio_from} is a readable video") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write(path, frames, rate, duration, audio_from):
+    """Encode the frames (and the audio of audio_from) into the mp4 file at path."""
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=rate, options={"crf": "18"})
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        source = av.open(str(audio_from)) if audio_from is not None else None
+        try:
+            audio = source.streams.audio[0] if source is not None and source.streams.audio else None
+            if audio is None:
+                _encode_frames(out, stream, frames)
+            elif audio.codec_context.name in MP4_AUDIO_CODECS:
+                copy = out.add_stream_from_template(audio)
+                _encode_frames(out, stream, frames)
+                _copy_audio(out, copy, source, audio, duration)
+            else:
+                aac = out.add_stream("aac", rate=audio.rate, layout=audio.layout.name)
+                _encode_frames(out, stream, frames)
+                _reencode_audio(out, aac, source, audio, duration)
+        finally:
+            if source is not None:
+                source.close()
 
 
 def _encode_frames(out, stream, frames):

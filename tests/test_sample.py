@@ -242,6 +242,62 @@ def test_short_clip_odd_size_and_existing_output(weights, tmp_path, monkeypatch,
     assert digest(short) == before
 
 
+@pytest.mark.parametrize("flags,named", [
+    (["--m", "0,0"], "--m 0,0"),
+    (["--m", "1,2"], "--m 1,2"),
+    (["--theta", "nan"], "--theta nan"),
+    (["--theta", "-1"], "--theta -1"),
+    (["--theta2", "nan"], "--theta2 nan"),
+    (["--height", "0"], "--height 0"),
+    (["--width", "-16"], "--width -16"),
+    (["--out", "edited.txt"], "--out edited.txt"),
+    (["--text-device", "gpu7"], "--text-device 'gpu7'"),
+])
+def test_bad_flags_are_refused_before_any_work(flags, named, clip, weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert sample.cli(["--video", str(clip), "--weights", str(weights), "--device", "cpu", *SIZE, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {named}") and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing read, loaded or written
+
+
+def test_cuda_asked_for_where_there_is_none(clip, weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sample.cli(["--video", str(clip), "--weights", str(weights), "--device", "cuda"]) == 2
+    assert "no usable CUDA GPU; give cpu" in capsys.readouterr().err
+
+
+def test_every_problem_is_reported_at_once_and_the_video_before_the_weights(tmp_path, capsys):
+    assert sample.cli(["--video", str(tmp_path / "missing.mp4"), "--weights", str(tmp_path / "none"),
+                       "--theta", "nan", "--m", "0,0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 problems: (1) --theta nan") and "(3) the video" in err
+    assert "weights" not in err  # the cheap local checks come first; the weights are looked at after
+
+
+def test_ctrl_c_ends_with_one_line_exit_130_and_no_partial_output(clip, weights, tmp_path):
+    """A real interrupt (SIGINT) once the DiT stage has started, in a subprocess."""
+    import signal
+
+    out = tmp_path / "out" / "edited.mp4"
+    process = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--video", str(clip), "--weights",
+                                str(weights), "--height", "240", "--width", "416", "--device", "cpu",
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=tmp_path)
+    seen = ""
+    while "DiT" not in seen:  # the progress bar: the edit is under way
+        char = process.stderr.read(1)
+        assert char, f"sample.py ended before its DiT stage: {seen}"
+        seen += char
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "chunk" not in line]
+    assert process.returncode == 130, seen + err
+    assert lines == ["interrupted: every output already reported as written is complete; nothing else was written"]
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
 def test_entry_point_reports_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--video", str(tmp_path / "missing.mp4"),
                              "--weights", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)

@@ -169,3 +169,18 @@ def test_pad_frames_to_whole_chunks(count, padded):
     assert (1 + (padded - 1) // 4) % 3 == 0 and (padded - 1) % 4 == 0  # whole chunks of 3 latent frames
     assert (out[count:] == count - 1).all()  # the last frame, repeated
     assert torch.equal(trim_frames(out, original), frames)
+
+
+def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    """Frames go to a hidden partial file renamed into place at the end: Ctrl-C (or an
+    error) part-way leaves neither a half-written video nor the partial file."""
+    def interrupt(out, stream, frames):
+        out.mux(stream.encode(av.VideoFrame.from_ndarray(frames[0].numpy(), format="rgb24")))
+        raise KeyboardInterrupt
+
+    import video
+
+    monkeypatch.setattr(video, "_encode_frames", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        video.write_video(tmp_path / "out.mp4", torch.zeros(5, 16, 16, 3, dtype=torch.uint8), 24)
+    assert list(tmp_path.iterdir()) == []
