@@ -151,6 +151,18 @@ def test_noise_clip_keeps_everything_and_lipar_equals_full_end_to_end(weights, t
     assert torch.equal(edits["lipar"], edits["full"])
 
 
+def test_same_seed_gives_bit_identical_edits(clip, weights, tmp_path, monkeypatch):
+    """The same command twice with one --seed: identical latents on the CPU; another seed differs."""
+    monkeypatch.chdir(tmp_path)
+    edits = []
+    edit_latents = sample.edit_latents
+    monkeypatch.setattr(sample, "edit_latents", lambda *a, **k: edits.append(edit_latents(*a, **k)) or edits[-1])
+    for run, seed in enumerate(("3", "3", "4")):
+        assert run_cli(["--video", str(clip), "--seed", seed, "--out", f"{run}.mp4"], weights) == 0
+    assert torch.equal(edits[0], edits[1])
+    assert not torch.equal(edits[0], edits[2])
+
+
 def reference_edit(dit, latents, context, seed):
     """SPEC §3 written out without a KV cache: every call evaluates the whole video so
     far with the block-causal forward, earlier chunks as their clean x0 at t = 0.

@@ -1,8 +1,22 @@
-"""Attention recovery (Eq. 3-4) and restoration: exact where the paper says it is.
+"""LIPAR's claims as tests, to be read next to the paper (Eq. numbers of arXiv 2604.23858).
 
-The references here are written independently of lipar.py: RoPE as complex
-multiplication, attention as explicit float64 softmax sums over the full,
-unpruned sequence.
+1. Attention recovery (Eq. 3): when every pruned token's key/value is an exact copy of
+   its memory token, attention over the kept queries and the recovered keys equals
+   attention over the full, unpruned sequence -- in the plain softmax reference and
+   in the model's SDPA + KV-cache path, through the whole stack, for the denoising and
+   the memory steps. Naive pruning (dropping the keys) does not have this property.
+2. The M-degree window (Eq. 4) omits exactly the far frames' terms.
+3. Restoration fills pruned latents from the memory.
+4. The ablations (lipar, noisy_dup, naive) differ only in where keys come from.
+5. The pruning mask (Eq. 1, 5-6): a static clip is pruned and noise is kept; moving
+   regions are kept and still ones pruned; the mask is causal without look-ahead and
+   reads three latent frames ahead with it; every pruned token is within theta2 of
+   the memory that replaces it (a scene cut included); and it is the authors' mask
+   plus that guarantee.
+
+References are written independently of lipar.py: RoPE as complex multiplication,
+attention as explicit float64 softmax sums, the mask's steps in numpy/scipy. Component
+tests of each module are in tests/.
 """
 
 import pytest
@@ -10,6 +24,10 @@ import torch
 
 import lipar
 import model as M
+from tests.clips import (INF, THETA2, authors_mask, drifting_clip, kept_frames, memory_walk_violations,
+                         moving_square_clip, randn, scalar_drift_walk, whole_frame_clip)
+
+# ================================================================ attention recovery (Eq. 3-4), restoration
 
 HEAD_DIM = 16  # RoPE parts (8, 4, 4)
 
@@ -238,3 +256,189 @@ def test_restoration_fills_pruned_positions_from_memory():
             for j in range(6):
                 expected = x0[:, :, f, i, j] if keep[f, i // 2, j // 2] else memory[:, :, i, j]
                 assert torch.equal(restored[:, :, f, i, j], expected)
+
+
+# ================================================================ the pruning mask (Eq. 1, 5-6)
+
+@pytest.mark.parametrize("clip", ["square", "drift", "realistic"])
+def test_default_mask_is_the_authors_plus_the_final_bound(clip):
+    """Without the substitute bound the two masks are identical. With it, ours only adds
+    tokens, and only where the authors' mask leaves a pruned token farther than theta2
+    from its substitute."""
+    import bench
+
+    if clip == "square":
+        z, _ = moving_square_clip()
+        z = z + 0.3 * drifting_clip(1, L=12, H=32, W=48, amax=0.4)
+    elif clip == "drift":
+        z = drifting_clip(3, L=15)
+    else:
+        z = bench.realistic_latents(15, 24, 40)
+    assert torch.equal(lipar.prune_mask(z, theta2=INF), authors_mask(z, theta2=INF))
+    ours, theirs = lipar.prune_mask(z), authors_mask(z)
+    assert not (theirs & ~ours).any()
+    assert memory_walk_violations(z, ours, THETA2) == []
+    added = (ours & ~theirs).sum().item()
+    assert (added > 0) == (memory_walk_violations(z, theirs, THETA2) != [])
+
+def test_static_clip_prunes_everything_after_frame0():
+    z = randn(1, 16, 16, 24).repeat(9, 1, 1, 1)
+    keep = lipar.prune_mask(z.bfloat16())
+    assert keep.dtype == torch.bool and keep.shape == (9, 8, 12)
+    assert keep[0].all()
+    assert not keep[1:].any()
+    assert lipar.prune_ratio(keep) == 1.0
+    assert lipar.chunk_prune_ratios(keep) == pytest.approx([2 / 3, 1.0, 1.0])
+
+
+def test_independent_noise_keeps_everything():
+    keep = lipar.prune_mask(randn(9, 16, 16, 24))
+    assert keep.all()
+    assert lipar.prune_ratio(keep) == 0.0
+
+
+def test_moving_square_keeps_its_path_and_prunes_still_background():
+    z, footprint = moving_square_clip()
+    keep = lipar.prune_mask(z)
+    L, h, w = keep.shape
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    for t in range(1, L):
+        assert keep[t][footprint[t]].all(), f"square not covered at frame {t}"
+        # Chebyshev distance of every token to the square's footprints of frames t-3..t
+        recent = footprint[max(0, t - 3):t + 1].any(0)
+        dist = torch.maximum((rows[..., None] - rows[recent]).abs(),
+                             (cols[..., None] - cols[recent]).abs()).min(-1).values
+        far = dist > 4
+        assert far.sum() > h * w // 2
+        assert not keep[t][far].any(), f"still background kept at frame {t}"
+    assert 0.5 < lipar.prune_ratio(keep) < 0.9
+
+
+def test_higher_theta_never_keeps_more_without_bound():
+    pairs = [(0.05, 0.1), (0.1, 0.149), (0.149, 0.25), (0.25, 0.5)]
+    strict = 0
+    for seed in range(4):
+        z = drifting_clip(seed, amax=0.5)
+        for lo, hi in pairs:
+            keep_lo = lipar.prune_mask(z, theta=lo, theta2=INF)
+            keep_hi = lipar.prune_mask(z, theta=hi, theta2=INF)
+            assert not (keep_hi & ~keep_lo).any(), (seed, lo, hi)
+            strict += int((keep_lo & ~keep_hi).any())
+    assert strict >= 8  # the thresholds matter on these clips
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 6, 8])
+def test_mask_is_causal_without_lookahead(t):
+    z, _ = moving_square_clip()
+    z = z + 0.3 * drifting_clip(1, L=12, H=32, W=48, amax=0.4)
+    keep = lipar.prune_mask(z, lookahead=0)
+    changed = z.clone()
+    changed[t:] = randn(*changed[t:].shape, seed=t)
+    keep_changed = lipar.prune_mask(changed, lookahead=0)
+    assert torch.equal(keep_changed[:t], keep[:t])
+    assert not torch.equal(keep_changed[t:], keep[t:])
+
+
+@pytest.mark.parametrize("t", [0, 1, 2, 4, 5])
+def test_mask_with_lookahead_reads_three_frames_ahead(t):
+    """The two medians and the dilation each see one frame ahead, so the mask of frame
+    t depends on latent frames up to t + 3 and no further."""
+    z, _ = moving_square_clip()
+    z = z + 0.3 * drifting_clip(1, L=12, H=32, W=48, amax=0.4)
+    keep = lipar.prune_mask(z)
+    changed = z.clone()
+    changed[t + 4:] = randn(*changed[t + 4:].shape, seed=t)
+    assert torch.equal(lipar.prune_mask(changed)[:t + 1], keep[:t + 1])
+
+
+
+
+
+
+@pytest.mark.parametrize("lookahead,last_kept", [(1, 6), (0, 9)])
+def test_kept_regions_end_sooner_after_motion_stops_with_lookahead(lookahead, last_kept):
+    """Every token changes in frames 1-5 (the end of chunk 1), then the clip stands still.
+    The authors' windows: d's centred median is high through frame 5, the causal
+    Gaussian carries it into 6 (0.44 of it), the centred cleanup median keeps 1-6 and
+    the dilation (frames t, t+1) adds nothing after. Causal windows lag each median by
+    a frame and the dilation adds the frame after: kept through 9, three frames longer."""
+    z = whole_frame_clip([0, 1, 2, 3, 4, 5, 5, 5, 5, 5, 5, 5])
+    keep = lipar.prune_mask(z, lookahead=lookahead)
+    assert all(keep[t].all() for t in kept_frames(keep))
+    assert kept_frames(keep) == list(range(last_kept + 1))
+
+
+def test_a_one_frame_change_below_theta2_is_voted_away():
+    """A step of 0.2 (between theta and theta2) in frame 4 only: d exceeds theta in that
+    single frame, the median's majority vote drops it, and nothing else keeps it."""
+    z = randn(1, 16, 16, 24).repeat(12, 1, 1, 1)
+    z[4:] += 0.2
+    assert lipar.robust_patch_l1(lipar.patchify(z[4:5]), lipar.patchify(z[3:4])).min() > 0.149
+    for lookahead in (0, 1):
+        assert kept_frames(lipar.prune_mask(z, lookahead=lookahead)) == [0]
+
+
+@pytest.mark.parametrize("cut", [6, 7, 8])
+def test_a_scene_cut_keeps_the_cut_and_prunes_the_still_frames_after_it(cut):
+    """Scene A still until the cut, scene B still after it. Eq. 1 sees one frame of change
+    and the median votes it away; the substitute bound keeps the new scene until its
+    chunk ends (its memory is still scene A), and is applied again after the cleanup,
+    whose median would otherwise vote the cut away and paint scene A over scene B."""
+    z = whole_frame_clip([0] * cut + [1] * (12 - cut))
+    keep = lipar.prune_mask(z)
+    assert keep[cut].all()
+    chunk_end = cut // 3 * 3 + 2
+    assert keep[cut:chunk_end + 1].all() and not keep[chunk_end + 1:].any()
+    assert lipar.prune_mask(z, theta2=INF)[1:].sum() == 0  # without the bound nothing is kept
+    if cut == 8:  # the bound keeps only the cut frame, and the authors' cleanup median drops it:
+        assert not authors_mask(z)[1:].any()  # their mask would restore scene A over all of scene B
+
+
+def test_slow_drift_of_one_token_is_caught_by_the_bound():
+    L, step = 21, 0.045  # every neighbour distance is 0.045 < theta
+    z = randn(1, 16, 16, 24).repeat(L, 1, 1, 1)
+    z[:, :, 6:8, 10:12] += step * torch.arange(L, dtype=torch.float32)[:, None, None, None]
+    assert lipar.prune_mask(z, theta2=INF)[1:].sum() == 0
+    keep = lipar.prune_mask(z)
+    expected = scalar_drift_walk(L, step, THETA2)
+    assert expected == [7, 8, 15, 16, 17]  # drift 0.315 > 0.3 first at frame 7 (chunk 2)
+    frames, rows, cols = torch.nonzero(keep[1:], as_tuple=True)
+    assert (frames + 1).tolist() == expected
+    assert set(rows.tolist()) == {3} and set(cols.tolist()) == {5}
+
+
+def test_slow_drift_of_whole_frame_is_caught_by_the_bound():
+    L, step = 21, 0.045
+    z = randn(1, 16, 16, 24) + step * torch.arange(L, dtype=torch.float32)[:, None, None, None]
+    keep = lipar.prune_mask(z, lookahead=0)
+    assert not keep[1:7].any()
+    assert keep[7].all()  # the first frame whose drift from the memory exceeds theta2
+    assert memory_walk_violations(z, keep, THETA2) == []
+    # Whole frames, so the cleanup has its say.  The first walk keeps 7, 8 and 15, 16, 17.
+    # The causal median (majority of frames t-2..t) turns that into 8, 9 and 16, 17, 18,
+    # the causal dilation adds the frame after each: 8-10 and 16-19.  The final walk
+    # restores 7 (0.315 from the memory, frame 0) but not 15 (its memory is now frame
+    # 10: 0.225 away).
+    assert all(keep[t].all() for t in kept_frames(keep))
+    assert kept_frames(keep) == [0, 7, 8, 9, 10, 16, 17, 18, 19]
+    # The authors' windows: the centred median leaves 7, 8 and 15, 16, 17 as they are,
+    # the dilation (frames t, t+1) adds the frame before each: 6-8 and 14-17, all
+    # within theta2 of their memory.
+    keep = lipar.prune_mask(z)
+    assert memory_walk_violations(z, keep, THETA2) == []
+    assert all(keep[t].all() for t in kept_frames(keep))
+    assert kept_frames(keep) == [0, 6, 7, 8, 14, 15, 16, 17]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_pruned_token_is_within_theta2_of_its_memory(seed):
+    z = drifting_clip(seed, L=15)
+    if seed == 4:
+        square, _ = moving_square_clip(L=15, H=16 * 2, W=24 * 2)
+        z = square[:, :, ::2, ::2] + z
+    keep = lipar.prune_mask(z)
+    assert keep[0].all()
+    assert memory_walk_violations(z, keep, THETA2) == []
+    # not vacuous: Eq. 1 alone leaves violations that the bound had to fix
+    assert memory_walk_violations(z, lipar.prune_mask(z, theta2=INF), THETA2) != []
+    assert 0.05 < lipar.prune_ratio(keep) < 1.0
