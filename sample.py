@@ -409,7 +409,11 @@ def check_outputs(args):
             raise UsageError(f"the output {path} is the input video; choose another --out")
         if path.exists() and not args.overwrite:
             raise UsageError(f"{path} already exists; pass --overwrite or choose another --out")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create the output folder {path.parent} ({err.strerror}); "
+                             "choose another --out") from None
 
 
 # -----------------------------------------------------------------------------

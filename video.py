@@ -38,7 +38,7 @@ def read_video(path):
         raise VideoError(f"{path} is a folder, not a video file; pass the path of a video file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path} is empty (0 bytes); pass a complete video file")
-    frames, rotation = [], 0
+    frames, times, rotation = [], [], 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -47,8 +47,15 @@ def read_video(path):
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(frame.time)
                 rotation = frame.rotation
             fps = stream.average_rate or stream.guessed_rate
+            # A variable-frame-rate source (phones record these) can state a rate far from
+            # the pace of its frames: the output plays at their average pace instead.
+            if len(frames) > 1 and None not in times and times[-1] > times[0]:
+                measured = (len(frames) - 1) / (times[-1] - times[0])
+                if not fps or abs(measured / float(fps) - 1) > 0.01:
+                    fps = measured
     except av.FFmpegError as err:
         raise VideoError(f"cannot read {path} as a video ({err.strerror}); pass an mp4, mov, webm or gif file") from None
     if not frames:
@@ -136,9 +143,9 @@ def write_video(path, frames, fps, audio_from=None):
     try:
         _write(partial, frames, rate, duration, audio_from)
         os.replace(partial, path)
-    except av.FFmpegError as err:
-        raise VideoError(f"cannot write {path} ({err.strerror}); check the folder is writable and the audio "
-                         f"source {audio_from} is a readable video") from None
+    except (av.FFmpegError, OSError) as err:  # OSError: a full disk, a folder that went away
+        raise VideoError(f"cannot write {path} ({err.strerror or err}); check the folder is writable, has free "
+                         f"space, and the audio source {audio_from} is a readable video") from None
     finally:
         partial.unlink(missing_ok=True)
 

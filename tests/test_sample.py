@@ -288,6 +288,33 @@ def test_every_problem_is_reported_at_once_and_the_video_before_the_weights(tmp_
     assert "weights" not in err  # the cheap local checks come first; the weights are looked at after
 
 
+def test_output_folder_that_cannot_be_made(clip, weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file where the output folder would go")
+    assert run_cli(["--video", str(clip), "--out", "taken/edited.mp4"], weights) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot create the output folder taken") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["misshaped", "truncated"])
+def test_damaged_weights_are_named_in_one_sentence(damage, clip, tmp_path, monkeypatch, capsys):
+    """A DiT tensor of the wrong shape, or a DiT file cut short by an interrupted download."""
+    monkeypatch.chdir(tmp_path)
+    weights = sample.write_random_weights(tmp_path / "weights")
+    dit_file = weights / "dit" / "model.safetensors"
+    if damage == "misshaped":
+        tensors = load_file(str(dit_file))
+        tensors["head.head.weight"] = tensors["head.head.weight"][:, :-1].contiguous()
+        save_file(tensors, str(dit_file))
+    else:
+        dit_file.write_bytes(dit_file.read_bytes()[: dit_file.stat().st_size // 2])
+    assert run_cli(["--video", str(clip), "--out", "edited.mp4"], weights) == 2
+    err = capsys.readouterr().err
+    expected = "mis-shaped 1: head.head.weight" if damage == "misshaped" else "is not a readable safetensors file"
+    assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "edited.mp4").exists()
+
+
 def test_ctrl_c_ends_with_one_line_exit_130_and_no_partial_output(clip, weights, tmp_path):
     """A real interrupt (SIGINT) once the DiT stage has started, in a subprocess."""
     import signal

@@ -184,3 +184,66 @@ def test_an_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         video.write_video(tmp_path / "out.mp4", torch.zeros(5, 16, 16, 3, dtype=torch.uint8), 24)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_variable_frame_rate_source_is_written_at_its_average_pace(tmp_path):
+    """Frames 50 and 33 ms apart in a stream that states 1000 fps: read at ~24 fps."""
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=1000)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        t = 0
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 1000)
+            t += 33 if i % 2 else 50
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    frames, fps = read_video(path)
+    assert len(frames) == 12
+    assert fps == pytest.approx(11 / 0.465, rel=1e-3)  # 11 intervals (6 of 50 ms, 5 of 33 ms): 465 ms
+
+
+@pytest.mark.parametrize("container,codec,pix_fmt", [("mp4", "libx264", "yuv444p"), ("mkv", "ffv1", "yuv420p10le")])
+def test_yuv444_and_10_bit_sources_read_as_8_bit_rgb(tmp_path, container, codec, pix_fmt):
+    path = tmp_path / f"clip.{container}"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for i in range(5):
+            rgb = np.full((48, 64, 3), (40 * i, 100, 200), np.uint8)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    frames, fps = read_video(path)
+    assert frames.dtype == torch.uint8 and frames.shape == (5, 48, 64, 3) and fps == 24.0
+    assert (frames[:, 24, 32].int() - torch.tensor([[40 * i, 100, 200] for i in range(5)])).abs().max() <= 3
+
+
+def test_audio_only_file_is_refused_in_one_sentence(tmp_path):
+    path = tmp_path / "voice.m4a"
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16000, layout="mono")
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.rate, frame.pts = 16000, 1024 * i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    with pytest.raises(VideoError, match="holds no video stream"):
+        read_video(path)
+
+
+def test_a_full_disk_while_writing_is_one_sentence_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+
+    import video
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(video, "_encode_frames", full_disk)
+    with pytest.raises(VideoError, match="No space left on device"):
+        video.write_video(tmp_path / "out.mp4", torch.zeros(5, 16, 16, 3, dtype=torch.uint8), 24)
+    assert list(tmp_path.iterdir()) == []
