@@ -376,7 +376,9 @@ def write_outputs(args, outputs, source_frames, keep, fps, stats):
     written = {}
     for mode, frames in outputs.items():
         path = output_path(args, mode)
-        io.write_video(path, frames, fps, audio_from=args.video)
+        dropped_audio = io.write_video(path, frames, fps, audio_from=args.video)
+        if dropped_audio:
+            stats["notes"].append(dropped_audio)
         written[mode] = str(path)
     if args.compare:
         stats["psnr_full_vs_lipar_db"] = psnr(outputs["full"], outputs["lipar"])

@@ -123,7 +123,8 @@ def write_video(path, frames, fps, audio_from=None):
     yuv420p stores colour at half resolution, so an odd height or width is made
     even by repeating the last row or column. The audio of `audio_from` (the
     source video) is copied as it is when mp4 can hold its codec, re-encoded to
-    AAC otherwise, and cut where the video ends.
+    AAC otherwise, and cut where the video ends. When that audio cannot be read,
+    the video is written without it; the returned sentence says so (else None).
     """
     path = Path(path)
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
@@ -140,14 +141,24 @@ def write_video(path, frames, fps, audio_from=None):
     # Written to a hidden file beside the target and renamed when complete: an error or
     # Ctrl-C part-way leaves no half-written video under the output's name.
     partial = path.with_name(f".{path.name}.partial")
+    dropped = None
     try:
-        _write(partial, frames, rate, duration, audio_from)
+        try:
+            _write(partial, frames, rate, duration, audio_from)
+        except (av.FFmpegError, OSError) as err:
+            if audio_from is None:
+                raise
+            # The source's audio may be what failed (a damaged or unreadable stream):
+            # the edit is still worth having, silent.
+            _write(partial, frames, rate, duration, None)
+            dropped = f"the audio of {audio_from} could not be copied ({err.strerror or err}); {path} is silent"
         os.replace(partial, path)
     except (av.FFmpegError, OSError) as err:  # OSError: a full disk, a folder that went away
-        raise VideoError(f"cannot write {path} ({err.strerror or err}); check the folder is writable, has free "
-                         f"space, and the audio source {audio_from} is a readable video") from None
+        raise VideoError(f"cannot write {path} ({err.strerror or err}); check the folder is writable and has "
+                         f"free space") from None
     finally:
         partial.unlink(missing_ok=True)
+    return dropped
 
 
 def _write(path, frames, rate, duration, audio_from):

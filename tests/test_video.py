@@ -247,3 +247,32 @@ def test_a_full_disk_while_writing_is_one_sentence_and_leaves_no_file(tmp_path, 
     with pytest.raises(VideoError, match="No space left on device"):
         video.write_video(tmp_path / "out.mp4", torch.zeros(5, 16, 16, 3, dtype=torch.uint8), 24)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_audio_stream_gives_a_silent_output_and_says_so(tmp_path):
+    """A good video stream beside an audio stream of damaged MP2 packets (mp4 cannot hold
+    MP2, so the audio would be decoded and re-encoded): the edit is written without sound."""
+    source = tmp_path / "damaged_audio.mkv"
+    with av.open(str(source), "w") as out:
+        video_stream = out.add_stream("libx264", rate=24)
+        video_stream.width, video_stream.height, video_stream.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("mp2", rate=32000, layout="mono")
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.int16), format="s16", layout="mono")
+        silence.rate, silence.pts = 32000, 0
+        out.mux(audio.encode(silence))
+        for i in range(9):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(video_stream.encode(frame))
+            packet = av.Packet(bytes(np.random.default_rng(i).integers(0, 256, 300, dtype=np.uint8)))
+            packet.stream, packet.pts, packet.dts = audio, 1152 * (i + 1), 1152 * (i + 1)
+            out.mux(packet)
+        out.mux(video_stream.encode(None))
+    frames, fps = read_video(source)
+    target = tmp_path / "edited.mp4"
+    note = write_video(target, frames, fps, audio_from=source)
+    assert note is not None and "is silent" in note
+    with av.open(str(target)) as written:
+        assert [s.type for s in written.streams] == ["video"]
+    assert len(read_video(target)[0]) == 9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged_audio.mkv", "edited.mp4"]
