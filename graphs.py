@@ -6,7 +6,7 @@ over ~30 layers × ~20 kernels, and launching them one by one from Python costs
 the CPU more than the GPU needs (BENCHMARKS.md). A CUDA graph records the whole
 forward once and replays it with a single launch, as gpt-fast does for a decoding
 step. This file is that machinery and nothing else: model.py knows nothing about
-it, and `--no-fast` (sample.py) or simply not using a GraphRunner switches it off.
+it, and `--no-graphs` (sample.py) or simply not using a GraphRunner switches it off.
 
 A graph replays fixed kernels on fixed addresses, so everything a forward reads
 must have a fixed shape and live in a fixed place:
@@ -35,6 +35,8 @@ import time
 from dataclasses import replace
 
 import torch
+
+from model import KVCache
 
 
 def bucket_size(count, total, bucket):
@@ -85,8 +87,6 @@ class GraphRunner:
 
     def kv_cache(self, context, num_frames, grid_hw, window=None):
         """A KVCache for a clip, in storage that persists (and that the graphs point at)."""
-        from model import KVCache
-
         key = (tuple(context.shape), num_frames, tuple(grid_hw), window)
         cache = self.caches.get(key)
         if cache is None:

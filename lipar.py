@@ -22,7 +22,7 @@ Everything here is plain torch and runs on the tensors' own device.
 import torch
 import torch.nn.functional as F
 
-from model import apply_rope
+from model import apply_rope, complete_chunk
 
 # ---- Latent inter-frame pruning (Eq. 1, 5-6) ----
 #
@@ -242,7 +242,7 @@ class RecoveryPlan:
     def recover(self, memory_k, memory_v, k_kept, v_kept, memory_step):
         """Complete the chunk's pre-RoPE keys and values [B, F·N, H, Dh] (Eq. 3)."""
         src = self.source(memory_step)
-        return torch.cat([memory_k, k_kept], dim=1)[:, src], torch.cat([memory_v, v_kept], dim=1)[:, src]
+        return complete_chunk(memory_k, k_kept, src), complete_chunk(memory_v, v_kept, src)
 
     def source(self, memory_step):
         return self.sources[memory_step][0]

@@ -519,6 +519,12 @@ class CausalWanModel(nn.Module):
 rotate_keys = fused(apply_rope)  # the cache write rotates every key of the chunk in every layer: one kernel
 
 
+def complete_chunk(memory, kept_rows, source):
+    """Eq. 3: a chunk's rows [B, F·N, ...] picked from cat(memory, kept_rows) by `source`
+    (lipar.RecoveryPlan): a kept token takes its own row, a pruned one a duplicate."""
+    return torch.cat([memory, kept_rows], dim=1).index_select(1, source)
+
+
 @dataclass
 class ChunkStep:
     """What one forward_chunk call reads and writes besides latents and weights.
@@ -638,8 +644,8 @@ class KVCache:
         def keys_values(layer):
             def write_and_read(k, v):
                 if step.source is not None:  # Eq. 3: complete the chunk with duplicated clean keys/values
-                    k = torch.cat([self.memory_k[layer], k], dim=1).index_select(1, step.source)
-                    v = torch.cat([self.memory_v[layer], v], dim=1).index_select(1, step.source)
+                    k = complete_chunk(self.memory_k[layer], k, step.source)
+                    v = complete_chunk(self.memory_v[layer], v, step.source)
                     if step.memory_step:  # the next chunk's memory: this chunk's clean last frame
                         self.memory_k[layer].copy_(k[:, -n:])
                         self.memory_v[layer].copy_(v[:, -n:])

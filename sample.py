@@ -589,7 +589,7 @@ def main(argv=None):
     args.height, args.width = args.height or 480, args.width or 832
     for name in ("height", "width"):
         value = getattr(args, name)
-        if value % 16 or value <= 0:
+        if value % 16:  # sizes <= 0 were refused by flag_problems
             rounded = max(16, round(value / 16) * 16)
             notes.append(f"--{name} {value} is not a multiple of 16; using {rounded}")
             setattr(args, name, rounded)
