@@ -26,7 +26,7 @@ from model import apply_rope, complete_chunk
 
 # ---- Latent inter-frame pruning (Eq. 1, 5-6) ----
 #
-# prune_mask() in one picture (t = latent frame, chunks of 3 frames):
+# The mask in one picture (t = latent frame, chunks of 3 frames):
 #   d_t   = robust L1(P_t, P_{t-1}), t >= 1                     Eq. 1
 #   d     = causal Gaussian(median(d))
 #   keep  = d > theta, frame 0 always kept
@@ -40,6 +40,12 @@ from model import apply_rope, complete_chunk
 # t+3: a stream must read three latent frames (12 video frames) ahead. With
 # lookahead=0 it never depends on a later frame, at the price of kept regions that
 # linger three frames longer after motion stops (tests/test_prune_mask.py).
+#
+# MaskStream computes it one latent frame at a time, so that a video of any length
+# can be masked as it is read; prune_mask() hands it a whole clip at once. Every
+# filter below takes the exact window of frames that one output frame reads, and
+# every frame is computed by the same calls whatever arrives when: a clip pushed in
+# pieces gets the very mask it gets pushed whole, bit for bit.
 
 
 def patchify(latents):
@@ -64,34 +70,30 @@ def robust_patch_l1(a, b):
     return diff[..., n // 5:(4 * n) // 5].mean(dim=-1)
 
 
-def median3(x, lookahead=1):
-    """3x3x3 median of x [T, h, w] over (time, h, w).
+def median3(window):
+    """3x3x3 median: frames [3, h, w] (the window of one output frame) -> [h, w].
 
-    The window of frame t spans frames t-2+lookahead .. t+lookahead: centred for
-    lookahead=1 (the authors' median_filter: they pad two past frames but keep the
-    centred window), causal for 0 (a mask frame
-    is then final before the video that follows it is known).  Missing frames and
-    pixels repeat the nearest existing one (edge padding, scipy's mode="nearest"):
-    causally, frame 0 sees itself three times and frame 1 sees frames 0, 0, 1.
+    Pixels outside the frame repeat the nearest one (scipy's mode="nearest"). Which
+    three frames form the window, and how the clip's ends are padded, is
+    MaskStream's business: t-2+a .. t+a, repeating the first and last frames.
     """
-    p = F.pad(x[None, None], (1, 1, 1, 1, 2 - lookahead, lookahead), mode="replicate")[0, 0]
-    windows = p.unfold(0, 3, 1).unfold(1, 3, 1).unfold(2, 3, 1)  # [T, h, w, 3, 3, 3]
-    return windows.reshape(*x.shape, 27).median(dim=-1).values
+    p = F.pad(window[None], (1, 1, 1, 1), mode="replicate")[0]
+    cells = p.unfold(1, 3, 1).unfold(2, 3, 1)  # [3, h, w, 3, 3]
+    return cells.permute(1, 2, 0, 3, 4).flatten(2).median(dim=-1).values
 
 
-def causal_gaussian3(x, sigma=1.5):
-    """Causal 3x3x3 Gaussian blur of x [T, h, w].
+def causal_gaussian3(window, sigma=1.5):
+    """Causal 3x3x3 Gaussian blur: frames [2, h, w] (t-1 and t) -> frame t [h, w].
 
     Weights exp(-|o|^2 / (2 sigma^2)) for offsets o in {-1, 0, 1}^3, with the future
     slice (time offset +1) set to zero and the rest renormalised to sum 1: frame t
-    mixes frames t-1 and t only.  Edge padding, as in median3.
+    mixes frames t-1 and t only.  Edge padding in space, as in median3.
     """
-    o = torch.arange(-1, 2, device=x.device, dtype=x.dtype)
+    o = torch.arange(-1, 2, device=window.device, dtype=window.dtype)
     g = torch.exp(-o**2 / (2 * sigma**2))
     k = g[:2, None, None] * g[None, :, None] * g[None, None, :]  # time offsets -1, 0
-    k = k / k.sum()
-    p = F.pad(x[None, None], (1, 1, 1, 1, 1, 0), mode="replicate")
-    return F.conv3d(p, k[None, None])[0, 0]
+    p = F.pad(window[None], (1, 1, 1, 1), mode="replicate")
+    return F.conv3d(p[None], (k / k.sum())[None, None])[0, 0, 0]
 
 
 def _dilate3x3(m):
@@ -119,55 +121,100 @@ def open_close(mask):
     return m > 0.5
 
 
-def dilate(mask, lookahead=1):
-    """Dilation of [T, h, w] bool over 5x5 tokens and the two frames t-1+lookahead .. t+lookahead.
+def dilate(window):
+    """Dilation over 5x5 tokens and two frames: bool [2, h, w] -> [h, w].
 
-    A token is kept at frame t when any token within 2 rows and columns is kept in
-    that window: kept regions get a 2-token safety margin, and either start one
-    frame early (lookahead=1, the authors': their (3, 5, 5) box with its last time
-    slice zeroed, which in scipy's convention drops the past frame) or persist one
-    frame after motion stops (lookahead=0, never reaching back into earlier frames).
+    A token is kept when any token within 2 rows and columns is kept in either frame
+    of its window, t-1+a .. t+a: kept regions get a 2-token safety margin, and either
+    start one frame early (a = 1, the authors': their (3, 5, 5) box with its last
+    time slice zeroed, which in scipy's convention drops the past frame) or persist
+    one frame after motion stops (a = 0).  Frames outside the clip are empty.
     """
-    m = F.pad(mask.float()[None, None], (0, 0, 0, 0, 1 - lookahead, lookahead))  # empty frames outside the clip
-    return F.max_pool3d(m, (2, 5, 5), stride=1, padding=(0, 2, 2))[0, 0] > 0.5
+    either = window.any(dim=0).float()
+    return F.max_pool2d(either[None, None], 5, stride=1, padding=2)[0, 0] > 0.5
 
 
-def clean_mask(keep, lookahead=1):
-    """Mask cleanup of [T, h, w] bool: median, per-frame open/close, dilation."""
-    m = median3(keep.float(), lookahead) > 0.5  # median of 0/1 values = majority vote
-    return dilate(open_close(m), lookahead)
+class SubstituteBound:
+    """Eq. 5-6, one frame at a time: also keep every token too far from its substitute.
 
-
-def substitute_bound(patches, keep, theta2, chunk_frames=3):
-    """Eq. 5-6: also keep every token that is too far from its substitute.
-
-    patches [L, h, w, n] (from patchify), keep [L, h, w] bool with frame 0 all kept.
     A token pruned in chunk c is replaced by the memory at its location: what the KV
     cache holds there at the last frame of chunk c-1.  For a pruned token the cache
     holds a copy of the same location one frame earlier (the memory step chains
     copies frame to frame), so the memory is the latent of the *last kept* frame at
     that location up to the end of chunk c-1.  Eq. 1 only bounds neighbouring
     frames, so slow drift could pile up without limit; comparing with the memory
-    bounds the error of the substitution itself: after this, every pruned token of
-    chunks >= 1 has robust L1 <= theta2 to its memory under the returned mask.
+    bounds the error of the substitution itself: every pruned token of chunks >= 1
+    ends within robust L1 theta2 of its memory.
 
     Chunk 0 has no memory (its pruned tokens are simply absent from attention), so
-    it is not checked; the first memory is the last kept value among frames
-    0..chunk_frames-1.  Only ever adds tokens; returns a new mask.
+    it is not checked; the first memory is the last kept value among its frames.
     """
-    keep = keep.clone()
-    memory = patches[0]
-    for start in range(0, patches.shape[0], chunk_frames):
-        chunk = slice(start, start + chunk_frames)
-        if start > 0:
-            keep[chunk] |= robust_patch_l1(patches[chunk], memory) > theta2
-        for p, k in zip(patches[chunk], keep[chunk]):  # last kept value wins
-            memory = torch.where(k[..., None], p, memory)
-    return keep
+
+    def __init__(self, theta2, chunk_frames=3):
+        self.theta2, self.chunk_frames = theta2, chunk_frames
+        self.latest = self.memory = None  # last kept value per location: now, and as of the chunk's start
+
+    def __call__(self, t, patches, keep):
+        """Frame t's patches [h, w, n] and keep [h, w] -> keep with the bound's tokens added.
+        Frames come in order, t = 0, 1, 2, ..."""
+        if t == 0:
+            self.latest = patches
+        if t % self.chunk_frames == 0:
+            self.memory = self.latest
+        if t >= self.chunk_frames:
+            keep = keep | (robust_patch_l1(patches, self.memory) > self.theta2)
+        self.latest = torch.where(keep[..., None], patches, self.latest)
+        return keep
 
 
-def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
-    """Token keep-mask [L, H/16, W/16] (bool, True = compute) for normalised latents [L, 16, H/8, W/8].
+class Frames:
+    """Frames t = first, first + 1, ... of one stage of MaskStream, held only while a
+    later stage may still read them; `end` is one past the last frame once the video
+    has ended (None before)."""
+
+    def __init__(self, first=0):
+        self.first = self.next = first
+        self.end = None
+        self.held = {}
+
+    def add(self, frame):
+        self.held[self.next] = frame
+        self.next += 1
+
+    def close_after(self, source):
+        """The stage has ended once the stage it reads has, and every frame is done."""
+        if source.end is not None and self.next == source.end:
+            self.end = source.end
+
+    def drop_before(self, t):
+        for old in [i for i in self.held if i < t]:
+            del self.held[old]
+
+    def window(self, lo, hi, pad="edge", first=None):
+        """Frames lo .. hi-1 stacked, or None while some are still to come. Outside
+        [first, end) a frame repeats the nearest one (pad="edge") or is zero ("zero");
+        `first` can start the range later than the stage does."""
+        if hi > self.next and self.end is None:
+            return None
+        first, last = first or self.first, self.next - 1
+        frames = []
+        for t in range(lo, hi):
+            if first <= t <= last:
+                frames.append(self.held[t])
+            elif pad == "edge":
+                frames.append(self.held[min(max(t, first), last)])
+            else:
+                frames.append(torch.zeros_like(self.held[last]))
+        return torch.stack(frames)
+
+
+class MaskStream:
+    """The token keep-mask [L, H/16, W/16] (bool, True = compute) of normalised latents
+    [L, 16, H/8, W/8], computed as the latent frames arrive.
+
+    push(latents) takes the next latent frames and returns the mask frames that are
+    now final (with lookahead=1 a frame is final three latent frames later); finish()
+    says the video has ended and returns the rest.  Memory stays that of a few frames.
 
     theta: threshold on the smoothed frame-to-frame distance (Eq. 1; paper 0.15).
     theta2: substitute bound (Eq. 5-6); float('inf') turns it off.
@@ -175,23 +222,88 @@ def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
     lookahead: how far the medians and the dilation see ahead in time, 1 (the
     authors') or 0 (strictly causal); see the picture above.
     """
-    patches = patchify(latents.float())
-    first = torch.ones_like(patches[:1, ..., 0], dtype=torch.bool)  # frame 0 is always computed
-    if patches.shape[0] == 1:
-        return first
-    d = robust_patch_l1(patches[1:], patches[:-1])  # Eq. 1 for frames 1..L-1
-    d = causal_gaussian3(median3(d, lookahead))
-    keep = torch.cat([first, d > theta])
-    keep = substitute_bound(patches, keep, theta2, chunk_frames)
-    # Frame 0 stays out of the cleanup: it is kept by fiat, not by motion, and
-    # would otherwise vote frames 1-2 kept in the median and dilation.
-    keep = torch.cat([first, clean_mask(keep[1:], lookahead)])
-    # The cleanup can drop tokens the bound kept (median, opening) and keeps extra
-    # ones, which moves the memory of later chunks; OR-ing the earlier bound-kept
-    # tokens back would not restore the guarantee.  Walking the chunks again on
-    # the cleaned mask does, and only adds the few tokens it needs.
-    return substitute_bound(patches, keep, theta2, chunk_frames)
 
+    def __init__(self, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
+        self.theta, self.lookahead = theta, lookahead
+        self.patches = Frames()
+        self.distance = Frames(first=1)  # Eq. 1, for frames 1..L-1
+        self.median = Frames(first=1)
+        self.bounded = Frames()          # d > theta, then the first substitute bound
+        self.cleaned = Frames(first=1)   # the cleanup's median and open/close
+        self.final = Frames()
+        self.first_bound = SubstituteBound(theta2, chunk_frames)
+        self.final_bound = SubstituteBound(theta2, chunk_frames)
+        self.grid = (0, 0)
+
+    def push(self, latents):
+        """latents [F, 16, H/8, W/8] (F >= 0): the next frames. Returns the newly final mask frames [F', h, w]."""
+        done = self.final.next
+        self.grid = latents.shape[2] // 2, latents.shape[3] // 2
+        for patches in patchify(latents.float()):
+            self.patches.add(patches)
+            self._advance()
+        return self._emit(done)
+
+    def finish(self):
+        """The video has ended: the mask frames not returned yet, [F', h, w]."""
+        done = self.final.next
+        self.patches.end = self.patches.next
+        self._advance()
+        return self._emit(done)
+
+    def _emit(self, done):
+        frames = [self.final.held[t] for t in range(done, self.final.next)]
+        # every stage still reads at most three frames back (a median's window at a = 0)
+        for series in (self.patches, self.distance, self.median, self.bounded, self.cleaned, self.final):
+            series.drop_before(self.final.next - 3)
+        if frames:
+            return torch.stack(frames)
+        return torch.zeros(0, *self.grid, dtype=torch.bool)
+
+    def _advance(self):
+        """Compute every frame of every stage whose window is now known, in order."""
+        a = self.lookahead
+        P, d, m, k, c, f = self.patches, self.distance, self.median, self.bounded, self.cleaned, self.final
+        while d.next < P.next:  # Eq. 1 against the previous frame
+            d.add(robust_patch_l1(P.held[d.next], P.held[d.next - 1]))
+        d.close_after(P)
+        while m.next < d.next and (w := d.window(m.next - 2 + a, m.next + a + 1)) is not None:
+            m.add(median3(w))
+        m.close_after(d)
+        while k.next < P.next:
+            t = k.next
+            if t == 0:  # frame 0 is always computed
+                keep = torch.ones_like(P.held[0][..., 0], dtype=torch.bool)
+            elif (w := m.window(t - 1, t + 1)) is not None:
+                keep = causal_gaussian3(w) > self.theta
+            else:
+                break
+            k.add(self.first_bound(t, P.held[t], keep))
+        k.close_after(P)
+        # The cleanup reads frames >= 1 only: frame 0 is kept by fiat, not by motion,
+        # and would otherwise vote frames 1-2 kept in the median and dilation.
+        while c.next < k.next and (w := k.window(c.next - 2 + a, c.next + a + 1, first=1)) is not None:
+            c.add(open_close((median3(w.float()) > 0.5)[None])[0])
+        c.close_after(k)
+        while f.next < P.next:
+            t = f.next
+            if t == 0:
+                keep = k.held[0]
+            elif (w := c.window(t - 1 + a, t + a + 1, pad="zero")) is not None:
+                keep = dilate(w)
+            else:
+                break
+            # The cleanup can drop tokens the first bound kept (median, opening) and keeps
+            # extra ones, which moves the memory of later chunks; walking the chunks again
+            # on the cleaned mask restores the guarantee and only adds the tokens it needs.
+            f.add(self.final_bound(t, P.held[t], keep))
+
+
+def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
+    """Token keep-mask [L, H/16, W/16] (bool, True = compute) for a whole clip's
+    normalised latents [L, 16, H/8, W/8]; see MaskStream for the arguments."""
+    stream = MaskStream(theta, theta2, chunk_frames, lookahead)
+    return torch.cat([stream.push(latents), stream.finish()])
 
 def prune_ratio(keep):
     """Fraction of pruned tokens in latent frames 1..L-1 (frame 0 is never pruned)."""

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+import lipar
+
 INF = float("inf")
 THETA, THETA2 = 0.149, 0.3
 
@@ -41,6 +43,16 @@ def drifting_clip(seed, L=12, H=16, W=24, amax=0.3):
     steps = amp * torch.randn(L, 16, H, W, generator=g)
     steps[0] = 0
     return base + steps.cumsum(0)
+
+
+def over_time(x, op, past, ahead, pad="edge"):
+    """One of lipar's per-frame filters applied to every frame of a whole series x [T, ...],
+    each frame reading frames t-past .. t+ahead through MaskStream's own windows (lipar.Frames)."""
+    frames = lipar.Frames()
+    for frame in x:
+        frames.add(frame)
+    frames.end = len(x)
+    return torch.stack([op(frames.window(t - past, t + ahead + 1, pad)) for t in range(len(x))])
 
 
 # ---------------------------------------------------------------- numpy references

@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 
 import lipar
-from tests.clips import np_patches, np_robust_l1, randn
+from tests.clips import np_patches, np_robust_l1, over_time, randn
 
 
 # ---------------------------------------------------------------- Eq. 1 distance
@@ -61,7 +61,7 @@ def test_causal_median_matches_scipy_with_explicit_padding():
     # centred 3x3x3 median on the padded array; output t sits at padded index t+1,
     # whose window is padded frames t..t+2 = original frames t-2..t
     ref = ndimage.median_filter(padded, size=3)[1:-1, 1:-1, 1:-1]
-    np.testing.assert_array_equal(lipar.median3(torch.from_numpy(x), lookahead=0).numpy(), ref)
+    np.testing.assert_array_equal(over_time(torch.from_numpy(x), lipar.median3, past=2, ahead=0).numpy(), ref)
 
 
 def test_median_with_lookahead_is_the_authors_filter():
@@ -70,18 +70,18 @@ def test_median_with_lookahead_is_the_authors_filter():
     x = np.random.default_rng(5).normal(size=(6, 4, 5))
     padded = np.pad(x, ((2, 0), (0, 0), (0, 0)), mode="edge")
     ref = ndimage.median_filter(padded, mode="nearest", size=(3, 3, 3))[2:]
-    np.testing.assert_array_equal(lipar.median3(torch.from_numpy(x), lookahead=1).numpy(), ref)
+    np.testing.assert_array_equal(over_time(torch.from_numpy(x), lipar.median3, past=1, ahead=1).numpy(), ref)
 
 
 def test_causal_median_hand_case():
     # per-frame constants 0, 10, 20, 30, 40: frame t takes the median of t-2..t
     x = torch.arange(5, dtype=torch.float32)[:, None, None].expand(5, 3, 3) * 10
-    out = lipar.median3(x, lookahead=0)
+    out = over_time(x, lipar.median3, past=2, ahead=0)
     assert out[:, 1, 1].tolist() == [0, 0, 10, 20, 30]
     # a spike in frame 3 alone never shows (majority vote), and never reaches frames 0-2
     x = torch.zeros(5, 3, 3)
     x[3] = 100
-    assert not lipar.median3(x, lookahead=0).any()
+    assert not over_time(x, lipar.median3, past=2, ahead=0).any()
 
 
 def test_causal_gaussian_matches_hand_weights():
@@ -96,14 +96,14 @@ def test_causal_gaussian_matches_hand_weights():
                 total += w
                 ref += w * padded[1 + dt:5 + dt, 1 + dy:6 + dy, 1 + dx:7 + dx]
     ref /= total
-    out = lipar.causal_gaussian3(torch.from_numpy(x)).numpy()
+    out = over_time(torch.from_numpy(x), lipar.causal_gaussian3, past=1, ahead=0).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-14)
 
 
 def test_causal_gaussian_impulse():
     x = torch.zeros(4, 5, 5, dtype=torch.float64)
     x[1, 2, 2] = 1
-    out = lipar.causal_gaussian3(x)
+    out = over_time(x, lipar.causal_gaussian3, past=1, ahead=0)
     a = math.exp(-1 / 4.5)  # one step at sigma 1.5
     z = (1 + a) * (1 + 2 * a) ** 2  # sum of the 18 causal weights
     assert out[1, 2, 2].item() == pytest.approx(1 / z)
@@ -111,7 +111,7 @@ def test_causal_gaussian_impulse():
     assert out[1, 1, 1].item() == pytest.approx(a * a / z)
     assert not out[0].any() and not out[3].any()  # the past and t+2 never do
     c = torch.full((3, 4, 4), 0.7, dtype=torch.float64)
-    torch.testing.assert_close(lipar.causal_gaussian3(c), c)
+    torch.testing.assert_close(over_time(c, lipar.causal_gaussian3, past=1, ahead=0), c)
 
 
 # ---------------------------------------------------------------- cleanup
@@ -193,7 +193,7 @@ def test_causal_dilate_hand_case():
     mask = torch.zeros(3, 7, 7, dtype=torch.bool)
     mask[1, 3, 3] = True
     mask[0, 0, 0] = True
-    out = lipar.dilate(mask, lookahead=0)
+    out = over_time(mask, lipar.dilate, past=1, ahead=0, pad="zero")
     corner = torch.zeros(7, 7, dtype=torch.bool)
     corner[:3, :3] = True
     centre = torch.zeros(7, 7, dtype=torch.bool)
@@ -210,7 +210,7 @@ def test_causal_dilate_matches_scipy():
     structure = np.ones((3, 5, 5), bool)
     structure[0] = False
     ref = ndimage.binary_dilation(masks, structure)
-    np.testing.assert_array_equal(lipar.dilate(torch.from_numpy(masks), lookahead=0).numpy(), ref)
+    np.testing.assert_array_equal(over_time(torch.from_numpy(masks), lipar.dilate, past=1, ahead=0, pad="zero").numpy(), ref)
 
 
 def test_dilation_with_lookahead_is_the_authors_box():
@@ -220,7 +220,7 @@ def test_dilation_with_lookahead_is_the_authors_box():
     structure = np.ones((3, 5, 5), bool)
     structure[2] = False
     ref = ndimage.binary_dilation(masks, structure)
-    np.testing.assert_array_equal(lipar.dilate(torch.from_numpy(masks), lookahead=1).numpy(), ref)
+    np.testing.assert_array_equal(over_time(torch.from_numpy(masks), lipar.dilate, past=0, ahead=1, pad="zero").numpy(), ref)
 
 
 # ---------------------------------------------------------------- substitute bound (Eq. 5-6)
@@ -230,9 +230,43 @@ def test_substitute_bound_memory_hand_case():
     v = torch.tensor([0.0, 0.0, 1.0, 1.1, 1.2, 1.35, 1.2, 0.9, 1.0], dtype=torch.float64)
     patches = v[:, None, None, None].expand(9, 1, 1, 5)
     keep = torch.tensor([1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)[:, None, None]
-    out = lipar.substitute_bound(patches, keep, theta2=0.3)[:, 0, 0]
+    bound = lipar.SubstituteBound(theta2=0.3)
+    out = torch.stack([bound(t, p, k) for t, (p, k) in enumerate(zip(patches, keep))])[:, 0, 0]
     # memory after chunk 0 = frame 2 (last kept of 0..2): frames 3, 4 within 0.3, frame 5 not;
     # memory after chunk 1 = frame 5 (1.35): frame 7 (0.45) and frame 8 (0.35) are too far --
     # frame 8 is measured against that memory, not against frame 7 kept in the same chunk
     assert out.tolist() == [True, False, True, False, False, True, False, True, True]
     assert torch.equal(keep[:, 0, 0], torch.tensor([1, 0, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- the mask as a stream
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_mask_stream_in_any_pieces_equals_the_whole_clip_mask(lookahead):
+    """Frames pushed one at a time, or in uneven groups, give the mask of the whole clip
+    bit for bit, each frame as soon as the frames it depends on have arrived."""
+    from tests.clips import authors_mask, drifting_clip
+    z = drifting_clip(7, L=17, amax=0.25)
+    whole = lipar.prune_mask(z, lookahead=lookahead)
+    if lookahead:  # the whole-clip mask itself is the authors' with the bound walked again
+        assert torch.equal(lipar.prune_mask(z, theta2=float("inf")), authors_mask(z, theta2=float("inf")))
+    for sizes in ([1] * 17, [4, 1, 5, 7], [17]):
+        stream = lipar.MaskStream(lookahead=lookahead)
+        pieces, start = [], 0
+        for size in sizes:
+            pieces.append(stream.push(z[start:start + size]))
+            start += size
+            # frame 0 is final at once (always kept), frame t >= 1 once frame t + 3a has arrived
+            assert sum(len(p) for p in pieces) == 1 + max(0, start - 1 - 3 * lookahead)
+        pieces.append(stream.finish())
+        assert torch.equal(torch.cat(pieces), whole), sizes
+
+
+def test_mask_stream_holds_a_few_frames_whatever_the_length():
+    stream = lipar.MaskStream()
+    z = randn(1, 16, 8, 12)
+    for t in range(200):
+        stream.push(z + 0.01 * t)
+        held = max(len(s.held) for s in (stream.patches, stream.distance, stream.median, stream.bounded,
+                                         stream.cleaned, stream.final))
+        assert held <= 7, (t, held)
