@@ -153,7 +153,7 @@ def cpu_float32_vs_gpu(dit, context, keep):
     outputs = []
     for model, device in ((cpu, "cpu"), (dit, "cuda")):
         dtype = model.head.head.weight.dtype
-        cache = M.KVCache(model, context.to(device, dtype), 6, (h, w), window=(1, 6))
+        cache = M.KVCache(model, context.to(device, dtype), (h, w), window=(1, 6))
         plans = lipar.chunk_plans(keep.to(device), "lipar")
         out = []
         for c, plan in enumerate(plans):

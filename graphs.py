@@ -85,12 +85,12 @@ class GraphRunner:
         self.pool = None   # one memory pool for every graph
         self.stats = {"eager": 0, "captures": 0, "replays": 0, "capture_s": 0.0}
 
-    def kv_cache(self, context, num_frames, grid_hw, window=None):
+    def kv_cache(self, context, grid_hw, window=None):
         """A KVCache for a clip, in storage that persists (and that the graphs point at)."""
-        key = (tuple(context.shape), num_frames, tuple(grid_hw), window)
+        key = (tuple(context.shape), tuple(grid_hw), window)
         cache = self.caches.get(key)
         if cache is None:
-            cache = self.caches[key] = KVCache(self.model, context, num_frames, grid_hw, window)
+            cache = self.caches[key] = KVCache(self.model, context, grid_hw, window)
         else:
             cache.reset(self.model, context)
         return cache

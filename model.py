@@ -137,6 +137,7 @@ class DiTConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     frames_per_chunk: int = 3  # Self-Forcing denoises 3 latent frames at a time
+    trained_frames: int = 21  # Self-Forcing's training clips: 21 latent frames (81 video frames)
 
     @property
     def head_dim(self):
@@ -492,7 +493,7 @@ class CausalWanModel(nn.Module):
         f, h, w = (x.shape[2 + i] // p for i, p in enumerate(self.cfg.patch_size))
         slots, visible, present, key_mask = cache.claim(start_frame, f, None if plan is None else
                                                         plan.key_valid(memory_step), mask_absent_keys)
-        return ChunkStep(positions=grid_positions(f, h, w, start_frame, device=x.device),
+        return ChunkStep(positions=grid_positions(f, h, w, cache.position_of(start_frame), device=x.device),
                          kept=None if plan is None else plan.kept, slots=slots,
                          source=None if plan is None else plan.source(memory_step),
                          visible=visible, present=present, key_mask=key_mask, memory_step=memory_step)
@@ -553,27 +554,36 @@ class KVCache:
     """Self-attention keys/values of the frames a chunk may attend to, for every layer.
 
     One preallocated tensor per layer, updated in place (as in gpt-fast); keys are
-    stored after RoPE, at their true frame position. Without a window every frame
-    has its own slot (Self-Forcing's full causal cache). With a window
-    (m_sink, m_recent), LIPAR's M-degree approximation, there are only
-    m_sink + m_recent frame slots: frames < m_sink keep theirs for ever and later
-    frames take turns in a ring of m_recent slots. The slots written so far then
-    always form a prefix, and that prefix holds exactly the frames of the window:
-    attention reads `k[:, :n]`, no gather, and the cache never grows past the window.
+    stored after RoPE. The cache holds a window (m_sink, m_recent) of frames: frames
+    < m_sink keep their slots for ever and later frames take turns in a ring of
+    m_recent slots. The slots written so far then always form a prefix, and that
+    prefix holds exactly the frames of the window: attention reads `k[:, :n]`, no
+    gather, and the cache never grows, however long the video. LIPAR's M-degree
+    approximation is such a window; without one (`full`, Self-Forcing's causal
+    cache) it is (0, trained_frames): the whole clip up to 21 latent frames (81
+    video frames), and past that a rolling window of the 21 latest.
+
+    Positions roll with the window, as in the authors' streaming code: Self-Forcing
+    was trained on frame positions 0..20 only, so once a chunk would reach past
+    frame 20 it is placed at frames 18..20 and every cached non-sink key is rotated
+    back by the frames the chunk moved on (their distances to the chunk stay true;
+    the sink stays at its own position). No position ever passes 20, so a stream
+    can run for ever, far past the 1,024 positions of Wan's RoPE table.
 
     For LIPAR it also keeps the memory: each layer's pre-RoPE keys/values of the last
     frame of the previous chunk, from which pruned tokens are recovered (Eq. 3–4).
     """
 
-    def __init__(self, model, context, num_frames, grid_hw, window=None):
+    def __init__(self, model, context, grid_hw, window=None):
         cfg = model.cfg
         param = model.head.head.weight
         self.tokens_per_frame = n = grid_hw[0] * grid_hw[1]
-        self.sink, self.recent = (0, num_frames) if window is None else window
+        self.sink, self.recent = (0, cfg.trained_frames) if window is None else window
         if self.recent < cfg.frames_per_chunk:
             raise ValueError(f"the attention window must cover the current chunk: m_recent={self.recent} "
                              f"< {cfg.frames_per_chunk} frames per chunk")
-        self.num_slots = min(num_frames, self.sink + self.recent)
+        self.trained_frames, self.head_dim, self.rope_theta = cfg.trained_frames, cfg.head_dim, cfg.rope_theta
+        self.num_slots = self.sink + self.recent
         shape = (cfg.num_layers, context.shape[0], self.num_slots * n, cfg.num_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=param.device, dtype=param.dtype)
         self.v = torch.zeros_like(self.k)
@@ -583,6 +593,7 @@ class KVCache:
         self.memory_v = torch.zeros_like(self.memory_k)
         self.context_kvs = model.context_kvs(context)
         self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask
+        self.shift = 0  # frames by which the non-sink positions sit below the frames' true indices
 
     def reset(self, model, context):
         """Start a new clip in the same storage (graphs.py replays graphs that point at it)."""
@@ -593,6 +604,22 @@ class KVCache:
         self.memory_k.zero_()
         self.memory_v.zero_()
         self.slot_has_holes = [False] * self.num_slots
+        self.shift = 0
+
+    def position_of(self, frame):
+        """The RoPE time position of a non-sink frame: its index, less the rolled-back frames."""
+        return frame - self.shift
+
+    def _roll_positions(self, shift):
+        """Rotate every cached non-sink key back by the frames its position moves (the time
+        axis only), so that they keep their distances to a chunk placed `shift` frames early."""
+        delta = shift - self.shift
+        self.shift = shift
+        by = torch.tensor([[delta, 0, 0]], device=self.k.device)
+        cos, sin = rope_angles(by, self.head_dim, self.rope_theta)
+        rows = slice(self.sink * self.tokens_per_frame, None)
+        for layer_k in self.k:  # a layer at a time: a float32 copy of the whole cache would be large
+            layer_k[:, rows] = apply_rope(layer_k[:, rows], (cos, -sin))
 
     def slot_of(self, frame):
         """A frame's slot (int, or a tensor of frames): the sink frames keep their own,
@@ -613,6 +640,9 @@ class KVCache:
         """
         n = self.tokens_per_frame
         device = self.k.device
+        shift = max(0, start_frame + frames - self.trained_frames)
+        if shift != self.shift:  # a new chunk past frame 20: positions roll (see the class)
+            self._roll_positions(shift)
         # slots formed on the device: a host list copied over would stall the CPU on the GPU
         frame_slots = self.slot_of(torch.arange(start_frame, start_frame + frames, device=device))
         slots = (frame_slots[:, None] * n + torch.arange(n, device=device)).flatten()

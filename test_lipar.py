@@ -172,7 +172,7 @@ def test_cache_path_with_sdpa_matches_plain_recovered_attention():
     dit = tiny_model()
     h, w, n, start = 2, 3, 6, 3
     context = torch.randn(1, 5, 48)
-    cache = M.KVCache(dit, context, 9, (h, w), window=(1, 6))
+    cache = M.KVCache(dit, context, (h, w), window=(1, 6))
     torch.manual_seed(1)
     cache.k[0, :, : start * n] = torch.randn(1, start * n, 2, 32)  # the cached, rotated past
     cache.v[0, :, : start * n] = torch.randn(1, start * n, 2, 32)
@@ -196,7 +196,7 @@ def test_cache_path_with_sdpa_matches_plain_recovered_attention():
 def chunk_loop(dit, x, keep, mode, window, context, seed=0):
     """Denoising step + memory step per chunk, returning each memory step's velocity."""
     fpc, (h, w) = 3, (x.shape[3] // 2, x.shape[4] // 2)
-    cache = M.KVCache(dit, context, x.shape[2], (h, w), window)
+    cache = M.KVCache(dit, context, (h, w), window)
     plans = lipar.chunk_plans(keep, mode)
     g = torch.Generator().manual_seed(seed)
     out = []

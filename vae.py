@@ -367,35 +367,44 @@ class WanVAE(nn.Module):
         return column(LATENT_MEAN), column(LATENT_STD)
 
     @torch.no_grad()
-    def encode(self, video, chunked=True):
+    def encode(self, video, chunked=True, cache=None):
         """Video [B, 3, T, H, W] in [-1, 1], T = 4k + 1 -> normalised latents [B, 16, 1 + k, H / 8, W / 8].
 
         The latents are float32 (float64 for a float64 model), whatever the weights' dtype.
 
-        chunked=False runs the whole clip in one pass (same result, memory
+        cache: a CausalCache to encode a stream piece by piece, the same cache for every
+        piece: the first piece holds 4k + 1 frames, later ones 4k, and the latents of
+        all pieces together equal those of the whole clip encoded at once.
+        chunked=False runs the whole piece in one pass (same result, memory
         growing with T): the reference the chunked path is tested against.
         """
+        cache = CausalCache() if cache is None else cache
+        first = int(cache.at_start)  # frame 0 of the clip is coded alone
         T, H, W = video.shape[2:]
         stride_t, stride_s = self.cfg.time_stride, self.cfg.space_stride
-        if (T - 1) % stride_t or H % stride_s or W % stride_s:
-            raise ValueError(f"the VAE needs {stride_t}k + 1 frames with sides divisible by {stride_s}, got {T} frames "
-                             f"of {H}x{W} (video.pad_frames and video.resize_crop produce such clips)")
+        if (T - first) % stride_t or H % stride_s or W % stride_s:
+            raise ValueError(f"the VAE needs {stride_t}k{' + 1' if first else ''} frames with sides divisible by "
+                             f"{stride_s}, got {T} frames of {H}x{W} (video.padded_length and video.resize_crop "
+                             f"produce such clips)")
         weight = self.conv1.weight
         video = video.to(weight.device, weight.dtype)
         # Frame 0 alone, then groups of 4: each chunk yields exactly one latent frame.
-        chunks = [video[:, :, :1], *video[:, :, 1:].split(stride_t, dim=2)] if chunked else [video]
-        features = run_chunks(self.encoder, chunks, CausalCache())
+        groups = list(video[:, :, first:].split(stride_t, dim=2))
+        chunks = ([video[:, :, :1]] if first else []) + groups if chunked else [video]
+        features = run_chunks(self.encoder, chunks, cache)
         mu, _log_var = self.conv1(features).chunk(2, dim=1)  # the posterior's mean is the latent
         mu = mu.to(at_least_fp32(mu.dtype))
         mean, std = self._latent_stats(mu)
         return (mu - mean) / std
 
     @torch.no_grad()
-    def decode(self, latents, chunked=True):
+    def decode(self, latents, chunked=True, cache=None):
         """Normalised latents [B, 16, F, h, w] -> video [B, 3, 1 + 4 (F - 1), 8 h, 8 w] clamped to [-1, 1].
 
         The video is float32 (float64 for a float64 model), whatever the weights' dtype.
 
+        cache: a CausalCache to decode a stream piece by piece (see `encode`); a later
+        piece of F latent frames gives 4F video frames.
         chunked=False decodes all latent frames in one pass (see `encode`).
         """
         weight = self.conv2.weight
@@ -403,7 +412,7 @@ class WanVAE(nn.Module):
         mean, std = self._latent_stats(z)
         x = self.conv2((z * std + mean).to(weight.dtype))
         chunks = x.split(1, dim=2) if chunked else [x]  # one latent frame (4 video frames, 1 for the first) at a time
-        video = run_chunks(self.decoder, chunks, CausalCache())
+        video = run_chunks(self.decoder, chunks, CausalCache() if cache is None else cache)
         return video.to(at_least_fp32(video.dtype)).clamp(-1, 1)
 
 

@@ -1,14 +1,18 @@
 """
-Video files in and out, on PyAV: read a clip into frames, bring it to the
-model's resolution and frame count, and write the result as an H.264 mp4 that
-carries the source's audio.
+Video in and out, on PyAV, a few frames at a time: read a clip, a pipe or a camera
+frame by frame, bring frames to the model's resolution, and write the result as an
+H.264 mp4 as it is made, carrying the source's audio along.
 
 Frames are uint8 tensors [T, H, W, 3] (RGB); the model takes float video
-[1, 3, T, H, W] in [-1, 1].
+[1, 3, T, H, W] in [-1, 1]. "-" as a path is standard input or output.
 """
 
+import errno
 import math
 import os
+import stat
+import sys
+from collections import deque
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+STDIO = "-"
 # Audio codecs an mp4 can hold as they are; anything else is re-encoded to AAC.
 MP4_AUDIO_CODECS = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
 
@@ -25,47 +30,132 @@ class VideoError(Exception):
     """A video cannot be read or written; the message says why and what to do."""
 
 
-def read_video(path):
-    """Decode every frame of a video file (mp4, mov, webm, gif...; audio is ignored).
-
-    Returns (frames, fps): uint8 RGB frames [T, H, W, 3], upright as a player
-    shows them (the stream's display rotation applied), and the frame rate.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise VideoError(f"video not found: {path} does not exist; check the path")
-    if not path.is_file():
-        raise VideoError(f"{path} is a folder, not a video file; pass the path of a video file")
-    if path.stat().st_size == 0:
-        raise VideoError(f"{path} is empty (0 bytes); pass a complete video file")
-    frames, times, rotation = [], [], 0
+def is_camera(path):
+    """A character device such as /dev/video0 (PyAV opens it with Video4Linux2)."""
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoError(f"{path} holds no video stream; pass a video file (mp4, mov, webm or gif)")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(frame.time)
-                rotation = frame.rotation
-            fps = stream.average_rate or stream.guessed_rate
-            # A variable-frame-rate source (phones record these) can state a rate far from
-            # the pace of its frames: the output plays at their average pace instead.
-            if len(frames) > 1 and None not in times and times[-1] > times[0]:
-                measured = (len(frames) - 1) / (times[-1] - times[0])
-                if not fps or abs(measured / float(fps) - 1) > 0.01:
-                    fps = measured
-    except av.FFmpegError as err:
-        raise VideoError(f"cannot read {path} as a video ({err.strerror}); pass an mp4, mov, webm or gif file") from None
-    if not frames:
-        raise VideoError(f"{path} holds no decodable video frame; pass a video with at least one frame")
-    if not fps:
-        raise VideoError(f"{path} does not state a frame rate; re-encode it with a fixed frame rate")
-    video = torch.from_numpy(np.stack(frames))
-    # Phones store portrait clips as landscape frames plus a display rotation
-    # (counter-clockwise degrees); applying it gives the picture a player shows.
-    return torch.rot90(video, round(rotation / 90), dims=(1, 2)).contiguous(), float(fps)
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class VideoReader:
+    """The frames of a video file, of standard input ("-") or of a camera, decoded one
+    packet at a time, so that memory does not grow with the clip.
+
+    fps: the stated frame rate; frame_count: the number of frames where the container
+    says so, else None (a pipe, a camera). Iterating yields (frame uint8 [H, W, 3],
+    seconds since the first frame or None), upright as a player shows it (the
+    stream's display rotation applied). Audio packets met on the way are handed to
+    every queue from audio_queue() (what VideoWriter carries into its output).
+    """
+
+    def __init__(self, source):
+        self.name = "standard input" if str(source) == STDIO else str(source)
+        self.error = None  # a sentence, when the input ended in a read error after some frames
+        self.frames_read = 0
+        self._queues = []
+        self._start = None
+        if str(source) == STDIO:
+            target, options = sys.stdin.buffer, {}
+        else:
+            path = Path(source)
+            if not path.exists():
+                raise VideoError(f"video not found: {path} does not exist; check the path")
+            if path.is_dir():
+                raise VideoError(f"{path} is a folder, not a video file; pass the path of a video file")
+            camera = is_camera(path)
+            if not camera and path.stat().st_size == 0:
+                raise VideoError(f"{path} is empty (0 bytes); pass a complete video file")
+            target, options = str(path), ({"format": "v4l2"} if camera else {})
+        try:
+            self.container = av.open(target, **options)
+        except (av.FFmpegError, OSError) as err:
+            raise VideoError(f"cannot read {self.name} as a video ({getattr(err, 'strerror', None) or err}); pass "
+                             f"an mp4, mov, webm, mkv or gif") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise VideoError(f"{self.name} holds no video stream; pass a video file (mp4, mov, webm or gif)")
+        self.video = self.container.streams.video[0]
+        self.video.thread_type = "AUTO"
+        self.audio = self.container.streams.audio[0] if self.container.streams.audio else None
+        rate = self.video.average_rate or self.video.guessed_rate
+        if not rate:
+            self.container.close()
+            raise VideoError(f"{self.name} does not state a frame rate; re-encode it with a fixed frame rate")
+        self.fps = float(rate)
+        self.frame_count = self.video.frames or None
+
+    def audio_queue(self):
+        """A queue that will receive the source's audio packets as they are read (None: no audio)."""
+        if self.audio is None:
+            return None
+        queue = deque()
+        self._queues.append(queue)
+        return queue
+
+    def __iter__(self):
+        streams = [self.video] + ([self.audio] if self.audio is not None and self._queues else [])
+        try:
+            for packet in self.container.demux(*streams):
+                if packet.stream is not self.video:
+                    if packet.dts is not None:  # None: the demuxer's end-of-stream marker
+                        for queue in self._queues:
+                            queue.append(packet)
+                    continue
+                for frame in packet.decode():
+                    pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                    # Phones store portrait clips as landscape frames plus a display rotation
+                    # (counter-clockwise degrees); applying it gives the picture a player shows.
+                    pixels = torch.rot90(pixels, round(frame.rotation / 90), dims=(0, 1)).contiguous()
+                    if self._start is None:
+                        self._start = frame.time
+                    self.frames_read += 1
+                    yield pixels, None if frame.time is None or self._start is None else frame.time - self._start
+        except (av.FFmpegError, OSError) as err:
+            reason = getattr(err, "strerror", None) or err
+            if not self.frames_read:
+                raise VideoError(f"cannot read {self.name} as a video ({reason}); pass an mp4, mov, webm, mkv "
+                                 f"or gif") from None
+            # a pipe cut short or a damaged tail: what was read is still worth editing
+            self.error = f"{self.name} ended in a read error after {self.frames_read} frames ({reason})"
+        if not self.frames_read:
+            raise VideoError(f"{self.name} holds no decodable video frame; pass a video with at least one frame")
+
+    def read_audio(self):
+        """Queue the rest of the source's audio without decoding its video (write_video)."""
+        if self.audio is not None:
+            try:
+                for packet in self.container.demux(self.audio):
+                    if packet.dts is not None:
+                        for queue in self._queues:
+                            queue.append(packet)
+            except (av.FFmpegError, OSError) as err:
+                self.error = f"the audio of {self.name} ended in a read error ({getattr(err, 'strerror', None) or err})"
+
+    def close(self):
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_video(path):
+    """Decode every frame of a video at once: (frames uint8 [T, H, W, 3], fps).
+
+    A variable-frame-rate source (phones record these) can state a rate far from the
+    pace of its frames: the fps returned is then their average pace.
+    """
+    with VideoReader(path) as reader:
+        frames, times = zip(*reader)
+        fps = reader.fps
+    if len(frames) > 1 and None not in times and times[-1] > times[0]:
+        measured = (len(frames) - 1) / (times[-1] - times[0])
+        if abs(measured / fps - 1) > 0.01:
+            fps = measured
+    return torch.stack(frames), fps
 
 
 def resize_crop(frames, height, width):
@@ -98,116 +188,183 @@ def from_model(video):
     return pixels.permute(1, 2, 3, 0).cpu()
 
 
-def pad_frames(frames):
-    """Repeat the last frame up to the next length T = 12k - 3; returns (padded, original count).
+def padded_length(count):
+    """The model takes T = 12k - 3 frames: 1 + (T - 1) / 4 latent frames, in chunks of
+    3. The next such length from `count` frames: 81 -> 81 (21 latent frames), 1 -> 9, 12 -> 21."""
+    return 12 * math.ceil((count + 3) / 12) - 3
 
-    The VAE takes T = 4m + 1 frames and gives 1 + (T - 1) / 4 latent frames,
-    which the sampler cuts into chunks of 3: T = 12k - 3 gives 3k of them.
-    81 -> 81 (21 latent frames), 1 -> 9, 12 -> 21.
-    """
+
+def pad_frames(frames):
+    """Repeat the last frame up to padded_length; returns (padded, original count)."""
     count = len(frames)
     if count == 0:
         raise VideoError("the video has no frames; pass a video with at least one frame")
-    target = 12 * math.ceil((count + 3) / 12) - 3
-    return torch.cat([frames, frames[-1:].expand(target - count, *frames.shape[1:])]), count
+    return torch.cat([frames, frames[-1:].expand(padded_length(count) - count, *frames.shape[1:])]), count
 
 
-def trim_frames(frames, count):
-    """Undo pad_frames: keep the first `count` frames."""
-    return frames[:count]
+class VideoWriter:
+    """An H.264 (yuv420p) mp4 written as frames arrive, with the audio of a VideoReader.
+
+    A file is written to a hidden `.<name>.partial` beside the target and renamed into
+    place by close(): an error part-way (discard()) leaves nothing under the output's
+    name, and an interrupted edit closed with close() leaves a valid, playable file of
+    every frame written so far. "-" writes a fragmented mp4 (playable while it is
+    still being written) to standard output.
+
+    Frames carry the times of the source frames they come from, so a variable frame
+    rate, and with it the audio's sync, survives; without times they are 1/fps apart.
+    The source's audio is copied where mp4 can hold its codec, re-encoded to AAC
+    otherwise, and cut where the video ends. Audio that cannot be read or written is
+    left out from there on, and close() returns a sentence saying so (else None).
+    """
+
+    def __init__(self, target, fps, audio_from=None):
+        self.target, self.rate = str(target), Fraction(fps).limit_denominator(1001)  # 29.97.. -> 30000/1001
+        self.to_stdout = self.target == STDIO
+        if self.to_stdout:
+            self.partial = None
+            self.container = av.open(sys.stdout.buffer, "w", format="mp4",
+                                     options={"movflags": "frag_keyframe+empty_moov+default_base_moof"})
+        else:
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.partial = path.with_name(f".{path.name}.partial")
+            try:
+                self.container = av.open(str(self.partial), "w", format="mp4")
+            except (av.FFmpegError, OSError) as err:
+                raise VideoError(f"cannot write {path} ({getattr(err, 'strerror', None) or err}); check the folder "
+                                 f"is writable") from None
+        self.stream = None
+        self.audio_source = audio_from
+        self.audio_queue = audio_from.audio_queue() if audio_from is not None else None
+        self.audio_out = self.audio_note = None
+        self.frames_written, self.end_time = 0, 0.0
+        # timestamps at >= 90 kHz (the MPEG clock) that also count whole frames at the rate
+        self.time_base = Fraction(1, self.rate.numerator * math.ceil(90000 / self.rate.numerator))
+
+    def _open_streams(self, height, width):
+        self.stream = self.container.add_stream("libx264", rate=self.rate, options={"crf": "18"})
+        self.stream.height, self.stream.width, self.stream.pix_fmt = height, width, "yuv420p"
+        self.stream.codec_context.time_base = self.time_base
+        if self.audio_queue is not None:
+            audio = self.audio_source.audio
+            if audio.codec_context.name in MP4_AUDIO_CODECS:
+                self.audio_out = self.container.add_stream_from_template(audio)
+                self.audio_copy = True
+            else:
+                self.audio_out = self.container.add_stream("aac", rate=audio.rate, layout=audio.layout.name)
+                self.audio_copy = False
+
+    def write(self, frames, times=None):
+        """Append uint8 frames [T, H, W, 3], shown at `times` (seconds from the first frame
+        of the video; default: 1/fps apart). Odd sides are made even (yuv420p stores colour
+        at half resolution) by repeating the last row or column."""
+        if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"VideoWriter takes uint8 frames [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+        if frames.shape[1] % 2:
+            frames = torch.cat([frames, frames[:, -1:]], dim=1)
+        if frames.shape[2] % 2:
+            frames = torch.cat([frames, frames[:, :, -1:]], dim=2)
+        try:
+            if self.stream is None:
+                self._open_streams(frames.shape[1], frames.shape[2])
+            _encode_frames(self, frames, times)
+            self._carry_audio(final=False)
+        except (av.FFmpegError, OSError) as err:
+            if isinstance(err, OSError) and err.errno == errno.EPIPE:
+                raise BrokenPipeError(errno.EPIPE, "the reader of standard output has gone") from None
+            raise VideoError(f"cannot write {self.name} ({getattr(err, 'strerror', None) or err}); check the folder "
+                             f"is writable and has free space") from None
+
+    @property
+    def name(self):
+        return "standard output" if self.to_stdout else self.target
+
+    def _carry_audio(self, final):
+        """Mux the queued audio that starts before the video written so far ends (all of it up
+        to the video's end when final): the audio stays beside the frames it belongs to."""
+        queue = self.audio_queue
+        while queue and self.audio_out is not None:
+            packet = queue[0]
+            starts = packet.pts * packet.time_base if packet.pts is not None else None
+            if starts is not None and starts >= self.end_time:
+                if final:
+                    queue.clear()
+                break
+            queue.popleft()
+            try:
+                if self.audio_copy:
+                    copy = av.Packet(bytes(packet))  # one packet feeds every output; muxing consumes it
+                    copy.pts, copy.dts, copy.time_base = packet.pts, packet.dts, packet.time_base
+                    copy.stream = self.audio_out
+                    self.container.mux(copy)
+                else:
+                    for frame in packet.decode():
+                        frame.pts = None  # let the encoder count samples; the source's are in another time base
+                        self.container.mux(self.audio_out.encode(frame))
+            except av.FFmpegError as err:
+                self.audio_note = (f"the audio of {self.audio_source.name} could not be read past "
+                                   f"{float(starts or 0):.2f} s ({err.strerror or err}); {self.name} has no sound "
+                                   f"from there on")
+                self.audio_queue = None
+                break
+        if final and self.audio_out is not None and not self.audio_copy:
+            self.container.mux(self.audio_out.encode(None))  # the AAC encoder's delayed samples
+
+    def close(self):
+        """Flush the encoders, finish the file and move it into place; returns the audio note or None."""
+        try:
+            if self.stream is not None:
+                self.container.mux(self.stream.encode(None))  # the encoder's delayed frames
+                self._carry_audio(final=True)
+            self.container.close()
+            if self.partial is not None:
+                os.replace(self.partial, self.target)
+        except (av.FFmpegError, OSError) as err:
+            self.discard()
+            if isinstance(err, OSError) and err.errno == errno.EPIPE:
+                raise BrokenPipeError(errno.EPIPE, "the reader of standard output has gone") from None
+            raise VideoError(f"cannot write {self.name} ({getattr(err, 'strerror', None) or err}); check the folder "
+                             f"is writable and has free space") from None
+        return self.audio_note
+
+    def discard(self):
+        """Give up: close what can be closed and leave nothing under the output's name."""
+        try:
+            self.container.close()
+        except (av.FFmpegError, OSError):
+            pass
+        if self.partial is not None:
+            self.partial.unlink(missing_ok=True)
+
+
+def _encode_frames(writer, frames, times):
+    for i, pixels in enumerate(frames.numpy()):
+        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+        seconds = times[i] if times is not None and times[i] is not None else writer.frames_written / writer.rate
+        frame.pts = round(Fraction(seconds).limit_denominator(10**6) / writer.time_base)
+        writer.container.mux(writer.stream.encode(frame))
+        writer.frames_written += 1
+        writer.end_time = frame.pts * writer.time_base + 1 / writer.rate
 
 
 def write_video(path, frames, fps, audio_from=None):
-    """Write uint8 frames [T, H, W, 3] as an H.264 (yuv420p) mp4 at `fps`, with the audio of `audio_from` if any.
-
-    yuv420p stores colour at half resolution, so an odd height or width is made
-    even by repeating the last row or column. The audio of `audio_from` (the
-    source video) is copied as it is when mp4 can hold its codec, re-encoded to
-    AAC otherwise, and cut where the video ends. When that audio cannot be read,
-    the video is written without it; the returned sentence says so (else None).
-    """
-    path = Path(path)
-    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"write_video takes uint8 frames [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-    if audio_from is not None and path.resolve() == Path(audio_from).resolve():
+    """Write uint8 frames [T, H, W, 3] as one mp4 at `fps`, with the audio of the video file
+    `audio_from` if any; returns VideoWriter.close's note (None: nothing to say)."""
+    if len(frames) == 0:
+        raise ValueError("write_video takes at least one frame")
+    if audio_from is not None and Path(path).resolve() == Path(audio_from).resolve():
         raise VideoError(f"refusing to overwrite the input video {path}; choose another output path")
-    if frames.shape[1] % 2:
-        frames = torch.cat([frames, frames[:, -1:]], dim=1)
-    if frames.shape[2] % 2:
-        frames = torch.cat([frames, frames[:, :, -1:]], dim=2)
-    rate = Fraction(fps).limit_denominator(1001)  # 29.97002997... -> 30000/1001
-    duration = len(frames) / rate
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written to a hidden file beside the target and renamed when complete: an error or
-    # Ctrl-C part-way leaves no half-written video under the output's name.
-    partial = path.with_name(f".{path.name}.partial")
-    dropped = None
+    source = VideoReader(audio_from) if audio_from is not None else None
+    writer = VideoWriter(path, fps, audio_from=source)
     try:
-        try:
-            _write(partial, frames, rate, duration, audio_from)
-        except (av.FFmpegError, OSError) as err:
-            if audio_from is None:
-                raise
-            # The source's audio may be what failed (a damaged or unreadable stream):
-            # the edit is still worth having, silent.
-            _write(partial, frames, rate, duration, None)
-            dropped = f"the audio of {audio_from} could not be copied ({err.strerror or err}); {path} is silent"
-        os.replace(partial, path)
-    except (av.FFmpegError, OSError) as err:  # OSError: a full disk, a folder that went away
-        raise VideoError(f"cannot write {path} ({err.strerror or err}); check the folder is writable and has "
-                         f"free space") from None
+        writer.write(frames)
+        if source is not None:
+            source.read_audio()
+        return writer.close()
+    except BaseException:
+        writer.discard()
+        raise
     finally:
-        partial.unlink(missing_ok=True)
-    return dropped
-
-
-def _write(path, frames, rate, duration, audio_from):
-    """Encode the frames (and the audio of audio_from) into the mp4 file at path."""
-    with av.open(str(path), "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=rate, options={"crf": "18"})
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
-        source = av.open(str(audio_from)) if audio_from is not None else None
-        try:
-            audio = source.streams.audio[0] if source is not None and source.streams.audio else None
-            if audio is None:
-                _encode_frames(out, stream, frames)
-            elif audio.codec_context.name in MP4_AUDIO_CODECS:
-                copy = out.add_stream_from_template(audio)
-                _encode_frames(out, stream, frames)
-                _copy_audio(out, copy, source, audio, duration)
-            else:
-                aac = out.add_stream("aac", rate=audio.rate, layout=audio.layout.name)
-                _encode_frames(out, stream, frames)
-                _reencode_audio(out, aac, source, audio, duration)
-        finally:
-            if source is not None:
-                source.close()
-
-
-def _encode_frames(out, stream, frames):
-    for index, pixels in enumerate(frames.numpy()):
-        frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
-        frame.pts = index  # in frames: the stream's time base is 1 / fps
-        out.mux(stream.encode(frame))
-    out.mux(stream.encode(None))  # flush the encoder's delayed frames
-
-
-def _copy_audio(out, copy, source, audio, duration):
-    """Remux the audio packets that start before the video ends."""
-    for packet in source.demux(audio):
-        if packet.dts is None:  # the demuxer's end-of-stream marker
-            continue
-        if packet.pts is not None and packet.pts * packet.time_base >= duration:
-            break
-        packet.stream = copy
-        out.mux(packet)
-
-
-def _reencode_audio(out, aac, source, audio, duration):
-    """Decode the audio and encode it as AAC, up to the end of the video (PyAV converts the sample format)."""
-    for frame in source.decode(audio):
-        if frame.time is not None and frame.time >= duration:
-            break
-        frame.pts = None  # let the encoder count samples; the source's pts are in another time base
-        out.mux(aac.encode(frame))
-    out.mux(aac.encode(None))
+        if source is not None:
+            source.close()

@@ -32,7 +32,7 @@ def test_bucket_size_rounds_up_to_whole_buckets_within_the_chunk():
 def run_clip(forward_chunk, make_cache, x, keep, mode, context, seed):
     """3 denoising steps + a memory step per chunk, as the sampler runs them; returns every output."""
     h, w = x.shape[3] // 2, x.shape[4] // 2
-    cache = make_cache(context, x.shape[2], (h, w))
+    cache = make_cache(context, (h, w))
     g = torch.Generator().manual_seed(seed)
     outputs = []
     for c, plan in enumerate(lipar.chunk_plans(keep, mode)):
@@ -61,9 +61,9 @@ def test_runner_matches_forward_chunk_and_padding_never_leaks(mode, window):
     with torch.no_grad():
         for seed in (1, 2):  # a second clip reuses the runner's cache and buffers
             x, keep, context = clip_and_mask(seed)
-            expected, dense = run_clip(dit.forward_chunk, lambda c, f, g: M.KVCache(dit, c, f, g, window),
+            expected, dense = run_clip(dit.forward_chunk, lambda c, g: M.KVCache(dit, c, g, window),
                                        x, keep, mode, context, seed)
-            got, cache = run_clip(runner.forward_chunk, lambda c, f, g: runner.kv_cache(c, f, g, window),
+            got, cache = run_clip(runner.forward_chunk, lambda c, g: runner.kv_cache(c, g, window),
                                   x, keep, mode, context, seed)
             for a, b in zip(got, expected):
                 assert (a - b).abs().max().item() < 1e-5

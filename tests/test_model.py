@@ -162,7 +162,7 @@ def run_chunkwise(model, x, t, context, window=None):
     """The sampler's way: per chunk a noisy denoising call, then the memory call with
     the chunk's real inputs, which overwrites the chunk's cache slots."""
     fpc = model.cfg.frames_per_chunk
-    cache = M.KVCache(model, context, x.shape[2], (x.shape[3] // 2, x.shape[4] // 2), window)
+    cache = M.KVCache(model, context, (x.shape[3] // 2, x.shape[4] // 2), window)
     outputs = []
     for start in range(0, x.shape[2], fpc):
         chunk = x[:, :, start:start + fpc]
@@ -282,7 +282,7 @@ def test_bfloat16_model_runs_and_agrees_with_float32(diffusers_dit):
     with torch.no_grad():
         for model in (model32, model16):
             dtype = model.head.head.weight.dtype
-            cache = M.KVCache(model, context.to(dtype), 6, (2, 3), window=(1, 6))
+            cache = M.KVCache(model, context.to(dtype), (2, 3), window=(1, 6))
             for start in (0, 3):
                 chunk = x[:, :, start:start + 3].to(dtype)
                 model.forward_chunk(chunk, torch.zeros(1, 1), cache, start, memory_step=True)
