@@ -85,9 +85,10 @@ class GraphRunner:
         self.pool = None   # one memory pool for every graph
         self.stats = {"eager": 0, "captures": 0, "replays": 0, "capture_s": 0.0}
 
-    def kv_cache(self, context, grid_hw, window=None):
-        """A KVCache for a clip, in storage that persists (and that the graphs point at)."""
-        key = (tuple(context.shape), tuple(grid_hw), window)
+    def kv_cache(self, context, grid_hw, window=None, owner=None):
+        """A KVCache for a clip, in storage that persists (and that the graphs point at);
+        `owner` tells apart caches that live side by side (sample.py: one per mode)."""
+        key = (tuple(context.shape), tuple(grid_hw), window, owner)
         cache = self.caches.get(key)
         if cache is None:
             cache = self.caches[key] = KVCache(self.model, context, grid_hw, window)

@@ -10,11 +10,17 @@ models if ./weights holds them, by tiny random-weight models otherwise.
 """
 
 import argparse
+import builtins
+import functools
 import json
 import math
+import os
+import resource
+import statistics
 import sys
 import tempfile
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,23 +62,7 @@ def editing_schedule(steps=EDIT_STEPS, shift=SHIFT):
 
 
 # -----------------------------------------------------------------------------
-# The sampler, one function per step of SPEC §3
-
-
-def prepare_clip(path, height, width, notes):
-    """Step 1: read, centre-crop/resize to height × width, pad to 12k − 3 frames, scale to [−1, 1].
-
-    Returns (video [1, 3, T, H, W], source frames at model size, fps, source frame count).
-    """
-    frames, fps = io.read_video(path)
-    if frames.shape[1:3] != (height, width):
-        notes.append(f"resized {frames.shape[2]}x{frames.shape[1]} to {width}x{height} (centre crop)")
-    frames = io.resize_crop(frames, height, width)
-    padded, count = io.pad_frames(frames)
-    if len(padded) != count:
-        notes.append(f"padded {count} frames to {len(padded)} by repeating the last one "
-                     f"(the model takes 12k-3 frames); the output is trimmed back to {count}")
-    return io.to_model(padded), frames, fps, count
+# The sampler, one step of SPEC §3 at a time, one chunk at a time
 
 
 def encode_prompt(text_encoder_loader, prompt, device, dtype):
@@ -86,63 +76,81 @@ def encode_prompt(text_encoder_loader, prompt, device, dtype):
 
 
 @torch.no_grad()
-@torch.no_grad()
-def warm_up(dit, latents, context, keep):
-    """Forwards of the first chunk on a scratch cache, unpruned and pruned by `keep`:
-    the first CUDA calls compile the fused regions (torch.compile; Inductor caches
-    its code on disk, so a second run of the command is quicker), outside the time
-    charged to the DiT."""
+def warm_up(dit, context, grid_hw):
+    """Forwards of a first chunk on a scratch cache, unpruned and half pruned: the first
+    CUDA calls compile the fused regions (torch.compile; Inductor caches its code on
+    disk, so a second run of the command is quicker), outside the time charged to the DiT."""
     fpc = dit.cfg.frames_per_chunk
-    chunk = latents[:, :, :fpc].to(dit.head.head.weight.dtype)
-    cache = M.KVCache(dit, context, fpc, (chunk.shape[3] // 2, chunk.shape[4] // 2))
-    for plan in (None, lipar.recovery_plan(keep[:fpc], has_memory=False)):
-        dit.forward_chunk(chunk, torch.zeros(1, 1, device=chunk.device), cache, 0, plan=plan)
+    param = dit.head.head.weight
+    chunk = torch.zeros(1, dit.cfg.in_channels, fpc, 2 * grid_hw[0], 2 * grid_hw[1], device=param.device,
+                        dtype=param.dtype)
+    keep = torch.rand(fpc, *grid_hw, generator=torch.Generator().manual_seed(0)).to(param.device) < 0.5
+    keep[0] = True
+    cache = M.KVCache(dit, context, grid_hw, window=(0, fpc))
+    for plan in (None, lipar.recovery_plan(keep, has_memory=False)):
+        dit.forward_chunk(chunk, torch.zeros(1, 1, device=param.device), cache, 0, plan=plan)
+
+
+class ChunkEditor:
+    """Steps 5–7 for one chunk after another, with what a clip carries from chunk to
+    chunk: the DiT's KV cache, the noise generator and LIPAR's memory x0.
+
+    mode: "full" or one of lipar.MODES; window: the M-degree window (m_sink, m_recent),
+    or None for Self-Forcing's causal cache (the whole clip up to 21 latent frames, a
+    rolling window of 21 past that). Every chunk draws its noise from one generator
+    in the same order in every mode, so `full` and `lipar` with one seed see
+    identical noise. With a graphs.GraphRunner for `dit` every DiT forward is one
+    replayed CUDA graph (same results, less CPU time).
+    """
+
+    def __init__(self, dit, context, grid_hw, mode, window, seed, runner=None):
+        self.dit, self.mode, self.schedule = dit, mode, editing_schedule()
+        self.device, self.dtype = context.device, dit.head.head.weight.dtype
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        window = None if mode == "full" else window
+        self.cache = M.KVCache(dit, context, grid_hw, window) if runner is None else \
+            runner.kv_cache(context, grid_hw, window, owner=mode)
+        self.forward_chunk = dit.forward_chunk if runner is None else runner.forward_chunk
+        self.start = 0          # the chunk's first latent frame
+        self.memory_x0 = None   # the previous chunk's last frame of x0: the substitute of pruned latents
+
+    def noise(self, like):
+        return torch.randn(like.shape, generator=self.generator, device=self.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def __call__(self, latents, keep=None):
+        """latents [1, 16, F, h, w]: the next chunk's normalised source latents; keep
+        [F, h/2, w/2]: its LIPAR mask (ignored by `full`). Returns its edited latents x0."""
+        s, device = self.start, self.device
+        # LIPAR stage 2: how the chunk recovers its pruned keys (a pure function of its mask)
+        plan = None if self.mode == "full" else lipar.recovery_plan(keep, self.mode, has_memory=s > 0)
+        _, sigma0 = self.schedule[0]
+        x = (1 - sigma0) * latents + sigma0 * self.noise(latents)  # step 5
+        for i, (t, sigma) in enumerate(self.schedule):  # step 6
+            v = self.forward_chunk(x.to(self.dtype), torch.full((1, 1), t, device=device), self.cache, s, plan=plan)
+            x0 = x - sigma * v.float()
+            if plan is not None:  # LIPAR stage 3: pruned latents take the memory's value
+                x0 = lipar.restore(x0, keep, x0[:, :, 0] if self.memory_x0 is None else self.memory_x0)
+            if i + 1 < len(self.schedule):
+                next_sigma = self.schedule[i + 1][1]
+                x = (1 - next_sigma) * x0 + next_sigma * self.noise(x0)
+        self.memory_x0 = x0[:, :, -1]
+        # step 7, the memory step: t = 0 writes the chunk's clean keys/values for later chunks
+        self.forward_chunk(x0.to(self.dtype), torch.zeros(1, 1, device=device), self.cache, s, memory_step=True,
+                           plan=plan)
+        self.start += latents.shape[2]
+        return x0
 
 
 @torch.no_grad()
 def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True, runner=None):
-    """Steps 5–7: noise the source latents to the first editing step, then denoise chunk by chunk.
-
-    latents [1, 16, L, h, w] normalised source latents; keep [L, h/2, w/2] the LIPAR
-    mask (ignored for mode "full"). Returns the edited latents (float32, full size).
-    The noise is drawn full-size in the same order for every mode, so `full` and
-    `lipar` with one seed see identical noise. With a graphs.GraphRunner for `dit`
-    every DiT forward is one replayed CUDA graph (same results, less CPU time).
-    """
-    schedule = editing_schedule()
-    device, dtype = latents.device, dit.head.head.weight.dtype
+    """Steps 5–7 over a whole clip's latents [1, 16, L, h, w] with its mask keep [L, h/2, w/2]:
+    the edited latents (float32). The stream below edits the same chunks one by one."""
     fpc = dit.cfg.frames_per_chunk
-    num_frames = latents.shape[2]
-    generator = torch.Generator(device).manual_seed(seed)
-
-    def noise(like):
-        return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
-
-    _, sigma0 = schedule[0]
-    x = (1 - sigma0) * latents + sigma0 * noise(latents)  # step 5
-    grid = (latents.shape[3] // 2, latents.shape[4] // 2)
-    cache = M.KVCache(dit, context, num_frames, grid, window) if runner is None else \
-        runner.kv_cache(context, num_frames, grid, window)
-    forward_chunk = dit.forward_chunk if runner is None else runner.forward_chunk
-    plans = lipar.chunk_plans(keep, mode, fpc)  # LIPAR stage 2: how each chunk recovers pruned keys
-    edited = torch.empty_like(latents)
-    memory_x0 = None  # the previous chunk's last frame of x0: the substitute of pruned latents
-    for c in tqdm(range(num_frames // fpc), desc=f"DiT {mode}", unit="chunk", disable=not progress, leave=False):
-        s = c * fpc
-        x_c, plan = x[:, :, s:s + fpc], plans[c]
-        for i, (t, sigma) in enumerate(schedule):  # step 6
-            v = forward_chunk(x_c.to(dtype), torch.full((1, 1), t, device=device), cache, s, plan=plan)
-            x0 = x_c - sigma * v.float()
-            if plan is not None:  # LIPAR stage 3: pruned latents take the memory's value
-                x0 = lipar.restore(x0, keep[s:s + fpc], x0[:, :, 0] if memory_x0 is None else memory_x0)
-            if i + 1 < len(schedule):
-                next_sigma = schedule[i + 1][1]
-                x_c = (1 - next_sigma) * x0 + next_sigma * noise(x0)
-        edited[:, :, s:s + fpc] = x0
-        memory_x0 = x0[:, :, -1]
-        # step 7, the memory step: t = 0 writes the chunk's clean keys/values for later chunks
-        forward_chunk(x0.to(dtype), torch.zeros(1, 1, device=device), cache, s, memory_step=True, plan=plan)
-    return edited
+    editor = ChunkEditor(dit, context, (latents.shape[3] // 2, latents.shape[4] // 2), mode, window, seed, runner)
+    chunks = tqdm(range(0, latents.shape[2], fpc), desc=f"DiT {mode}", unit="chunk", disable=not progress,
+                  leave=False)
+    return torch.cat([editor(latents[:, :, s:s + fpc], keep[s:s + fpc]) for s in chunks], dim=2)
 
 
 # -----------------------------------------------------------------------------
@@ -172,19 +180,20 @@ class Stopwatch:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def psnr(a, b):
-    """PSNR in dB between two uint8 videos."""
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+def mse(a, b):
+    """Mean squared error between two uint8 videos (PSNR = 10 log10(255² / mse))."""
+    return (a.float() - b.float()).pow(2).mean().item()
 
 
-def mask_preview(frames, keep):
+def mask_preview(frames, keep, first_chunk=True):
     """The input with pruned patches greyed out: what LIPAR skips, frame by frame.
 
-    frames uint8 [T, H, W, 3] at model size; keep [L, H/16, W/16]. Video frame 0 belongs
-    to latent frame 0, frames 4k−3..4k to latent frame k (the VAE's causal stride 4).
+    frames uint8 [T, H, W, 3] at model size, of a chunk; keep [L, H/16, W/16] its mask.
+    In the first chunk video frame 0 belongs to latent frame 0 and frames 4k−3..4k to
+    latent frame k (the VAE's causal stride 4); in a later one frames 4j..4j+3 to its
+    latent frame j.
     """
-    latent_of_frame = (torch.arange(len(frames)) + 3) // 4
+    latent_of_frame = (torch.arange(len(frames)) + (3 if first_chunk else 0)) // 4
     cell = frames.shape[1] // keep.shape[1]
     kept = keep.cpu()[latent_of_frame.clamp(max=keep.shape[0] - 1)]
     kept = kept.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[..., None]
@@ -304,98 +313,247 @@ def convert_checkpoint(source, target):
 
 
 # -----------------------------------------------------------------------------
-# One edit, start to finish
+# One edit, start to finish, chunk by chunk
+
+
+class Interrupted(Exception):
+    """Ctrl-C or a closed pipe part-way: the message says what was written; `code` is the exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def source_chunks(reader, height, width, frames_per_chunk, notes):
+    """Step 1 as a stream: the source's frames, centre-cropped and resized to height ×
+    width, in the chunks the VAE and the DiT take. The first chunk holds
+    1 + 4(F − 1) frames (frame 0 is coded alone), later ones 4F: F latent frames
+    each. The last one is padded by repeating its last frame. Yields
+    (frames uint8 [n, height, width, 3], the source times of the real ones, their count).
+    """
+    size = 1 + 4 * (frames_per_chunk - 1)
+    frames, times = [], []
+    for pixels, seconds in reader:
+        if reader.frames_read == 1 and pixels.shape[:2] != (height, width):
+            notes.append(f"resized {pixels.shape[1]}x{pixels.shape[0]} to {width}x{height} (centre crop)")
+        frames.append(pixels)
+        times.append(seconds)
+        if len(frames) == size:
+            yield io.resize_crop(torch.stack(frames), height, width), times, size
+            frames, times, size = [], [], 4 * frames_per_chunk
+    if frames:
+        count = reader.frames_read
+        notes.append(f"padded {count} frames to {io.padded_length(count)} by repeating the last one (the model "
+                     f"takes 12k-3 frames); the output is trimmed back to {count}")
+        padded = frames + [frames[-1]] * (size - len(frames))
+        yield io.resize_crop(torch.stack(padded), height, width), times, len(frames)
+
+
+class Timeline:
+    """When the edit's chunks were read and written: the time to the first edited frame,
+    each chunk's latency (its last source frame read → its edited frames written) and
+    the steady state (frames/s after the first chunk)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.read_at, self.written = [], []  # per chunk: seconds since start; (seconds, frames)
+
+    def read(self):
+        self.read_at.append(time.perf_counter() - self.start)
+
+    def wrote(self, frames):
+        self.written.append((time.perf_counter() - self.start, frames))
+
+    def stats(self):
+        if not self.written:
+            return {}
+        latencies = [done - read for read, (done, _) in zip(self.read_at, self.written)]
+        (first, _), (last, _) = self.written[0], self.written[-1]
+        later = sum(frames for _, frames in self.written[1:])
+        return {"first_frame_s": first, "chunk_latency_s": {"median": statistics.median(latencies),
+                                                            "max": max(latencies)},
+                "steady_fps": later / (last - first) if later else None, "wall_s": last}
+
+
+def open_writers(args, modes, reader):
+    """A VideoWriter per output: each mode's edit (with the source's audio), and with
+    --compare the side-by-side video, with --save-mask the mask preview."""
+    kinds = modes + (["compare"] if args.compare else []) + (["mask"] if args.save_mask else [])
+    writers = {}
+    try:
+        for kind in kinds:
+            writers[kind] = io.VideoWriter(output_path(args, kind), reader.fps,
+                                           audio_from=reader if kind in modes else None)
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+    return writers
 
 
 def run_edit(args, models, notes):
-    """Steps 1–8 for every requested mode; returns the stats and writes the outputs."""
+    """Steps 1–8 for every requested mode, chunk by chunk as the video is read; returns
+    the stats. Memory stays that of a few chunks, however long the video."""
+    with io.VideoReader(args.video) as reader:  # the input is checked before anything heavy
+        return stream_edit(args, models, reader, notes)
+
+
+def stream_edit(args, models, reader, notes):
     device = torch.device(args.device)
-    clock = Stopwatch(device)
-    with clock("read"):
-        video, source_frames, fps, count = prepare_clip(args.video, args.height, args.width, notes)
-    with clock("load"):  # weights from disk (the DiT's come after the text stage)
-        vae = models.vae()
-    with clock("encode"):  # step 2
-        latents = vae.encode(video.to(device))
-    with clock("mask"):  # step 3, LIPAR stage 1: which tokens repeat the previous frame
-        keep = lipar.prune_mask(latents[0].transpose(0, 1), args.theta, args.theta2, lookahead=args.mask_lookahead)
-    with clock("text"):  # step 4
+    clock, timeline = Stopwatch(device), None
+    with clock("text"):  # step 4, first: the text encoder is freed before the DiT arrives
         context = encode_prompt(models.text_encoder, args.prompt, device, models.dtype)
-    window = None if args.m == "all" else args.m
+    with clock("load"):  # weights from disk
+        vae, dit = models.vae(), models.dit()
+    fpc = dit.cfg.frames_per_chunk
+    grid = (args.height // 16, args.width // 16)
+    if M.FUSE and clock.cuda:
+        with clock("compile"):
+            warm_up(dit, context, grid)
     modes = ["full", "lipar"] if args.compare else [args.mode]
+    window = None if args.m == "all" else args.m
+    runner = models.runner()
+    graphs_before = dict(runner.stats) if runner else None
+    editors = {mode: ChunkEditor(dit, context, grid, mode, window, args.seed, runner) for mode in modes}
+    masks = (lipar.MaskStream(args.theta, args.theta2, fpc, args.mask_lookahead)
+             if args.save_mask or modes != ["full"] else None)
+    encoder_cache = V.CausalCache()
+    decoder_caches = {mode: V.CausalCache() for mode in modes}
+    pending, ready_masks = deque(), []  # chunks encoded but waiting for their mask; final mask frames
+    kept_per_chunk, psnr_sums = [], []
+    writers = open_writers(args, modes, reader)
+    progress = tqdm(total=reader.frame_count, desc=f"editing ({', '.join(modes)})", unit="frame", leave=False)
+
+    def finish_chunk(latents, source, times, count):
+        """Steps 5–8 for one chunk whose mask is known: edit it in every mode, decode, write."""
+        keep = None
+        if masks is not None:
+            keep = torch.stack(ready_masks[:fpc])
+            del ready_masks[:fpc]
+            kept_per_chunk.append(keep)
+        edited = {}
+        for mode, editor in editors.items():
+            with clock(f"dit_{mode}"):
+                x0 = editor(latents, keep)
+            with clock(f"decode_{mode}"):  # step 8, with the decoder's causal cache
+                edited[mode] = io.from_model(vae.decode(x0, cache=decoder_caches[mode]))[:count]
+        with clock("write"):
+            for mode in modes:
+                writers[mode].write(edited[mode], times)
+            if args.compare:
+                writers["compare"].write(torch.cat([source[:count], edited["full"], edited["lipar"]], dim=2), times)
+                psnr_sums.append((count, mse(edited["full"], edited["lipar"])))
+            if args.save_mask:
+                writers["mask"].write(mask_preview(source[:count], keep, first_chunk=len(kept_per_chunk) == 1), times)
+        timeline.wrote(count)
+        progress.update(count)
+
+    try:
+        timeline = Timeline()
+        chunks = source_chunks(reader, args.height, args.width, fpc, notes)
+        while True:
+            with clock("read"):
+                chunk = next(chunks, None)
+            if chunk is None:
+                break
+            timeline.read()
+            source, times, count = chunk
+            with clock("encode"):  # step 2, continuing the encoder's causal cache
+                latents = vae.encode(io.to_model(source).to(device), cache=encoder_cache)
+            if masks is not None:
+                with clock("mask"):  # step 3, LIPAR stage 1: final once the frames it looks ahead to are read
+                    ready_masks.extend(masks.push(latents[0].transpose(0, 1)))
+            pending.append((latents, source, times, count))
+            while pending and (masks is None or len(ready_masks) >= fpc):
+                finish_chunk(*pending.popleft())
+        if masks is not None:
+            with clock("mask"):
+                ready_masks.extend(masks.finish())
+        while pending:
+            finish_chunk(*pending.popleft())
+        progress.close()
+        with clock("write"):
+            for writer in writers.values():
+                if note := writer.close():
+                    notes.append(note)
+    except (KeyboardInterrupt, BrokenPipeError) as stop:
+        progress.close()
+        raise Interrupted(close_interrupted(writers, stop), 130 if isinstance(stop, KeyboardInterrupt) else 1) \
+            from None
+    except BaseException:
+        progress.close()
+        for writer in writers.values():
+            writer.discard()
+        raise
+    if reader.error:
+        notes.append(f"{reader.error}; edited the frames read before it")
+    count = reader.frames_read
     stats = {"video": str(args.video), "prompt": args.prompt, "random_weights": models.random,
-             "frames": count, "fps": fps, "height": args.height, "width": args.width,
-             "latent_frames": latents.shape[2], "theta": args.theta, "theta2": args.theta2,
+             "frames": count, "fps": reader.fps, "height": args.height, "width": args.width,
+             "latent_frames": 1 + (io.padded_length(count) - 1) // 4, "theta": args.theta, "theta2": args.theta2,
              "mask_lookahead": args.mask_lookahead,
              "m": "all" if window is None else list(window), "seed": args.seed, "device": str(device),
-             "dtype": str(models.dtype).removeprefix("torch."), "notes": notes, "modes": {}}
-    edited, graph_stats = denoise(args, models, clock, latents, context, keep, modes, window)
-    models.release_dit()  # the decoder's activations are the largest of the edit: not on top of the DiT
-    outputs = {}
+             "dtype": str(models.dtype).removeprefix("torch."), "notes": notes, "modes": {},
+             "stream": timeline.stats()}
+    keep = torch.cat(kept_per_chunk) if kept_per_chunk else None
+    shared = sum(clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "write"))
     for mode in modes:
-        with clock(f"decode_{mode}"):  # step 8
-            outputs[mode] = io.trim_frames(io.from_model(vae.decode(edited[mode])), count)
-        pruned = 0.0 if mode == "full" else lipar.prune_ratio(keep)
-        per_chunk = [0.0] * (keep.shape[0] // 3) if mode == "full" else lipar.chunk_prune_ratios(keep)
-        shared = clock.seconds["read"] + clock.seconds["encode"] + clock.seconds["mask"]
+        pruned = mode != "full" and keep is not None
         dit_s, decode_s = clock.seconds[f"dit_{mode}"], clock.seconds[f"decode_{mode}"]
         stats["modes"][mode] = {
-            "prune_ratio": pruned, "prune_ratio_per_chunk": per_chunk,
-            "seconds": {"read": clock.seconds["read"], "encode": clock.seconds["encode"],
-                        "mask": clock.seconds["mask"], "text": clock.seconds["text"], "load": clock.seconds["load"],
-                        "compile": clock.seconds.get("compile", 0.0), "dit": dit_s, "decode": decode_s},
-            "cuda_graphs": graph_stats.get(mode),
+            "prune_ratio": lipar.prune_ratio(keep) if pruned else 0.0,
+            "prune_ratio_per_chunk": lipar.chunk_prune_ratios(keep, fpc) if pruned else
+            [0.0] * len(timeline.written),
+            "seconds": {stage: clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "text", "load",
+                                                                            "compile", "write")}
+            | {"dit": dit_s, "decode": decode_s},
+            "cuda_graphs": None if runner is None else {k: runner.stats[k] - graphs_before[k] for k in graphs_before},
             "dit_fps": count / dit_s, "end_to_end_fps": count / (shared + dit_s + decode_s)}
+    if args.compare:
+        frames_total = sum(n for n, _ in psnr_sums)
+        mean_mse = sum(n * e for n, e in psnr_sums) / frames_total
+        stats["psnr_full_vs_lipar_db"] = float("inf") if mean_mse == 0 else 10 * math.log10(255**2 / mean_mse)
     stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
     stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
-    stats["outputs"] = write_outputs(args, outputs, source_frames[:count], keep, fps, stats)
+    stats["peak_host_memory_gib"] = peak_host_memory_gib()
+    stats["outputs"] = {kind: writer.name for kind, writer in writers.items()}
     return stats
 
 
-def denoise(args, models, clock, latents, context, keep, modes, window):
-    """Steps 5–7 for every mode: {mode: edited latents} and {mode: CUDA-graph counts}.
-    (A function of its own so that no local name keeps the DiT alive past it.)"""
-    with clock("load"):  # the DiT's weights from disk
-        dit = models.dit()
-    if M.FUSE and clock.cuda:
-        with clock("compile"):
-            warm_up(dit, latents, context, keep)
-    edited, graph_stats = {}, {}
-    for mode in modes:
-        runner = models.runner()
-        before = dict(runner.stats) if runner else None
-        with clock(f"dit_{mode}"):
-            edited[mode] = edit_latents(dit, latents, context, keep, mode, None if mode == "full" else window,
-                                        args.seed, runner=runner)
-        if runner:
-            graph_stats[mode] = {k: runner.stats[k] - before[k] for k in before}
-    return edited, graph_stats
+def close_interrupted(writers, stop):
+    """Close every output on Ctrl-C or a closed pipe, keeping what was finished: one sentence."""
+    kept, frames = [], 0
+    for writer in writers.values():
+        if writer.frames_written == 0:
+            writer.discard()
+            continue
+        try:
+            writer.close()
+            kept.append(writer.name)
+            frames = max(frames, writer.frames_written)
+        except (BrokenPipeError, io.VideoError):
+            writer.discard()
+    why = "interrupted" if isinstance(stop, KeyboardInterrupt) else "standard output was closed by its reader"
+    if not kept:
+        return f"{why} before the first chunk was edited; nothing was written"
+    return (f"{why}: {', '.join(kept)} {'holds' if len(kept) == 1 else 'hold'} the {frames} edited frames finished "
+            f"so far (every finished chunk, playable)")
 
 
-def write_outputs(args, outputs, source_frames, keep, fps, stats):
-    written = {}
-    for mode, frames in outputs.items():
-        path = output_path(args, mode)
-        dropped_audio = io.write_video(path, frames, fps, audio_from=args.video)
-        if dropped_audio:
-            stats["notes"].append(dropped_audio)
-        written[mode] = str(path)
-    if args.compare:
-        stats["psnr_full_vs_lipar_db"] = psnr(outputs["full"], outputs["lipar"])
-        path = output_path(args, "compare")
-        io.write_video(path, torch.cat([source_frames, outputs["full"], outputs["lipar"]], dim=2), fps)
-        written["compare"] = str(path)
-    if args.save_mask:
-        path = output_path(args, "mask")
-        io.write_video(path, mask_preview(source_frames, keep), fps)
-        written["mask"] = str(path)
-    return written
+def peak_host_memory_gib():
+    """The process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def output_path(args, kind):
-    """results/<input>_<kind>.mp4, or --out (with the kind appended when several files are written)."""
+    """results/<input>_<kind>.mp4, or --out (with the kind appended when several files are
+    written); "-" is standard output."""
     if args.out is None:
-        return Path("results") / f"{Path(args.video).stem}_{kind}.mp4"
+        stem = "stdin" if str(args.video) == io.STDIO else Path(args.video).stem
+        return Path("results") / f"{stem}_{kind}.mp4"
+    if args.out == io.STDIO:
+        return io.STDIO
     out = Path(args.out)
     several = args.compare or args.save_mask
     return out.with_name(f"{out.stem}_{kind}{out.suffix or '.mp4'}") if several else out
@@ -404,6 +562,11 @@ def output_path(args, kind):
 def check_outputs(args):
     """Refuse to overwrite anything unless --overwrite, and never the input."""
     kinds = (["full", "lipar", "compare"] if args.compare else [args.mode]) + (["mask"] if args.save_mask else [])
+    if args.out == io.STDIO:
+        if len(kinds) > 1:
+            raise UsageError("--out - writes one video to standard output; drop --compare and --save-mask, or give "
+                             "--out a file name")
+        return
     source = Path(args.video).resolve()
     for kind in kinds:
         path = output_path(args, kind)
@@ -546,11 +709,12 @@ def flag_problems(args):
             continue
         if kind == "cuda" and not torch.cuda.is_available():
             problems.append(f"{flag} {device}: this machine has no usable CUDA GPU; give cpu")
-    if args.out is not None and Path(args.out).suffix.lower() not in ("", ".mp4"):
+    if args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() not in ("", ".mp4"):
         problems.append(f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name")
-    if args.video is not None and not Path(args.video).is_file():
+    if args.video not in (None, io.STDIO) and not Path(args.video).is_file() and not io.is_camera(args.video):
         state = "is a folder" if Path(args.video).is_dir() else "does not exist"
-        problems.append(f"the video {args.video} {state}; give the path of a video file")
+        problems.append(f"the video {args.video} {state}; give the path of a video file, a camera device or - "
+                        f"(standard input)")
     return problems
 
 
@@ -577,6 +741,7 @@ def main(argv=None):
     models = Models(args.weights if have_weights else None, args.device, dtype, args.text_device or args.device,
                     use_graphs=not args.no_graphs)
     notes = []
+    report = sys.stderr if args.out == io.STDIO else sys.stdout  # standard output may be the video
     if demo:
         args.video = Path("results") / "demo_input.mp4"
         if not args.video.exists():
@@ -585,7 +750,7 @@ def main(argv=None):
         args.compare = args.save_mask = args.overwrite = True
         if models.random:  # tiny models: a small resolution keeps the CPU demo to about a minute
             args.height, args.width = args.height or 240, args.width or 416
-        print(f"demo: editing {args.video} with the prompt {args.prompt!r}")
+        print(f"demo: editing {args.video} with the prompt {args.prompt!r}", file=report)
     args.height, args.width = args.height or 480, args.width or 832
     for name in ("height", "width"):
         value = getattr(args, name)
@@ -596,9 +761,9 @@ def main(argv=None):
     check_outputs(args)
     if models.random:
         print(f"No weights at {args.weights}: running tiny RANDOM-weight models. The pipeline runs end to end, "
-              "but the pixels are not an edit. See weights.md to get the real ones.")
+              "but the pixels are not an edit. See weights.md to get the real ones.", file=report)
     stats = run_edit(args, models, notes)
-    print_summary(stats)
+    print_summary(stats, report)
     if args.json:
         Path(args.json).write_text(json.dumps(stats, indent=2))
     return 0
@@ -611,13 +776,18 @@ def cli(argv=None):
     except (UsageError, io.VideoError, M.WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outputs are renamed into place only when complete (video.write_video)
-        print("interrupted: every output already reported as written is complete; nothing else was written",
-              file=sys.stderr)
+    except Interrupted as stop:  # Ctrl-C or a closed pipe while editing: the finished chunks are kept
+        print(stop, file=sys.stderr)
+        if stop.code == 1:  # nobody reads standard output any more: keep Python from complaining at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return stop.code
+    except KeyboardInterrupt:  # before the edit began: outputs are only ever renamed into place when closed
+        print("interrupted before the edit began; nothing was written", file=sys.stderr)
         return 130
 
 
-def print_summary(stats):
+def print_summary(stats, file=sys.stdout):
+    print = functools.partial(builtins.print, file=file)
     for note in stats["notes"]:
         print(f"note: {note}")
     print(f"{stats['frames']} frames at {stats['width']}x{stats['height']}, {stats['latent_frames']} latent frames, "
@@ -627,7 +797,7 @@ def print_summary(stats):
         chunks = " ".join(f"{r:.0%}" for r in s["prune_ratio_per_chunk"])
         print(f"[{mode}] pruned {s['prune_ratio']:.1%} of tokens after frame 0 (per chunk: {chunks})")
         print(f"[{mode}] read {sec['read']:.2f}s  encode {sec['encode']:.2f}s  mask {sec['mask']:.3f}s  "
-              f"text {sec['text']:.2f}s  DiT {sec['dit']:.2f}s  decode {sec['decode']:.2f}s")
+              f"text {sec['text']:.2f}s  DiT {sec['dit']:.2f}s  decode {sec['decode']:.2f}s  write {sec['write']:.2f}s")
         if s["cuda_graphs"]:
             g = s["cuda_graphs"]
             print(f"[{mode}] DiT forwards: {g['replays']} replayed CUDA graphs, {g['eager']} eager (first of their "
@@ -637,11 +807,18 @@ def print_summary(stats):
     sec = next(iter(stats["modes"].values()))["seconds"]
     compiling = f", compiling the DiT {sec['compile']:.2f}s" if sec["compile"] else ""
     print(f"loading the weights took {sec['load']:.2f}s{compiling} (not in the times above)")
+    stream = stats["stream"]
+    if stream:
+        steady = f"{stream['steady_fps']:.1f} frames/s" if stream["steady_fps"] else "- (one chunk)"
+        print(f"streaming: first edited frame after {stream['first_frame_s']:.2f}s, steady state {steady}, "
+              f"chunk latency {stream['chunk_latency_s']['median']:.2f}s median, "
+              f"{stream['chunk_latency_s']['max']:.2f}s max")
     if "psnr_full_vs_lipar_db" in stats:
         print(f"PSNR lipar vs full: {stats['psnr_full_vs_lipar_db']:.2f} dB")
     if stats["peak_gpu_memory_gib"] is not None:
         stages = "  ".join(f"{stage} {gib:.2f}" for stage, gib in stats["peak_gpu_memory_gib_per_stage"].items())
         print(f"peak GPU memory: {stats['peak_gpu_memory_gib']:.2f} GiB (per stage, GiB: {stages})")
+    print(f"peak host memory: {stats['peak_host_memory_gib']:.2f} GiB")
     for kind, path in stats["outputs"].items():
         print(f"wrote {kind}: {path}")
 

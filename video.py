@@ -17,7 +17,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import numpy as np
 import torch
 import torch.nn.functional as F
 

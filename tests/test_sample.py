@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -138,50 +139,57 @@ def test_noise_clip_keeps_everything_and_lipar_equals_full_end_to_end(weights, t
     """
     monkeypatch.chdir(tmp_path)
     clip = write_clip(tmp_path / "noise.mp4", noise_clip())
-    edits, decoded = {}, {}
-    edit_latents, write_video = sample.edit_latents, io.write_video
-
-    def recording(dit, latents, context, keep, mode, *args, **kwargs):
-        edits[mode] = edit_latents(dit, latents, context, keep, mode, *args, **kwargs)
-        return edits[mode]
-
-    def recording_write(path, frames, *args, **kwargs):
-        decoded[Path(path).stem] = frames.clone()
-        return write_video(path, frames, *args, **kwargs)
-
-    monkeypatch.setattr(sample, "edit_latents", recording)
-    monkeypatch.setattr(io, "write_video", recording_write)
+    edits, decoded = record_edits(monkeypatch)
     for mode in ("full", "lipar"):
         assert run_cli(["--video", str(clip), "--mode", mode, "--m", "all", "--out", f"{mode}.mp4",
                         "--json", f"{mode}.json"], weights) == 0
         assert len(io.read_video(tmp_path / f"{mode}.mp4")[0]) == 17
     assert json.loads((tmp_path / "lipar.json").read_text())["modes"]["lipar"]["prune_ratio"] == 0.0
-    assert torch.equal(edits["lipar"], edits["full"])
-    assert torch.equal(decoded["lipar"], decoded["full"])
+    assert torch.equal(torch.cat(edits["lipar"], dim=2), torch.cat(edits["full"], dim=2))
+    assert torch.equal(torch.cat(decoded["lipar"]), torch.cat(decoded["full"]))
+
+
+def record_edits(monkeypatch):
+    """What the CLI's edits produce, recorded as they stream: each mode's edited latents
+    (a list of chunks) and the frames handed to each output (by file stem)."""
+    edits, decoded = defaultdict(list), defaultdict(list)
+    edit_chunk, write = sample.ChunkEditor.__call__, io.VideoWriter.write
+
+    def recording_edit(editor, latents, keep=None):
+        edits[editor.mode].append(edit_chunk(editor, latents, keep))
+        return edits[editor.mode][-1]
+
+    def recording_write(writer, frames, times=None):
+        decoded[Path(writer.target).stem].append(frames.clone())
+        return write(writer, frames, times)
+
+    monkeypatch.setattr(sample.ChunkEditor, "__call__", recording_edit)
+    monkeypatch.setattr(io.VideoWriter, "write", recording_write)
+    return edits, decoded
 
 
 def test_same_seed_gives_bit_identical_edits(clip, weights, tmp_path, monkeypatch):
     """The same command twice with one --seed: identical latents on the CPU; another seed differs."""
     monkeypatch.chdir(tmp_path)
-    edits = []
-    edit_latents = sample.edit_latents
-    monkeypatch.setattr(sample, "edit_latents", lambda *a, **k: edits.append(edit_latents(*a, **k)) or edits[-1])
+    runs = []
     for run, seed in enumerate(("3", "3", "4")):
+        edits, _ = record_edits(monkeypatch)
         assert run_cli(["--video", str(clip), "--seed", seed, "--out", f"{run}.mp4"], weights) == 0
-    assert torch.equal(edits[0], edits[1])
-    assert not torch.equal(edits[0], edits[2])
+        runs.append(torch.cat(edits["lipar"], dim=2))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
 
 
 def reference_edit(dit, latents, context, seed):
     """SPEC §3 written out without a KV cache: every call evaluates the whole video so
     far with the block-causal forward, earlier chunks as their clean x0 at t = 0.
-    Same noise protocol as the sampler: one full-size draw, then a fresh one per step."""
+    Same noise protocol as the sampler: per chunk, one draw for step 5, then a fresh one per step."""
     schedule = sample.editing_schedule()
     g = torch.Generator().manual_seed(seed)
-    x = (1 - schedule[0][1]) * latents + schedule[0][1] * torch.randn(latents.shape, generator=g)
     done = []  # clean x0 of the finished chunks
     for s in range(0, latents.shape[2], 3):
-        x_c = x[:, :, s:s + 3]
+        z = latents[:, :, s:s + 3]
+        x_c = (1 - schedule[0][1]) * z + schedule[0][1] * torch.randn(z.shape, generator=g)
         for i, (t, sigma) in enumerate(schedule):
             video = torch.cat([*done, x_c], dim=2)
             timesteps = torch.tensor([[0.0] * s + [t] * 3])
@@ -324,26 +332,32 @@ def test_damaged_weights_are_named_in_one_sentence(damage, clip, tmp_path, monke
     assert not (tmp_path / "edited.mp4").exists()
 
 
-def test_ctrl_c_ends_with_one_line_exit_130_and_no_partial_output(clip, weights, tmp_path):
-    """A real interrupt (SIGINT) once the DiT stage has started, in a subprocess."""
+def test_ctrl_c_keeps_every_finished_chunk_in_a_playable_file_and_says_so(weights, tmp_path):
+    """A real interrupt (SIGINT) once the first chunk is written, in a subprocess: exit
+    code 130, one line naming the file, which holds whole chunks (9 frames, then 12 each)."""
     import signal
 
+    clip = write_clip(tmp_path / "long.mp4", moving_clip(57))
     out = tmp_path / "out" / "edited.mp4"
     process = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--video", str(clip), "--weights",
-                                str(weights), "--height", "240", "--width", "416", "--device", "cpu",
+                                str(weights), "--height", "64", "--width", "112", "--device", "cpu",
                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=tmp_path)
     seen = ""
-    while "DiT" not in seen:  # the progress bar: the edit is under way
+    while " 9/57 " not in seen:  # the progress bar: the first chunk is written
         char = process.stderr.read(1)
-        assert char, f"sample.py ended before its DiT stage: {seen}"
+        assert char, f"sample.py ended before its first chunk was written: {seen}"
         seen += char
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "chunk" not in line]
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "frame/s" not in line
+             and "?frame" not in line]
     assert process.returncode == 130, seen + err
-    assert lines == ["interrupted: every output already reported as written is complete; nothing else was written"]
-    assert not out.parent.exists() or not any(out.parent.iterdir())
+    [line] = lines
+    frames = len(io.read_video(out)[0])
+    assert frames in (9, 21, 33, 45) and line == (f"interrupted: {out} holds the {frames} edited frames finished so "
+                                                  f"far (every finished chunk, playable)")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["edited.mp4"]  # no partial file left beside it
 
 
 def test_entry_point_reports_one_line_without_traceback(tmp_path):
