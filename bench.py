@@ -212,31 +212,16 @@ def cli_bench(timer, runs_folder=None):
     layer at full width with a small vocabulary, whose stage the comparison leaves out.
     Returns printed lines."""
     folder = Path(runs_folder or tempfile.mkdtemp(prefix="lipar_cli_"))
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16)
-        vae = random_(V.WanVAE(V.VAEConfig()), 0.05)
-        text_encoder = random_(M.UMT5Encoder(M.T5Config(vocab=300, layers=1))).to(torch.bfloat16)
-    weights = sample.write_random_weights(folder / "weights", dit, vae, text_encoder)
-    del dit, vae, text_encoder
-    torch.cuda.empty_cache()
+    weights = real_shape_weights(folder)
     clip = folder / "clip.mp4"
     io.write_video(clip, sample.demo_frames(480, 832, 81), 16)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), PYTHONUNBUFFERED="1")
     lines = []
     for run, flags in (("first", []), ("second", []), ("--compile, cold cache", ["--compile"]),
                        ("--compile, warm cache", ["--compile"])):
-        stats_file = folder / "stats.json"
-        command = [sys.executable, str(Path(__file__).with_name("sample.py")), "--video", str(clip),
-                   "--weights", str(weights), "--out", str(folder / "out.mp4"), "--overwrite",
-                   "--json", str(stats_file), *flags]
-        start = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if done.returncode:
-            raise RuntimeError(f"sample.py failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        print(done.stdout)
-        stats = json.loads(stats_file.read_text())
+        wall, stats, stdout = run_sample(["--video", clip, "--weights", weights, "--out", folder / "out.mp4", *flags],
+                                         env)
+        print(stdout)
         seconds = stats["modes"]["lipar"]["seconds"]
         peaks = "  ".join(f"{k} {v:.2f}" for k, v in stats["peak_gpu_memory_gib_per_stage"].items())
         lines.append(f"CLI {run}: {wall:.1f} s wall, {wall - seconds['text']:.1f} s without the text stage; "
@@ -245,8 +230,7 @@ def cli_bench(timer, runs_folder=None):
                      f"pruned {stats['modes']['lipar']['prune_ratio']:.1%}")
     models = sample.Models(weights, "cuda", torch.bfloat16, "cuda")
     with torch.no_grad():
-        video, _, _, _ = sample.prepare_clip(clip, 480, 832, [])
-        video = video.cuda()
+        video = io.to_model(io.pad_frames(io.resize_crop(io.read_video(clip)[0], 480, 832))[0]).cuda()
         context = sample.encode_prompt(models.text_encoder, sample.DEFAULT_PROMPT, "cuda", torch.bfloat16)
         vae, dit = models.vae(), models.dit()
         for compiled in (False, True):
@@ -269,6 +253,111 @@ def cli_bench(timer, runs_folder=None):
     return lines
 
 
+def real_shape_weights(folder):
+    """Random real-shape weights in weights.md's layout, except the text encoder: one umT5
+    layer at full width with a small vocabulary (its stage is left out of the timings)."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16)
+        vae = random_(V.WanVAE(V.VAEConfig()), 0.05)
+        text_encoder = random_(M.UMT5Encoder(M.T5Config(vocab=300, layers=1))).to(torch.bfloat16)
+    weights = sample.write_random_weights(Path(folder) / "weights", dit, vae, text_encoder)
+    del dit, vae, text_encoder
+    torch.cuda.empty_cache()
+    return weights
+
+
+def run_sample(args, env=None):
+    """sample.py in a fresh process with --json; returns (wall seconds, its stats, its stdout)."""
+    stats_file = Path(tempfile.mkdtemp(prefix="lipar_stats_")) / "stats.json"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("sample.py")), *map(str, args),
+                           "--overwrite", "--json", str(stats_file)], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"sample.py failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return wall, json.loads(stats_file.read_text()), done.stdout
+
+
+class FixedMask:
+    """Stands in for lipar.MaskStream in a timing: hands out a given mask [L, h, w] frame by
+    frame, each frame three latent frames after it arrives, as the real one does."""
+
+    def __init__(self, keep):
+        self.keep, self.given, self.seen = keep, 0, 0
+
+    def push(self, latents):
+        self.seen += latents.shape[0]
+        return self._upto(max(1, self.seen - 3))
+
+    def finish(self):
+        return self._upto(self.keep.shape[0])
+
+    def _upto(self, end):
+        frames, self.given = self.keep[self.given:end], max(self.given, end)
+        return frames
+
+
+def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
+    """Streaming at real shapes. First sample.py in fresh processes on clips of several
+    lengths (so that each peak, GPU and host, is that run's own): time to the first
+    edited frame, steady frames/s, chunk latency, peaks. Then, in this process, the
+    steady state of a long stream against the whole-clip edit of 81 frames, both with
+    LIPAR at a fixed 35 % mask, graphs on, nothing compiled (sample.py's defaults).
+    Returns printed lines."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="lipar_stream_"))
+    weights = real_shape_weights(folder)
+    lines = ["| clip | mode | pruned | first edited frame s | steady frames/s | chunk latency s (median / max) "
+             "| end to end frames/s | peak GPU GiB | peak host GiB |", "|" + " --- |" * 9]
+    runs = [(n, "lipar") for n in lengths] + [(lengths[0], "full"), (lengths[-1], "full")]
+    for count, mode in runs:
+        clip = folder / f"clip{count}.mp4"
+        if not clip.exists():
+            io.write_video(clip, sample.demo_frames(480, 832, count), 16)
+        wall, stats, _ = run_sample(["--video", clip, "--weights", weights, "--mode", mode,
+                                     "--out", folder / f"out{count}_{mode}.mp4"])
+        s, m = stats["stream"], stats["modes"][mode]
+        lines.append(f"| {count} frames | {mode} | {m['prune_ratio']:.1%} | {s['first_frame_s']:.2f} "
+                     f"| {s['steady_fps']:.1f} | {s['chunk_latency_s']['median']:.2f} / "
+                     f"{s['chunk_latency_s']['max']:.2f} | {m['end_to_end_fps']:.1f} "
+                     f"| {stats['peak_gpu_memory_gib']:.2f} | {stats['peak_host_memory_gib']:.2f} |")
+    M.FUSE = False
+    models = sample.Models(weights, "cuda", torch.bfloat16, "cuda")
+    with torch.no_grad():
+        context = sample.encode_prompt(models.text_encoder, sample.DEFAULT_PROMPT, "cuda", torch.bfloat16)
+        vae, dit, runner = models.vae(), models.dit(), models.runner()
+        video = io.to_model(io.read_video(folder / f"clip{lengths[0]}.mp4")[0]).cuda()
+        L = 1 + (video.shape[2] - 1) // 4
+        keep = coherent_mask(L, 30, 52, 0.35).cuda()
+
+        def whole_edit():
+            latents = vae.encode(video)
+            lipar.prune_mask(latents[0].transpose(0, 1))  # timed as the stream times its own mask
+            edited = sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0, progress=False,
+                                         runner=runner)
+            return vae.decode(edited)
+
+        whole_fps = lengths[0] / timer(whole_edit) * 1e3
+        args = sample.parse_args(["--video", str(folder / f"clip{lengths[1]}.mp4"), "--out",
+                                  str(folder / "inprocess.mp4"), "--overwrite"])
+        args.height, args.width = 480, 832
+        long_keep = coherent_mask(1 + (lengths[1] - 1) // 4 + 2, 30, 52, 0.35).cuda()
+        real_mask_stream = lipar.MaskStream
+        lipar.MaskStream = lambda *a, **k: FixedMask(long_keep)
+        try:
+            steady = []
+            for _ in range(2):  # the first run captures the graphs
+                with io.VideoReader(args.video) as reader:
+                    steady.append(sample.stream_edit(args, models, reader, [])["stream"]["steady_fps"])
+        finally:
+            lipar.MaskStream = real_mask_stream
+    M.FUSE = True
+    lines += ["", f"LIPAR 35 % (fixed mask), graphs, not compiled, one process: whole-clip edit of {lengths[0]} frames "
+              f"{whole_fps:.1f} frames/s end to end (encode, mask, DiT, decode); streamed {lengths[1]} frames, "
+              f"steady state {steady[-1]:.1f} frames/s ({steady[-1] / whole_fps - 1:+.1%})"]
+    return lines
+
+
 def random_(module, std=0.02):
     with torch.no_grad():
         for p in module.parameters():
@@ -287,6 +376,9 @@ def main(argv=None):
     p.add_argument("--profile-vae", action="store_true", help="print the top CUDA kernels of VAE encode and decode")
     p.add_argument("--cli", action="store_true",
                    help="only time sample.py itself at real shapes (cold and warm processes, per-stage peaks), then exit")
+    p.add_argument("--stream", action="store_true",
+                   help="only time streaming edits at real shapes (81, 321, 1281 frames; first frame, steady "
+                        "frames/s, peaks), then exit")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
@@ -307,6 +399,9 @@ def main(argv=None):
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
     if args.cli and not smoke:
         print("\n".join(cli_bench(timer)))
+        return None
+    if args.stream and not smoke:
+        print("\n".join(stream_bench(timer)))
         return None
     if args.vae_variants and not smoke:
         with torch.no_grad():
@@ -373,7 +468,7 @@ def main(argv=None):
         # CUDA graphs: the first clip of a fresh runner (eager first calls and captures
         # included) against the eager path, then graph and eager agreement
         graph_agreement, first_clip = {}, {}
-        sample.warm_up(dit, latents, context, keep35)  # compile both paths first: captures alone are timed
+        sample.warm_up(dit, context, (h, w))  # compile both paths first: captures alone are timed
         for name, mode, keep, window in configs:
             runner = graphs.GraphRunner(dit)
             if name in ("full", "lipar 35%"):

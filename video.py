@@ -242,7 +242,11 @@ class VideoWriter:
         self.time_base = Fraction(1, self.rate.numerator * math.ceil(90000 / self.rate.numerator))
 
     def _open_streams(self, height, width):
-        self.stream = self.container.add_stream("libx264", rate=self.rate, options={"crf": "18"})
+        # A pipe is read as it is written: no frame reordering or look-ahead (zerolatency), so
+        # each frame leaves at once, and no negative decode times, which a fragmented mp4
+        # (no edit list) would turn into a video start later than the audio's.
+        options = {"crf": "18", **({"tune": "zerolatency"} if self.to_stdout else {})}
+        self.stream = self.container.add_stream("libx264", rate=self.rate, options=options)
         self.stream.height, self.stream.width, self.stream.pix_fmt = height, width, "yuv420p"
         self.stream.codec_context.time_base = self.time_base
         if self.audio_queue is not None:
@@ -294,7 +298,8 @@ class VideoWriter:
             try:
                 if self.audio_copy:
                     copy = av.Packet(bytes(packet))  # one packet feeds every output; muxing consumes it
-                    copy.pts, copy.dts, copy.time_base = packet.pts, packet.dts, packet.time_base
+                    copy.pts, copy.dts, copy.duration = packet.pts, packet.dts, packet.duration
+                    copy.time_base = packet.time_base
                     copy.stream = self.audio_out
                     self.container.mux(copy)
                 else:

@@ -1,0 +1,200 @@
+"""Editing as a stream (issue: streaming edits of any length): the pipeline against the
+whole-clip path, long clips in flat memory, pipes, audio, and the KV cache's positions
+far past the training horizon and past the 1,024 positions of Wan's RoPE table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import lipar
+import model as M
+import sample
+import vae as V
+import video as io
+from tests.test_graphs import tiny_dit
+from tests.test_sample import SIZE, moving_clip, record_edits, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return sample.write_random_weights(tmp_path_factory.mktemp("weights"))
+
+
+def clip_with_audio(path, frames, rate=24, audio="aac"):
+    """uint8 frames [T, H, W, 3] as H.264 with a 440 Hz tone whose packets are
+    interleaved with the frames they belong to (as cameras and encoders write them)."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=rate)
+        video.height, video.width, video.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        tone = out.add_stream(audio, rate=48000, layout="stereo")
+        per_frame = 48000 // rate
+        for index, pixels in enumerate(frames.numpy()):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts = index
+            out.mux(video.encode(frame))
+            t = (np.arange(per_frame) + index * per_frame) / 48000
+            wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            sound = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
+            sound.sample_rate, sound.pts = 48000, index * per_frame
+            out.mux(tone.encode(sound))
+        out.mux(video.encode(None))
+        out.mux(tone.encode(None))
+    return path
+
+
+def assert_in_sync(path, frames, fps=24):
+    """Every frame is there, and the sound starts and ends with the picture (within 30 ms:
+    audio packets are cut whole, 20-21 ms each here)."""
+    with av.open(str(path)) as container:
+        times = [frame.time for frame in container.decode(video=0)]
+    with av.open(str(path)) as container:
+        sound = [(frame.time, frame.samples / frame.sample_rate) for frame in container.decode(audio=0)]
+    assert len(times) == frames
+    assert abs(sound[0][0] - times[0]) < 0.03
+    assert abs(sum(sound[-1]) - (times[-1] + 1 / fps)) < 0.03
+
+
+# ---- the stream computes what the whole clip computes ----
+
+
+def test_a_short_clip_streams_to_exactly_the_latents_of_the_whole_clip_path(weights, tmp_path, monkeypatch):
+    """The CLI's streamed edit against the whole-clip steps run by hand (encode all,
+    mask all, edit all, decode all): the same latents and frames, bit for bit."""
+    monkeypatch.chdir(tmp_path)
+    clip = tmp_path / "ball.mp4"
+    io.write_video(clip, moving_clip(29), 24.0)  # 29 frames: padded to 33, three chunks
+    edits, decoded = record_edits(monkeypatch)
+    assert run_cli(["--video", str(clip), "--out", "streamed.mp4"], weights) == 0
+    streamed = torch.cat(edits["lipar"], dim=2)
+
+    models = sample.Models(weights, "cpu", torch.float32, "cpu")
+    frames, _ = io.read_video(clip)
+    padded, count = io.pad_frames(io.resize_crop(frames, 64, 112))
+    latents = models.vae().encode(io.to_model(padded))
+    keep = lipar.prune_mask(latents[0].transpose(0, 1))
+    assert 0.1 < lipar.prune_ratio(keep) < 0.9  # the mask has work to do
+    context = sample.encode_prompt(models.text_encoder, sample.DEFAULT_PROMPT, "cpu", torch.float32)
+    whole = sample.edit_latents(models.dit(), latents, context, keep, "lipar", (1, 6), seed=0, progress=False)
+    assert torch.equal(streamed, whole)
+    assert torch.equal(torch.cat(decoded["streamed"]), io.from_model(models.vae().decode(whole))[:count])
+
+
+def test_vae_pieces_with_one_cache_equal_the_whole_clip():
+    torch.manual_seed(0)
+    vae = V.WanVAE(V.VAEConfig(base_dim=8)).double().eval()
+    video = torch.rand(1, 3, 21, 16, 16, dtype=torch.float64) * 2 - 1
+    cache = V.CausalCache()
+    pieces = [vae.encode(video[:, :, :9], cache=cache), vae.encode(video[:, :, 9:], cache=cache)]
+    torch.testing.assert_close(torch.cat(pieces, dim=2), vae.encode(video, chunked=False), rtol=0, atol=1e-12)
+    latents = torch.cat(pieces, dim=2)
+    cache = V.CausalCache()
+    frames = [vae.decode(latents[:, :, :3], cache=cache), vae.decode(latents[:, :, 3:], cache=cache)]
+    assert [f.shape[2] for f in frames] == [9, 12]
+    torch.testing.assert_close(torch.cat(frames, dim=2), vae.decode(latents, chunked=False), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="4k frames"):
+        vae.encode(video[:, :, :5], cache=cache)  # a later piece takes whole groups of 4
+
+
+# ---- long clips: any length, flat memory ----
+
+
+def edit_in_a_process(clip, out, weights, tmp_path, *flags):
+    stats = tmp_path / f"{Path(out).stem}.json"
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--video", str(clip), "--out", str(out),
+                             "--weights", str(weights), *SIZE, "--device", "cpu", "--json", str(stats), *flags],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(stats.read_text())
+
+
+def test_a_200_frame_clip_streams_end_to_end_in_flat_memory_with_its_audio(weights, tmp_path):
+    """Two lengths in fresh processes: the peak resident memory of 200 frames is that of
+    50 (whole-clip editing held every frame as float32 pixels and latents: tens of MB
+    more here); the output has every frame, and the audio ends with the video."""
+    peaks = {}
+    for count in (50, 200):
+        clip = clip_with_audio(tmp_path / f"clip{count}.mkv", moving_clip(count))
+        stats = edit_in_a_process(clip, tmp_path / f"edit{count}.mp4", weights, tmp_path)
+        assert stats["frames"] == count
+        assert_in_sync(tmp_path / f"edit{count}.mp4", count)
+        peaks[count] = stats["peak_host_memory_gib"] * 1024
+        assert stats["stream"]["first_frame_s"] < stats["stream"]["wall_s"]
+    assert peaks[200] - peaks[50] < 15, peaks  # MiB
+
+
+# ---- pipes ----
+
+
+def test_standard_input_to_standard_output_with_audio(weights, tmp_path):
+    """`ffmpeg ... -f matroska - | python sample.py --video - --out - > edited.mp4`: a
+    fragmented mp4 on standard output with every frame and the sound; the report goes to
+    standard error."""
+    clip = clip_with_audio(tmp_path / "in.mkv", moving_clip(21), audio="libopus")
+    with open(clip, "rb") as source:
+        result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--video", "-", "--out", "-",
+                                 "--weights", str(weights), *SIZE, "--device", "cpu"], stdin=source,
+                                capture_output=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    (tmp_path / "edited.mp4").write_bytes(result.stdout)
+    assert_in_sync(tmp_path / "edited.mp4", 21)
+    assert b"wrote lipar: standard output" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_stream_flags_are_checked(weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["--video", "-", "--out", "-", "--compare"], weights) == 2
+    assert "--out - writes one video" in capsys.readouterr().err
+    assert run_cli(["--video", "/dev/video-nonexistent"], weights) == 2
+    assert "a camera device or - (standard input)" in capsys.readouterr().err
+
+
+# ---- positions past the training horizon and past RoPE's table ----
+
+
+def stream_chunks(dit, chunks, window, trained_frames=None):
+    """forward_chunk over `chunks` identical-looking chunks (the same latents each time):
+    3 denoising steps and the memory step, as the sampler runs them. Returns the last
+    denoising step's output of every chunk."""
+    if trained_frames is not None:
+        dit.cfg = M.DiTConfig(**{**vars(dit.cfg), "trained_frames": trained_frames})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 4, 4, generator=g, dtype=torch.float64)
+    context = torch.randn(1, 5, dit.cfg.text_dim, generator=g, dtype=torch.float64)
+    cache = M.KVCache(dit, context, (2, 2), window)
+    outputs = []
+    for c in range(chunks):
+        for t in (769.0, 729.0, 625.0):
+            v = dit.forward_chunk(x, torch.full((1, 1), t, dtype=torch.float64), cache, 3 * c)
+        dit.forward_chunk(x, torch.zeros(1, 1, dtype=torch.float64), cache, 3 * c, memory_step=True)
+        outputs.append(v)
+    return outputs, cache
+
+
+def test_rolled_positions_change_nothing_without_a_sink():
+    """RoPE scores depend on position differences only: a rolling window of 21 frames with
+    positions rolled back after frame 20 equals the same window at the frames' true
+    positions (float64 math; RoPE's cos/sin tables are float32, hence 1e-6)."""
+    rolled, cache = stream_chunks(tiny_dit().double(), 12, None)
+    assert (cache.sink, cache.recent, cache.shift) == (0, 21, 36 - 21)
+    true_positions, _ = stream_chunks(tiny_dit().double(), 12, (0, 21), trained_frames=1000)
+    for a, b in zip(rolled, true_positions):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_stream_past_1024_latent_frames_behaves_as_inside_the_trained_range():
+    """Once the window is full, a chunk sees the sink at a fixed distance and the recent
+    frames at their true distances, whatever its index: chunk 345 (latent frames
+    1035-1037, past RoPE's 1,024 positions) gives what chunk 10 gives."""
+    outputs, cache = stream_chunks(tiny_dit().double(), 346, (1, 6))
+    assert cache.position_of(3 * 345) == 18  # placed at frames 18..20, as the authors' code places it
+    torch.testing.assert_close(outputs[345], outputs[10], rtol=0, atol=1e-6)
+    assert not torch.allclose(outputs[10], outputs[3], atol=1e-3)  # before the roll, the sink was nearer
