@@ -524,18 +524,21 @@ def close_interrupted(writers, stop):
     """Close every output on Ctrl-C or a closed pipe, keeping what was finished: one sentence."""
     kept, frames = [], 0
     for writer in writers.values():
-        if writer.frames_written == 0:
-            writer.discard()
+        frames = max(frames, writer.frames_written)
+        if writer.frames_written == 0 or writer.to_stdout:
+            writer.discard()  # a closed standard output takes nothing more
             continue
         try:
             writer.close()
             kept.append(writer.name)
-            frames = max(frames, writer.frames_written)
         except (BrokenPipeError, io.VideoError):
             writer.discard()
-    why = "interrupted" if isinstance(stop, KeyboardInterrupt) else "standard output was closed by its reader"
+    if isinstance(stop, KeyboardInterrupt):
+        why = "interrupted"
+    else:
+        why = f"standard output was closed by its reader after {frames} edited frames"
     if not kept:
-        return f"{why} before the first chunk was edited; nothing was written"
+        return f"{why}; nothing was written" if frames == 0 else why
     return (f"{why}: {', '.join(kept)} {'holds' if len(kept) == 1 else 'hold'} the {frames} edited frames finished "
             f"so far (every finished chunk, playable)")
 

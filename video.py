@@ -69,8 +69,12 @@ class VideoReader:
         try:
             self.container = av.open(target, **options)
         except (av.FFmpegError, OSError) as err:
-            raise VideoError(f"cannot read {self.name} as a video ({getattr(err, 'strerror', None) or err}); pass "
-                             f"an mp4, mov, webm, mkv or gif") from None
+            reason = getattr(err, "strerror", None) or err
+            if options:
+                raise VideoError(f"cannot open the camera {self.name} ({reason}); check that it is a Video4Linux "
+                                 f"device that no other program is using") from None
+            raise VideoError(f"cannot read {self.name} as a video ({reason}); pass an mp4, mov, webm, mkv or "
+                             f"gif") from None
         if not self.container.streams.video:
             self.container.close()
             raise VideoError(f"{self.name} holds no video stream; pass a video file (mp4, mov, webm or gif)")

@@ -198,3 +198,42 @@ def test_a_stream_past_1024_latent_frames_behaves_as_inside_the_trained_range():
     assert cache.position_of(3 * 345) == 18  # placed at frames 18..20, as the authors' code places it
     torch.testing.assert_close(outputs[345], outputs[10], rtol=0, atol=1e-6)
     assert not torch.allclose(outputs[10], outputs[3], atol=1e-3)  # before the roll, the sink was nearer
+
+
+def test_an_input_pipe_cut_short_edits_what_arrived(weights, tmp_path):
+    """The program feeding standard input dies part-way: the frames that arrived are
+    edited and written, and a note says the input ended early."""
+    clip = clip_with_audio(tmp_path / "in.mkv", moving_clip(40))
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[:len(data) * 3 // 5])
+    with open(cut, "rb") as source:
+        result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--video", "-", "--out", "out.mp4",
+                                 "--weights", str(weights), *SIZE, "--device", "cpu"], stdin=source,
+                                capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    frames = len(io.read_video(tmp_path / "out.mp4")[0])
+    assert 9 <= frames < 40 and f"{frames} frames at 112x64" in result.stdout
+
+
+def test_standard_output_closed_by_its_reader(weights, tmp_path):
+    """`python sample.py --out - | head -c 2000`: the edit stops with one line on standard
+    error and exit code 1, without a traceback."""
+    clip = clip_with_audio(tmp_path / "in.mkv", moving_clip(57))
+    process = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--video", str(clip), "--out", "-",
+                                "--weights", str(weights), *SIZE, "--device", "cpu"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=tmp_path)
+    assert len(process.stdout.read(2000)) == 2000
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=600) == 1, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "frame" not in line[:20]]
+    assert lines[-1].startswith("standard output was closed by its reader after ") and "Traceback" not in err
+
+
+def test_a_device_that_is_no_camera_is_one_sentence(weights, tmp_path, monkeypatch, capsys):
+    """/dev/null is a character device, as cameras are: it is opened as one and refused."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["--video", "/dev/null"], weights) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open the camera /dev/null") and err.count("\n") == 1
