@@ -167,6 +167,8 @@ def resize_crop(frames, height, width):
     uint8 [T, H, W, 3] -> uint8 [T, height, width, 3].
     """
     _, H, W, _ = frames.shape
+    if (H, W) == (height, width):
+        return frames
     crop_h, crop_w = min(H, round(W * height / width)), min(W, round(H * width / height))
     top, left = (H - crop_h) // 2, (W - crop_w) // 2
     frames = frames[:, top:top + crop_h, left:left + crop_w]
