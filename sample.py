@@ -351,18 +351,20 @@ def source_chunks(reader, height, width, frames_per_chunk, notes):
 
 class Timeline:
     """When the edit's chunks were read and written: the time to the first edited frame,
-    each chunk's latency (its last source frame read → its edited frames written) and
-    the steady state (frames/s after the first chunk)."""
+    each chunk's latency (its last source frame read → its edited frames written), the
+    steady state (frames/s after the first chunk), and the resident host memory after
+    each chunk (flat, however long the video)."""
 
     def __init__(self):
         self.start = time.perf_counter()
-        self.read_at, self.written = [], []  # per chunk: seconds since start; (seconds, frames)
+        self.read_at, self.written, self.resident = [], [], []  # per chunk
 
     def read(self):
         self.read_at.append(time.perf_counter() - self.start)
 
     def wrote(self, frames):
         self.written.append((time.perf_counter() - self.start, frames))
+        self.resident.append(host_memory_gib("VmRSS"))
 
     def stats(self):
         if not self.written:
@@ -372,7 +374,49 @@ class Timeline:
         later = sum(frames for _, frames in self.written[1:])
         return {"first_frame_s": first, "chunk_latency_s": {"median": statistics.median(latencies),
                                                             "max": max(latencies)},
-                "steady_fps": later / (last - first) if later else None, "wall_s": last}
+                "steady_fps": later / (last - first) if later else None, "wall_s": last,
+                "host_memory_gib_per_chunk": self.resident}
+
+
+class ReaderThread:
+    """Decodes the source's next chunk in a background thread while the GPU edits the
+    current one (PyAV decodes without holding the GIL), one chunk ahead at most.
+    next() returns the chunks of `chunks` in order, then None; an error in reading is
+    raised there."""
+
+    def __init__(self, chunks):
+        self.chunks, self.ready, self.stop = chunks, queue.Queue(maxsize=1), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            for chunk in self.chunks:
+                if not self._put(("chunk", chunk)):
+                    return
+            self._put(("end", None))
+        except BaseException as err:
+            self._put(("error", err))
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self):
+        kind, value = self.ready.get()
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self):
+        """Stop reading (on the way out of an interrupt or error) and wait for the thread."""
+        self.stop.set()
+        self.thread.join()
 
 
 class WriterThread:
@@ -495,12 +539,12 @@ def stream_edit(args, models, reader, notes):
             progress.update(count)
         background.submit(write)
 
+    chunks = ReaderThread(source_chunks(reader, args.height, args.width, fpc, notes))
     try:
         timeline = Timeline()
-        chunks = source_chunks(reader, args.height, args.width, fpc, notes)
         while True:
-            with clock("read"):  # step 1: decoded here, cropped and resized on the device
-                chunk = next(chunks, None)
+            with clock("read"):  # step 1: decoded by the reader thread, cropped and resized on the device
+                chunk = chunks.next()
                 if chunk is not None:
                     source = io.resize_crop(chunk[0].to(device), args.height, args.width)
             if chunk is None:
@@ -527,11 +571,13 @@ def stream_edit(args, models, reader, notes):
                     notes.append(note)
         progress.close()
     except (KeyboardInterrupt, BrokenPipeError) as stop:
+        chunks.close()
         background.drain()
         progress.close()
         raise Interrupted(close_interrupted(writers, stop), 130 if isinstance(stop, KeyboardInterrupt) else 1) \
             from None
     except BaseException:
+        chunks.close()
         background.drain()
         progress.close()
         for writer in writers.values():
@@ -567,7 +613,7 @@ def stream_edit(args, models, reader, notes):
         stats["psnr_full_vs_lipar_db"] = float("inf") if mean_mse == 0 else 10 * math.log10(255**2 / mean_mse)
     stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
     stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
-    stats["peak_host_memory_gib"] = peak_host_memory_gib()
+    stats["peak_host_memory_gib"] = host_memory_gib()
     stats["outputs"] = {kind: writer.name for kind, writer in writers.items()}
     return stats
 
@@ -595,8 +641,18 @@ def close_interrupted(writers, stop):
             f"so far (every finished chunk, playable)")
 
 
-def peak_host_memory_gib():
-    """The process's peak resident memory (Linux reports KiB, macOS bytes)."""
+def host_memory_gib(field="VmHWM"):
+    """This process's resident memory, GiB: its peak (VmHWM) or now (VmRSS), as Linux
+    counts them (getrusage's ru_maxrss would also count what a parent held when it
+    started this process). Elsewhere the peak from ru_maxrss (macOS: bytes), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    if field != "VmHWM":
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
