@@ -366,8 +366,8 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
     lines += ["", f"LIPAR 35 % (fixed mask), graphs, not compiled, one process: whole-clip edit of {lengths[0]} frames "
               f"{whole_fps:.1f} frames/s end to end (encode, mask, DiT, decode); streamed {lengths[1]} frames, "
               f"steady state {steady:.1f} frames/s ({steady / whole_fps - 1:+.1%})",
-              f"whole clip, ms per frame: " + "  ".join(f"{k} {v / lengths[0]:.1f}" for k, v in stages.items()),
-              f"streamed, ms per frame: " + "  ".join(f"{k} {v * 1e3 / lengths[1]:.1f}" for k, v in seconds.items()
+              "whole clip, ms per frame: " + "  ".join(f"{k} {v / lengths[0]:.1f}" for k, v in stages.items()),
+              "streamed, ms per frame: " + "  ".join(f"{k} {v * 1e3 / lengths[1]:.1f}" for k, v in seconds.items()
                                                        if k not in ("text", "load", "compile"))]
     return lines
 
