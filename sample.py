@@ -364,6 +364,9 @@ class Timeline:
 
     def wrote(self, frames):
         self.written.append((time.perf_counter() - self.start, frames))
+
+    def holding(self):
+        """Called between chunks in the editing thread, where nothing of a chunk is in flight."""
         self.resident.append(host_memory_gib("VmRSS"))
 
     def stats(self):
@@ -514,6 +517,7 @@ def stream_edit(args, models, reader, notes):
     def finish_chunk(latents, source, times, count):
         """Steps 5–8 for one chunk whose mask is known: edit it in every mode, decode, and
         hand the frames to the writer thread."""
+        timeline.holding()
         keep = None
         if masks is not None:
             keep = torch.stack(ready_masks[:fpc])

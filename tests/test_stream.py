@@ -4,7 +4,6 @@ far past the training horizon and past the 1,024 positions of Wan's RoPE table."
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -123,19 +122,17 @@ def edit_in_a_process(clip, out, weights, tmp_path, *flags):
 
 
 def test_a_200_frame_clip_streams_end_to_end_in_flat_memory_with_its_audio(weights, tmp_path):
-    """A fresh process edits 200 frames: its resident memory at the end is what it was
-    after frame 57 (editing the whole clip at once held every frame as float32 pixels,
-    12 MiB more per 143 frames here, and their copies and latents), the output has every
-    frame, and the sound starts and ends with the picture."""
+    """A fresh process edits 200 frames: between chunks, its resident memory stays within
+    a few MiB from frame 45 to frame 200 (editing the whole clip at once held every
+    frame as float32 pixels: 13 MiB more per 155 frames here, before their copies and
+    latents), the output has every frame, and the sound starts and ends with the picture."""
     clip = clip_with_audio(tmp_path / "clip.mkv", moving_clip(200))
     stats = edit_in_a_process(clip, tmp_path / "edit.mp4", weights, tmp_path)
     assert stats["frames"] == 200
     assert_in_sync(tmp_path / "edit.mp4", 200)
     resident = [gib * 1024 for gib in stats["stream"]["host_memory_gib_per_chunk"]]
     assert len(resident) == 17  # chunks of 9, then 12 frames
-    # MiB: the last four chunks (frames 153-200) against chunks 2-5 (frames 10-57),
-    # medians, for a few MiB of heap that comes and goes from chunk to chunk
-    assert statistics.median(resident[-4:]) - statistics.median(resident[1:5]) < 10, resident
+    assert max(resident[4:]) - min(resident[4:]) < 5, resident  # MiB, between chunks, from frame 45 on
     assert stats["stream"]["first_frame_s"] < stats["stream"]["wall_s"]
 
 
