@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ import lipar
 import model as M
 import vae as V
 import video as io
+from tiny_vae import MemBlock, TinyVAE, TinyVAEConfig, load_tiny_vae
 
 EDIT_STEPS = (400, 350, 250)  # the authors' editing steps on Self-Forcing's 1000-step table
 SHIFT = 5.0
@@ -214,11 +216,12 @@ class Models:
     """The three networks, loaded lazily so that the text encoder is gone before the DiT arrives.
 
     weights=None stands in tiny random-weight models (the demo without downloads).
+    vae: "wan" (the Wan 2.1 VAE) or "tiny" (TAEHV, tiny_vae.py).
     use_graphs: run the DiT through CUDA graphs (graphs.py) when on CUDA.
     """
 
-    def __init__(self, weights, device, dtype, text_device, use_graphs=True):
-        self.device, self.dtype, self.text_device = device, dtype, text_device
+    def __init__(self, weights, device, dtype, text_device, use_graphs=True, vae="wan"):
+        self.device, self.dtype, self.text_device, self.vae_kind = device, dtype, text_device, vae
         self.use_graphs = use_graphs and torch.device(device).type == "cuda"
         self.random = weights is None
         self._vae = self._dit = self._runner = None
@@ -230,7 +233,10 @@ class Models:
 
     def vae(self):
         if self._vae is None:
-            self._vae = V.load_vae(self.weights / "vae", self.device, self.dtype)
+            if self.vae_kind == "tiny":
+                self._vae = load_tiny_vae(self.weights / "tiny_vae", self.device, self.dtype)
+            else:
+                self._vae = V.load_vae(self.weights / "vae", self.device, self.dtype)
         return self._vae
 
     def dit(self):
@@ -251,7 +257,7 @@ class Models:
         return M.load_text_encoder(self.weights / "text_encoder", self.weights / "tokenizer", self.text_device, dtype)
 
 
-def write_random_weights(folder, dit=None, vae=None, text_encoder=None):
+def write_random_weights(folder, dit=None, vae=None, text_encoder=None, tiny_vae=None):
     """Random-weight models saved in the layout of weights.md: the demo's and the tests'
     stand-ins (tiny ones unless given; bench.py passes real-shape ones)."""
     from safetensors.torch import save_file
@@ -263,7 +269,8 @@ def write_random_weights(folder, dit=None, vae=None, text_encoder=None):
     dit = dit or M.CausalWanModel(M.DiTConfig(**{**vars(M.DiTConfig.tiny()), "text_dim": text_dim}))
     vae = vae or random_demo_vae()
     text_encoder = text_encoder or M.UMT5Encoder(M.T5Config.tiny())
-    for name, module in (("dit", dit), ("vae", vae), ("text_encoder", text_encoder)):
+    tiny_vae = tiny_vae or random_tiny_vae()
+    for name, module in (("dit", dit), ("vae", vae), ("text_encoder", text_encoder), ("tiny_vae", tiny_vae)):
         (folder / name).mkdir(parents=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         save_file(tensors, str(folder / name / "model.safetensors"))
@@ -273,6 +280,7 @@ def write_random_weights(folder, dit=None, vae=None, text_encoder=None):
          "num_layers": cfg.num_layers, "in_dim": cfg.in_channels, "out_dim": cfg.out_channels,
          "text_dim": cfg.text_dim}))
     (folder / "vae" / "config.json").write_text(json.dumps(vae.cfg.to_diffusers_json()))
+    (folder / "tiny_vae" / "config.json").write_text(json.dumps(asdict(tiny_vae.cfg)))
     words = sorted(set(DEFAULT_PROMPT.replace(",", "").split()))
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -290,7 +298,11 @@ def check_weights(weights):
     M.load_dit(weights / "dit", device="meta")
     V.load_vae(weights / "vae", device="meta")
     M.load_text_encoder(weights / "text_encoder", weights / "tokenizer", device="meta")
-    return f"{weights}: DiT, VAE, text encoder and tokenizer present, all names and shapes as expected"
+    if (weights / "tiny_vae").exists():
+        load_tiny_vae(weights / "tiny_vae", device="meta")
+        return f"{weights}: DiT, VAE, tiny VAE, text encoder and tokenizer present, all names and shapes as expected"
+    return (f"{weights}: DiT, VAE, text encoder and tokenizer present, all names and shapes as expected (no tiny VAE, "
+            f"which --vae tiny needs: see weights.md)")
 
 
 def convert_checkpoint(source, target):
@@ -324,29 +336,39 @@ class Interrupted(Exception):
         self.code = code
 
 
-def source_chunks(reader, height, width, frames_per_chunk, notes):
-    """Step 1 as a stream: the source's frames in the chunks the VAE and the DiT take.
-    The first chunk holds 1 + 4(F − 1) frames (frame 0 is coded alone), later ones
-    4F: F latent frames each. The last one is padded by repeating its last frame.
-    Yields (frames uint8 [n, H, W, 3] at the source's size, the source times of the
-    real ones, their count); the caller crops and resizes them to height × width.
+def source_chunks(reader, vae, frames_per_chunk, height, width, notes):
+    """Step 1 as a stream: the source's frames in the pieces the VAE takes for one chunk
+    of the DiT (F latent frames) each. For the Wan VAE 1 + 4(F − 1) frames first
+    (frame 0 is coded alone), then 4F; for the tiny VAE 4F every time. Yields
+    (frames uint8 [n, H, W, 3] at the source's size, the source times of the real ones).
+
+    Edited frames come out 1 + 4(F − 1) for the first chunk and 4F for each later one,
+    whichever the VAE (the tiny one decodes 3 frames late and drops its first 3). At
+    the end the last piece, and where needed one more, repeat the source's last frame
+    until the output reaches every source frame; the caller trims the rest.
     """
-    size = 1 + 4 * (frames_per_chunk - 1)
-    frames, times = [], []
+    size, frames, times, pieces = vae.chunk_frames(frames_per_chunk, True), [], [], 0
     for pixels, seconds in reader:
         if reader.frames_read == 1 and pixels.shape[:2] != (height, width):
             notes.append(f"resized {pixels.shape[1]}x{pixels.shape[0]} to {width}x{height} (centre crop)")
         frames.append(pixels)
         times.append(seconds)
         if len(frames) == size:
-            yield torch.stack(frames), times, size
-            frames, times, size = [], [], 4 * frames_per_chunk
-    if frames:
-        count = reader.frames_read
-        notes.append(f"padded {count} frames to {io.padded_length(count)} by repeating the last one (the model "
-                     f"takes 12k-3 frames); the output is trimmed back to {count}")
-        padded = frames + [frames[-1]] * (size - len(frames))
-        yield torch.stack(padded), times, len(frames)
+            yield torch.stack(frames), times
+            frames, times, pieces = [], [], pieces + 1
+            size = vae.chunk_frames(frames_per_chunk, False)
+    count, last = reader.frames_read, pixels
+    output = 4 * frames_per_chunk * pieces - 3 if pieces else 0  # edited frames the pieces so far give
+    padded = reader.frames_read
+    while frames or output < count:
+        padded += size - len(frames)
+        yield torch.stack(frames + [last] * (size - len(frames))), times
+        frames, times, pieces = [], [], pieces + 1
+        output = 4 * frames_per_chunk * pieces - 3
+        size = vae.chunk_frames(frames_per_chunk, False)
+    if padded != count:
+        notes.append(f"padded {count} frames to {padded} by repeating the last one (the model takes chunks of "
+                     f"{frames_per_chunk} latent frames); the output is trimmed back to {count}")
 
 
 class Timeline:
@@ -509,20 +531,27 @@ def stream_edit(args, models, reader, notes):
     encoder_cache = V.CausalCache()
     decoder_caches = {mode: V.CausalCache() for mode in modes}
     pending, ready_masks = deque(), []  # chunks encoded but waiting for their mask; final mask frames
+    waiting_times, waiting_frames = deque(), deque()  # source frames read, not yet matched by edited ones
+    chunks_done = 0
     kept_per_chunk, psnr_sums = [], []
     writers = open_writers(args, modes, reader)
     background = WriterThread()
     progress = tqdm(total=reader.frame_count, desc=f"editing ({', '.join(modes)})", unit="frame", leave=False)
 
-    def finish_chunk(latents, source, times, count):
+    def finish_chunk(latents):
         """Steps 5–8 for one chunk whose mask is known: edit it in every mode, decode, and
-        hand the frames to the writer thread."""
+        hand the frames to the writer thread with the source frames and times they match."""
+        nonlocal chunks_done
         timeline.holding()
         keep = None
         if masks is not None:
             keep = torch.stack(ready_masks[:fpc])
             del ready_masks[:fpc]
             kept_per_chunk.append(keep)
+        first, chunks_done = chunks_done == 0, chunks_done + 1
+        count = min(4 * fpc - 3 * first, len(waiting_times))  # the frames out, less any padding
+        times = [waiting_times.popleft() for _ in range(count)]
+        source = torch.stack([waiting_frames.popleft() for _ in range(count)]).cpu() if waiting_frames else None
         edited = {}
         for mode, editor in editors.items():
             with clock(f"dit_{mode}"):
@@ -531,10 +560,10 @@ def stream_edit(args, models, reader, notes):
                 edited[mode] = io.from_model(vae.decode(x0, cache=decoder_caches[mode]))[:count]
         outputs = {mode: edited[mode] for mode in modes}
         if args.compare:
-            outputs["compare"] = torch.cat([source[:count].cpu(), edited["full"], edited["lipar"]], dim=2)
+            outputs["compare"] = torch.cat([source, edited["full"], edited["lipar"]], dim=2)
             psnr_sums.append((count, mse(edited["full"], edited["lipar"])))
         if args.save_mask:
-            outputs["mask"] = mask_preview(source[:count].cpu(), keep.cpu(), first_chunk=len(kept_per_chunk) == 1)
+            outputs["mask"] = mask_preview(source, keep.cpu(), first_chunk=first)
 
         def write():
             for kind, frames in outputs.items():
@@ -543,7 +572,7 @@ def stream_edit(args, models, reader, notes):
             progress.update(count)
         background.submit(write)
 
-    chunks = ReaderThread(source_chunks(reader, args.height, args.width, fpc, notes))
+    chunks = ReaderThread(source_chunks(reader, vae, fpc, args.height, args.width, notes))
     try:
         timeline = Timeline()
         while True:
@@ -554,20 +583,22 @@ def stream_edit(args, models, reader, notes):
             if chunk is None:
                 break
             timeline.read()
-            _, times, count = chunk
+            waiting_times.extend(chunk[1])  # the source frames' times, until their edits are written
+            if args.compare or args.save_mask:
+                waiting_frames.extend(source[:len(chunk[1])])
             with clock("encode"):  # step 2, continuing the encoder's causal cache
                 latents = vae.encode(io.to_model(source), cache=encoder_cache)
             if masks is not None:
                 with clock("mask"):  # step 3, LIPAR stage 1: final once the frames it looks ahead to are read
                     ready_masks.extend(masks.push(latents[0].transpose(0, 1)))
-            pending.append((latents, source, times, count))
+            pending.append(latents)
             while pending and (masks is None or len(ready_masks) >= fpc):
-                finish_chunk(*pending.popleft())
+                finish_chunk(pending.popleft())
         if masks is not None:
             with clock("mask"):
                 ready_masks.extend(masks.finish())
         while pending:
-            finish_chunk(*pending.popleft())
+            finish_chunk(pending.popleft())
         with clock("write"):  # what the writer thread still has to do once the GPU is done
             background.join()
             for writer in writers.values():
@@ -590,7 +621,7 @@ def stream_edit(args, models, reader, notes):
     if reader.error:
         notes.append(f"{reader.error}; edited the frames read before it")
     count = reader.frames_read
-    stats = {"video": str(args.video), "prompt": args.prompt, "random_weights": models.random,
+    stats = {"video": str(args.video), "prompt": args.prompt, "random_weights": models.random, "vae": args.vae,
              "frames": count, "fps": reader.fps, "height": args.height, "width": args.width,
              "latent_frames": 1 + (io.padded_length(count) - 1) // 4, "theta": args.theta, "theta2": args.theta2,
              "mask_lookahead": args.mask_lookahead,
@@ -716,6 +747,27 @@ def demo_frames(height=480, width=832, frames=DEMO_FRAMES):
     return torch.stack(clip).round().clamp(0, 255).to(torch.uint8)
 
 
+def random_tiny_vae():
+    """A narrow random-weight TAEHV (tiny_vae.py) for the demo and the tests, made, like
+    random_demo_vae, to behave as a trained one where LIPAR looks: each MemBlock's last
+    convolution at zero (every block passes its input on: latents follow the picture),
+    and the last encoder convolution scaled to latents of zero mean and unit spread on
+    the demo scene."""
+    torch.manual_seed(0)
+    vae = TinyVAE(TinyVAEConfig.tiny())
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, MemBlock):
+                module.conv[4].weight.zero_()
+                module.conv[4].bias.zero_()
+        z = vae.encode(io.to_model(demo_frames(64, 112, 9)))
+        m, s = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
+        last = vae.encoder[-1]
+        last.weight /= s.view(-1, 1, 1, 1)
+        last.bias.sub_(m).div_(s)
+    return vae
+
+
 def random_demo_vae():
     """A tiny random-weight VAE that behaves like a trained one where LIPAR looks.
 
@@ -773,6 +825,9 @@ def parse_args(argv):
                    help="lipar: the method; full: the Self-Forcing baseline; naive / noisy_dup: ablations")
     p.add_argument("--theta", type=float, default=0.149, help="prune threshold θ on the robust patch L1 (Eq. 1)")
     p.add_argument("--theta2", type=float, default=0.3, help="substitute bound θ2 (Eq. 5-6)")
+    p.add_argument("--vae", choices=["wan", "tiny"], default=None,
+                   help="wan: the Wan 2.1 VAE; tiny: TAEHV (taew2_1), about 20x cheaper, a little less faithful "
+                        "(default: wan when weights/vae exists, else tiny when weights/tiny_vae does)")
     p.add_argument("--mask-lookahead", type=int, default=1, choices=[0, 1],
                    help="latent frames the mask's medians and dilation see ahead: 1 as the authors' code (the "
                         "paper's numbers), 0 strictly causal (kept regions linger 3 frames longer after motion)")
@@ -853,8 +908,12 @@ def main(argv=None):
                          "`python sample.py` with no arguments for the random-weight demo)")
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32)
+    if args.vae is None:
+        only_tiny = have_weights and not (Path(args.weights) / "vae").exists() and \
+            (Path(args.weights) / "tiny_vae").exists()
+        args.vae = "tiny" if only_tiny else "wan"
     models = Models(args.weights if have_weights else None, args.device, dtype, args.text_device or args.device,
-                    use_graphs=not args.no_graphs)
+                    use_graphs=not args.no_graphs, vae=args.vae)
     notes = []
     report = sys.stderr if args.out == io.STDIO else sys.stdout  # standard output may be the video
     if demo:
@@ -906,7 +965,8 @@ def print_summary(stats, file=sys.stdout):
     for note in stats["notes"]:
         print(f"note: {note}")
     print(f"{stats['frames']} frames at {stats['width']}x{stats['height']}, {stats['latent_frames']} latent frames, "
-          f"{stats['device']} {stats['dtype']}{' (random weights)' if stats['random_weights'] else ''}")
+          f"{stats['device']} {stats['dtype']}, {'tiny' if stats['vae'] == 'tiny' else 'Wan'} VAE"
+          f"{' (random weights)' if stats['random_weights'] else ''}")
     for mode, s in stats["modes"].items():
         sec = s["seconds"]
         chunks = " ".join(f"{r:.0%}" for r in s["prune_ratio_per_chunk"])

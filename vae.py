@@ -360,6 +360,12 @@ class WanVAE(nn.Module):
         self.decoder = Decoder(cfg)
 
     @staticmethod
+    def chunk_frames(latent_frames, first):
+        """Video frames of a piece that yields `latent_frames` latents: frame 0 of the clip
+        alone, then 4 each."""
+        return 4 * latent_frames - 3 * first
+
+    @staticmethod
     def _latent_stats(like):
         """SPEC §2's per-channel (mean, std), shaped [1, 16, 1, 1, 1], on like's device and dtype."""
         def column(values):
