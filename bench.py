@@ -31,6 +31,7 @@ import model as M
 import sample
 import vae as V
 import video as io
+from tiny_vae import TinyVAE
 
 PRUNE_RATIOS = (0.0, 0.20, 0.35, 0.50, 0.85, 1.0)  # 85 %: a near-static clip (issue 10)
 
@@ -261,8 +262,9 @@ def real_shape_weights(folder):
         dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16)
         vae = random_(V.WanVAE(V.VAEConfig()), 0.05)
         text_encoder = random_(M.UMT5Encoder(M.T5Config(vocab=300, layers=1))).to(torch.bfloat16)
-    weights = sample.write_random_weights(Path(folder) / "weights", dit, vae, text_encoder)
-    del dit, vae, text_encoder
+        tiny_vae = random_(TinyVAE(), 0.05)
+    weights = sample.write_random_weights(Path(folder) / "weights", dit, vae, text_encoder, tiny_vae)
+    del dit, vae, text_encoder, tiny_vae
     torch.cuda.empty_cache()
     return weights
 
@@ -372,6 +374,74 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
     return lines
 
 
+def tiny_vae_bench(timer, frames=81):
+    """The tiny VAE (TAEHV) against the Wan VAE at real shapes, in one process: encode and
+    decode of 81 frames at 832x480 in bf16 with each stage's peak memory, and the whole
+    edit (encode, mask, DiT, decode) with LIPAR at a fixed 35 % mask, graphs on, DiT
+    compiled or not. Then sample.py --vae tiny streaming 321 frames in a fresh process.
+    Returns printed lines."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vaes = {"Wan VAE": random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval(),
+                "tiny VAE": random_(TinyVAE(), 0.05).to(torch.bfloat16).eval()}
+        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
+    context = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    video = io.to_model(sample.demo_frames(480, 832, frames)).cuda()
+    keep = coherent_mask(1 + (frames - 1) // 4, 30, 52, 0.35).cuda()
+    lines = ["| VAE | encode ms | decode ms | peak encode GiB | peak decode GiB | frames/s encode + decode |",
+             "|" + " --- |" * 6]
+    stages = {}
+    with torch.no_grad():
+        for name, vae in vaes.items():
+            latents = vae.encode(video)
+            encode_ms, decode_ms = timer(lambda: vae.encode(video)), timer(lambda: vae.decode(latents))
+            peaks = []
+            for fn in (lambda: vae.encode(video), lambda: vae.decode(latents)):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+            stages[name] = (encode_ms, decode_ms, latents)
+            lines.append(f"| {name} | {encode_ms:.0f} | {decode_ms:.0f} | {peaks[0]:.2f} | {peaks[1]:.2f} "
+                         f"| {frames / (encode_ms + decode_ms) * 1e3:.1f} |")
+        lines += ["", "| whole edit, LIPAR 35 % | DiT | DiT ms | end-to-end ms | end-to-end frames/s |",
+                  "|" + " --- |" * 5]
+        for compiled in (False, True):
+            M.FUSE = compiled
+            runner = graphs.GraphRunner(dit)
+            latents = stages["Wan VAE"][2]
+            if compiled:
+                sample.warm_up(dit, context, (30, 52))
+            dit_ms = timer(lambda: sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0,
+                                                       progress=False, runner=runner))
+            mask_ms = timer(lambda: lipar.prune_mask(latents[0].transpose(0, 1)))
+            runner.release()
+            for name, (encode_ms, decode_ms, _) in stages.items():
+                total = encode_ms + mask_ms + dit_ms + decode_ms
+                lines.append(f"| {name} | graphs{', compiled' if compiled else ''} | {dit_ms:.0f} | {total:.0f} "
+                             f"| {frames / total * 1e3:.1f} |")
+        M.FUSE = True
+    vaes = dit = runner = None  # free the GPU for sample.py below
+    torch.cuda.empty_cache()
+    folder = Path(tempfile.mkdtemp(prefix="lipar_tiny_"))
+    weights = real_shape_weights(folder)
+    clip = folder / "clip.mp4"
+    demo = sample.demo_frames(480, 832, 81)
+    writer = io.VideoWriter(clip, 16)
+    for start in range(0, 321, 80):
+        writer.write((demo if start // 80 % 2 == 0 else demo.flip(0))[:min(80, 321 - start)])
+    writer.close()
+    for vae in ("tiny", "wan"):
+        _, stats, _ = run_sample(["--video", clip, "--weights", weights, "--vae", vae, "--out", folder / "out.mp4"])
+        s = stats["stream"]
+        lines.append(f"sample.py --vae {vae}, 321 frames streamed: first edited frame {s['first_frame_s']:.2f} s, "
+                     f"steady {s['steady_fps']:.1f} frames/s, end to end {stats['modes']['lipar']['end_to_end_fps']:.1f}"
+                     f" frames/s, peak GPU {stats['peak_gpu_memory_gib']:.2f} GiB, pruned "
+                     f"{stats['modes']['lipar']['prune_ratio']:.1%}; stages (s): " +
+                     "  ".join(f"{k} {v:.2f}" for k, v in stats["modes"]["lipar"]["seconds"].items()))
+    return lines
+
+
 def random_(module, std=0.02):
     with torch.no_grad():
         for p in module.parameters():
@@ -393,6 +463,8 @@ def main(argv=None):
     p.add_argument("--stream", action="store_true",
                    help="only time streaming edits at real shapes (81, 321, 1281 frames; first frame, steady "
                         "frames/s, peaks), then exit")
+    p.add_argument("--tiny-vae", action="store_true",
+                   help="only time the tiny VAE against the Wan VAE (and whole edits with each), then exit")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
@@ -413,6 +485,9 @@ def main(argv=None):
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
     if args.cli and not smoke:
         print("\n".join(cli_bench(timer)))
+        return None
+    if args.tiny_vae and not smoke:
+        print("\n".join(tiny_vae_bench(timer)))
         return None
     if args.stream and not smoke:
         print("\n".join(stream_bench(timer)))
