@@ -152,3 +152,14 @@ def test_the_cli_edits_with_the_tiny_vae(tmp_path, monkeypatch, capsys):
         assert io.read_video(tmp_path / f"out_{kind}.mp4")[0].shape == (26, 64, 112, 3)
     assert sample.cli(["--check-weights", "--weights", str(weights)]) == 0
     assert "tiny VAE" in capsys.readouterr().out
+
+
+def test_the_pickled_release_converts_once_and_loads(tmp_path):
+    """taew2_1.pth is a plain state dict: --convert-checkpoint writes it as safetensors
+    (read with weights_only=True), and the loader takes the result."""
+    vae = T.TinyVAE()
+    torch.save(vae.state_dict(), tmp_path / "taew2_1.pth")
+    target = tmp_path / "tiny_vae" / "taew2_1.safetensors"
+    assert sample.cli(["--convert-checkpoint", str(tmp_path / "taew2_1.pth"), str(target)]) == 0
+    loaded = T.load_tiny_vae(tmp_path / "tiny_vae")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vae.state_dict().items())
