@@ -15,7 +15,7 @@ import tiny_vae as T
 import vae as V
 import video as io
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "weights" / "taew2_1.tsv"
+MANIFEST = Path(__file__).resolve().parent / "manifests" / "taew2_1.tsv"  # a copy of shared/reference/weights/
 
 
 def random_tiny(seed=0, dtype=torch.float64):
