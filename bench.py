@@ -379,7 +379,7 @@ def tiny_vae_bench(timer, frames=81):
     decode of 81 frames at 832x480 in bf16 with each stage's peak memory, and the whole
     edit (encode, mask, DiT, decode) with LIPAR at a fixed 35 % mask, graphs on, DiT
     compiled or not. Then sample.py --vae tiny streaming 321 frames in a fresh process.
-    Returns printed lines."""
+    Prints each line as soon as it is measured."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         vaes = {"Wan VAE": random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval(),
@@ -388,8 +388,11 @@ def tiny_vae_bench(timer, frames=81):
     context = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
     video = io.to_model(sample.demo_frames(480, 832, frames)).cuda()
     keep = coherent_mask(1 + (frames - 1) // 4, 30, 52, 0.35).cuda()
-    lines = ["| VAE | encode ms | decode ms | peak encode GiB | peak decode GiB | frames/s encode + decode |",
-             "|" + " --- |" * 6]
+    def emit(*lines):
+        print("\n".join(lines), flush=True)
+
+    emit("| VAE | encode ms | decode ms | peak encode GiB | peak decode GiB | frames/s encode + decode |",
+         "|" + " --- |" * 6)
     stages = {}
     with torch.no_grad():
         for name, vae in vaes.items():
@@ -402,10 +405,10 @@ def tiny_vae_bench(timer, frames=81):
                 fn()
                 peaks.append(torch.cuda.max_memory_allocated() / 2**30)
             stages[name] = (encode_ms, decode_ms, latents)
-            lines.append(f"| {name} | {encode_ms:.0f} | {decode_ms:.0f} | {peaks[0]:.2f} | {peaks[1]:.2f} "
-                         f"| {frames / (encode_ms + decode_ms) * 1e3:.1f} |")
-        lines += ["", "| whole edit, LIPAR 35 % | DiT | DiT ms | end-to-end ms | end-to-end frames/s |",
-                  "|" + " --- |" * 5]
+            emit(f"| {name} | {encode_ms:.0f} | {decode_ms:.0f} | {peaks[0]:.2f} | {peaks[1]:.2f} "
+                 f"| {frames / (encode_ms + decode_ms) * 1e3:.1f} |")
+        emit("", "| whole edit, LIPAR 35 % | DiT | DiT ms | end-to-end ms | end-to-end frames/s |",
+             "|" + " --- |" * 5)
         for compiled in (False, True):
             M.FUSE = compiled
             runner = graphs.GraphRunner(dit)
@@ -418,8 +421,8 @@ def tiny_vae_bench(timer, frames=81):
             runner.release()
             for name, (encode_ms, decode_ms, _) in stages.items():
                 total = encode_ms + mask_ms + dit_ms + decode_ms
-                lines.append(f"| {name} | graphs{', compiled' if compiled else ''} | {dit_ms:.0f} | {total:.0f} "
-                             f"| {frames / total * 1e3:.1f} |")
+                emit(f"| {name} | graphs{', compiled' if compiled else ''} | {dit_ms:.0f} | {total:.0f} "
+                     f"| {frames / total * 1e3:.1f} |")
         M.FUSE = True
     vaes = dit = runner = None  # free the GPU for sample.py below
     torch.cuda.empty_cache()
@@ -431,15 +434,13 @@ def tiny_vae_bench(timer, frames=81):
     for start in range(0, 321, 80):
         writer.write((demo if start // 80 % 2 == 0 else demo.flip(0))[:min(80, 321 - start)])
     writer.close()
-    for vae in ("tiny", "wan"):
-        _, stats, _ = run_sample(["--video", clip, "--weights", weights, "--vae", vae, "--out", folder / "out.mp4"])
-        s = stats["stream"]
-        lines.append(f"sample.py --vae {vae}, 321 frames streamed: first edited frame {s['first_frame_s']:.2f} s, "
-                     f"steady {s['steady_fps']:.1f} frames/s, end to end {stats['modes']['lipar']['end_to_end_fps']:.1f}"
-                     f" frames/s, peak GPU {stats['peak_gpu_memory_gib']:.2f} GiB, pruned "
-                     f"{stats['modes']['lipar']['prune_ratio']:.1%}; stages (s): " +
-                     "  ".join(f"{k} {v:.2f}" for k, v in stats["modes"]["lipar"]["seconds"].items()))
-    return lines
+    _, stats, _ = run_sample(["--video", clip, "--weights", weights, "--vae", "tiny", "--out", folder / "out.mp4"])
+    s = stats["stream"]
+    emit(f"sample.py --vae tiny, 321 frames streamed: first edited frame {s['first_frame_s']:.2f} s, "
+         f"steady {s['steady_fps']:.1f} frames/s, end to end {stats['modes']['lipar']['end_to_end_fps']:.1f} "
+         f"frames/s, peak GPU {stats['peak_gpu_memory_gib']:.2f} GiB, peak host {stats['peak_host_memory_gib']:.2f} "
+         f"GiB, pruned {stats['modes']['lipar']['prune_ratio']:.1%}; stages (s): "
+         + "  ".join(f"{k} {v:.2f}" for k, v in stats["modes"]["lipar"]["seconds"].items()))
 
 
 def random_(module, std=0.02):
@@ -487,7 +488,7 @@ def main(argv=None):
         print("\n".join(cli_bench(timer)))
         return None
     if args.tiny_vae and not smoke:
-        print("\n".join(tiny_vae_bench(timer)))
+        tiny_vae_bench(timer)
         return None
     if args.stream and not smoke:
         print("\n".join(stream_bench(timer)))
