@@ -281,6 +281,17 @@ def run_sample(args, env=None):
     return wall, json.loads(stats_file.read_text()), done.stdout
 
 
+def write_long_demo_clip(path, count):
+    """An 832x480 clip of `count` frames at 16 fps: the demo scene forwards, backwards,
+    forwards... (no cut), written 80 frames at a time so that it is never held whole."""
+    demo = sample.demo_frames(480, 832, 81)
+    writer = io.VideoWriter(path, 16)
+    for start in range(0, count, 80):
+        writer.write((demo if start // 80 % 2 == 0 else demo.flip(0))[:min(80, count - start)])
+    writer.close()
+    return path
+
+
 class FixedMask:
     """Stands in for lipar.MaskStream in a timing: hands out a given mask [L, h, w] frame by
     frame, each frame three latent frames after it arrives, as the real one does."""
@@ -312,14 +323,10 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
     lines = ["| clip | mode | pruned | first edited frame s | steady frames/s | chunk latency s (median / max) "
              "| end to end frames/s | peak GPU GiB | peak host GiB |", "|" + " --- |" * 9]
     runs = [(n, "lipar") for n in lengths] + [(n, "full") for n in lengths[:2]]
-    demo = sample.demo_frames(480, 832, 81)
     for count, mode in runs:
         clip = folder / f"clip{count}.mp4"
-        if not clip.exists():  # the demo clip forwards, backwards, forwards...: no cut, little memory here
-            writer = io.VideoWriter(clip, 16)
-            for start in range(0, count, 80):
-                writer.write((demo if start // 80 % 2 == 0 else demo.flip(0))[:min(80, count - start)])
-            writer.close()
+        if not clip.exists():
+            write_long_demo_clip(clip, count)
         wall, stats, _ = run_sample(["--video", clip, "--weights", weights, "--mode", mode,
                                      "--out", folder / f"out{count}_{mode}.mp4"])
         s, m = stats["stream"], stats["modes"][mode]
@@ -428,12 +435,7 @@ def tiny_vae_bench(timer, frames=81):
     torch.cuda.empty_cache()
     folder = Path(tempfile.mkdtemp(prefix="lipar_tiny_"))
     weights = real_shape_weights(folder)
-    clip = folder / "clip.mp4"
-    demo = sample.demo_frames(480, 832, 81)
-    writer = io.VideoWriter(clip, 16)
-    for start in range(0, 321, 80):
-        writer.write((demo if start // 80 % 2 == 0 else demo.flip(0))[:min(80, 321 - start)])
-    writer.close()
+    clip = write_long_demo_clip(folder / "clip.mp4", 321)
     _, stats, _ = run_sample(["--video", clip, "--weights", weights, "--vae", "tiny", "--out", folder / "out.mp4"])
     s = stats["stream"]
     emit(f"sample.py --vae tiny, 321 frames streamed: first edited frame {s['first_frame_s']:.2f} s, "

@@ -357,14 +357,12 @@ def source_chunks(reader, vae, frames_per_chunk, height, width, notes):
             yield torch.stack(frames), times
             frames, times, pieces = [], [], pieces + 1
             size = vae.chunk_frames(frames_per_chunk, False)
-    count, last = reader.frames_read, pixels
-    output = 4 * frames_per_chunk * pieces - 3 if pieces else 0  # edited frames the pieces so far give
-    padded = reader.frames_read
-    while frames or output < count:
+    count = padded = reader.frames_read
+    # p pieces give 4Fp - 3 edited frames, whichever the VAE
+    while frames or 4 * frames_per_chunk * pieces - 3 < count:
         padded += size - len(frames)
-        yield torch.stack(frames + [last] * (size - len(frames))), times
+        yield torch.stack(frames + [pixels] * (size - len(frames))), times  # pixels: the source's last frame
         frames, times, pieces = [], [], pieces + 1
-        output = 4 * frames_per_chunk * pieces - 3
         size = vae.chunk_frames(frames_per_chunk, False)
     if padded != count:
         notes.append(f"padded {count} frames to {padded} by repeating the last one (the model takes chunks of "
