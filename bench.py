@@ -311,6 +311,23 @@ class FixedMask:
         return frames
 
 
+def stream_fixed_mask(models, clip, keep, out):
+    """sample.stream_edit of `clip` with LIPAR at a given mask [L, h, w] (FixedMask standing in
+    for lipar.MaskStream: random weights make no realistic mask), twice in this process; the
+    first run captures the graphs. Returns the second run's stats."""
+    args = sample.parse_args(["--video", str(clip), "--out", str(out), "--overwrite", "--vae", models.vae_kind])
+    args.height, args.width = 480, 832
+    real_mask_stream = lipar.MaskStream
+    lipar.MaskStream = lambda *a, **k: FixedMask(keep)
+    try:
+        for _ in range(2):
+            with io.VideoReader(clip) as reader:
+                stats = sample.stream_edit(args, models, reader, [])
+    finally:
+        lipar.MaskStream = real_mask_stream
+    return stats
+
+
 def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
     """Streaming at real shapes. First sample.py in fresh processes on clips of several
     lengths (so that each peak, GPU and host, is that run's own): time to the first
@@ -357,18 +374,8 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
                   "DiT": timer(lambda: sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0,
                                                            progress=False, runner=runner)),
                   "decode": timer(lambda: vae.decode(latents))}
-        args = sample.parse_args(["--video", str(folder / f"clip{lengths[1]}.mp4"), "--out",
-                                  str(folder / "inprocess.mp4"), "--overwrite"])
-        args.height, args.width = 480, 832
         long_keep = coherent_mask(1 + (lengths[1] - 1) // 4 + 2, 30, 52, 0.35).cuda()
-        real_mask_stream = lipar.MaskStream
-        lipar.MaskStream = lambda *a, **k: FixedMask(long_keep)
-        try:
-            for _ in range(2):  # the first run captures the graphs
-                with io.VideoReader(args.video) as reader:
-                    streamed = sample.stream_edit(args, models, reader, [])
-        finally:
-            lipar.MaskStream = real_mask_stream
+        streamed = stream_fixed_mask(models, folder / f"clip{lengths[1]}.mp4", long_keep, folder / "inprocess.mp4")
     M.FUSE = True
     steady = streamed["stream"]["steady_fps"]
     seconds = streamed["modes"]["lipar"]["seconds"]
@@ -385,7 +392,8 @@ def tiny_vae_bench(timer, frames=81):
     """The tiny VAE (TAEHV) against the Wan VAE at real shapes, in one process: encode and
     decode of 81 frames at 832x480 in bf16 with each stage's peak memory, and the whole
     edit (encode, mask, DiT, decode) with LIPAR at a fixed 35 % mask, graphs on, DiT
-    compiled or not. Then sample.py --vae tiny streaming 321 frames in a fresh process.
+    compiled or not. Then streamed edits of 321 frames with each VAE in this process (the mask
+    fixed at 35 %, graphs on, nothing compiled: sample.py's defaults).
     Prints each line as soon as it is measured."""
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -431,18 +439,28 @@ def tiny_vae_bench(timer, frames=81):
                 emit(f"| {name} | graphs{', compiled' if compiled else ''} | {dit_ms:.0f} | {total:.0f} "
                      f"| {frames / total * 1e3:.1f} |")
         M.FUSE = True
-    vaes = dit = runner = None  # free the GPU for sample.py below
+    vaes = dit = runner = None  # free the GPU for the streamed edits below
     torch.cuda.empty_cache()
+    M.FUSE = False  # sample.py's default
     folder = Path(tempfile.mkdtemp(prefix="lipar_tiny_"))
     weights = real_shape_weights(folder)
-    clip = write_long_demo_clip(folder / "clip.mp4", 321)
-    _, stats, _ = run_sample(["--video", clip, "--weights", weights, "--vae", "tiny", "--out", folder / "out.mp4"])
-    s = stats["stream"]
-    emit(f"sample.py --vae tiny, 321 frames streamed: first edited frame {s['first_frame_s']:.2f} s, "
-         f"steady {s['steady_fps']:.1f} frames/s, end to end {stats['modes']['lipar']['end_to_end_fps']:.1f} "
-         f"frames/s, peak GPU {stats['peak_gpu_memory_gib']:.2f} GiB, peak host {stats['peak_host_memory_gib']:.2f} "
-         f"GiB, pruned {stats['modes']['lipar']['prune_ratio']:.1%}; stages (s): "
-         + "  ".join(f"{k} {v:.2f}" for k, v in stats["modes"]["lipar"]["seconds"].items()))
+    count = 321
+    clip = write_long_demo_clip(folder / "clip.mp4", count)
+    keep = coherent_mask(1 + (count - 1) // 4 + 2, 30, 52, 0.35).cuda()
+    emit("", f"| streamed {count} frames, LIPAR 35 %, graphs | first edited frame s | steady frames/s "
+         "| end to end frames/s | peak GPU GiB | ms per frame |", "|" + " --- |" * 6)
+    for kind, name in (("wan", "Wan VAE"), ("tiny", "tiny VAE")):
+        models = sample.Models(weights, "cuda", torch.bfloat16, "cuda", vae=kind)
+        with torch.no_grad():
+            stats = stream_fixed_mask(models, clip, keep, folder / f"out_{kind}.mp4")
+        models = None
+        torch.cuda.empty_cache()
+        s, seconds = stats["stream"], stats["modes"]["lipar"]["seconds"]
+        emit(f"| {name} | {s['first_frame_s']:.2f} | {s['steady_fps']:.1f} "
+             f"| {stats['modes']['lipar']['end_to_end_fps']:.1f} | {stats['peak_gpu_memory_gib']:.2f} | "
+             + "  ".join(f"{k} {v * 1e3 / count:.1f}" for k, v in seconds.items()
+                         if k not in ("text", "load", "compile")) + " |")
+    M.FUSE = True
 
 
 def random_(module, std=0.02):
