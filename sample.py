@@ -38,6 +38,7 @@ import lipar
 import model as M
 import vae as V
 import video as io
+from metrics import Fidelity
 from tiny_vae import MemBlock, TinyVAE, TinyVAEConfig, load_tiny_vae
 
 EDIT_STEPS = (400, 350, 250)  # the authors' editing steps on Self-Forcing's 1000-step table
@@ -74,12 +75,18 @@ def editing_schedule(steps=EDIT_STEPS, shift=SHIFT):
 
 def encode_prompt(text_encoder_loader, prompt, device, dtype):
     """Step 4: the prompt's umT5 context [1, 512, 4096], computed once; the encoder is then freed."""
+    return encode_prompts(text_encoder_loader, [prompt], device, dtype)[prompt]
+
+
+def encode_prompts(text_encoder_loader, prompts, device, dtype):
+    """{prompt: context [1, 512, 4096]} for every distinct prompt, with one load of the
+    text encoder (11 GB for umT5-XXL), freed before the DiT arrives."""
     text_encoder = text_encoder_loader()
-    context = text_encoder.encode([prompt]).to(device, dtype)
+    contexts = {prompt: text_encoder.encode([prompt]).to(device, dtype) for prompt in dict.fromkeys(prompts)}
     del text_encoder
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return context
+    return contexts
 
 
 @torch.no_grad()
@@ -185,11 +192,6 @@ class Stopwatch:
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.peaks[stage] = max(self.peaks.get(stage, 0.0), peak)
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-
-def mse(a, b):
-    """Mean squared error between two uint8 videos (PSNR = 10 log10(255² / mse))."""
-    return (a.float() - b.float()).pow(2).mean().item()
 
 
 def mask_preview(frames, keep, first_chunk=True):
@@ -507,11 +509,16 @@ def run_edit(args, models, notes):
         return stream_edit(args, models, reader, notes)
 
 
-def stream_edit(args, models, reader, notes):
+def stream_edit(args, models, reader, notes, context=None, fidelity=None):
+    """run_edit on an open reader. context: the prompt's, when already encoded (a
+    manifest encodes all its prompts with one load of the text encoder). fidelity: a
+    metrics.Fidelity to use (a sweep's, holding the `full` edit it compares with);
+    by default one is made when `full` runs beside another mode."""
     device = torch.device(args.device)
     clock, timeline = Stopwatch(device), None
-    with clock("text"):  # step 4, first: the text encoder is freed before the DiT arrives
-        context = encode_prompt(models.text_encoder, args.prompt, device, models.dtype)
+    if context is None:
+        with clock("text"):  # step 4, first: the text encoder is freed before the DiT arrives
+            context = encode_prompt(models.text_encoder, args.prompt, device, models.dtype)
     with clock("load"):  # weights from disk
         vae, dit = models.vae(), models.dit()
     fpc = dit.cfg.frames_per_chunk
@@ -519,7 +526,9 @@ def stream_edit(args, models, reader, notes):
     if M.FUSE and clock.cuda:
         with clock("compile"):
             warm_up(dit, context, grid)
-    modes = ["full", "lipar"] if args.compare else [args.mode]
+    modes = edit_modes(args)
+    if fidelity is None and "full" in modes and len(modes) > 1:
+        fidelity = Fidelity()
     window = None if args.m == "all" else args.m
     runner = models.runner()
     graphs_before = dict(runner.stats) if runner else None
@@ -531,7 +540,7 @@ def stream_edit(args, models, reader, notes):
     pending, ready_masks = deque(), []  # chunks encoded but waiting for their mask; final mask frames
     waiting_times, waiting_frames = deque(), deque()  # source frames read, not yet matched by edited ones
     chunks_done = 0
-    kept_per_chunk, psnr_sums = [], []
+    kept_per_chunk = []
     writers = open_writers(args, modes, reader)
     background = WriterThread()
     progress = tqdm(total=reader.frame_count, desc=f"editing ({', '.join(modes)})", unit="frame", leave=False)
@@ -550,16 +559,18 @@ def stream_edit(args, models, reader, notes):
         count = min(4 * fpc - 3 * first, len(waiting_times))  # the frames out, less any padding
         times = [waiting_times.popleft() for _ in range(count)]
         source = torch.stack([waiting_frames.popleft() for _ in range(count)]).cpu() if waiting_frames else None
-        edited = {}
+        edited, x0s = {}, {}
         for mode, editor in editors.items():
             with clock(f"dit_{mode}"):
-                x0 = editor(latents, keep)
+                x0s[mode] = editor(latents, keep)
             with clock(f"decode_{mode}"):  # step 8, with the decoder's causal cache
-                edited[mode] = io.from_model(vae.decode(x0, cache=decoder_caches[mode]))[:count]
+                edited[mode] = io.from_model(vae.decode(x0s[mode], cache=decoder_caches[mode]))[:count]
+        if fidelity is not None:
+            with clock("fidelity"):
+                fidelity.add(x0s, edited)
         outputs = {mode: edited[mode] for mode in modes}
         if args.compare:
             outputs["compare"] = torch.cat([source, edited["full"], edited["lipar"]], dim=2)
-            psnr_sums.append((count, mse(edited["full"], edited["lipar"])))
         if args.save_mask:
             outputs["mask"] = mask_preview(source, keep.cpu(), first_chunk=first)
 
@@ -640,10 +651,12 @@ def stream_edit(args, models, reader, notes):
             | {"dit": dit_s, "decode": decode_s},
             "cuda_graphs": None if runner is None else {k: runner.stats[k] - graphs_before[k] for k in graphs_before},
             "dit_fps": count / dit_s, "end_to_end_fps": count / (shared + dit_s + decode_s)}
+        if pruned:  # per latent frame, for the evaluation's plots (frame 0 is never pruned)
+            stats["modes"][mode]["prune_ratio_per_frame"] = (1 - keep.flatten(1).float().mean(1)).tolist()
+        if fidelity is not None and mode in fidelity.stats():
+            stats["modes"][mode]["fidelity_to_full"] = fidelity.stats()[mode]
     if args.compare:
-        frames_total = sum(n for n, _ in psnr_sums)
-        mean_mse = sum(n * e for n, e in psnr_sums) / frames_total
-        stats["psnr_full_vs_lipar_db"] = float("inf") if mean_mse == 0 else 10 * math.log10(255**2 / mean_mse)
+        stats["psnr_full_vs_lipar_db"] = fidelity.stats()["lipar"]["psnr_db"]
     stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
     stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
     stats["peak_host_memory_gib"] = host_memory_gib()
@@ -690,6 +703,14 @@ def host_memory_gib(field="VmHWM"):
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def edit_modes(args):
+    """The modes one run edits in, side by side from the same noise: `full` and `lipar`
+    for --compare, the evaluation's for --eval, else --mode."""
+    if args.compare:
+        return ["full", "lipar"]
+    return list(args.eval_modes) if args.eval else [args.mode]
+
+
 def output_path(args, kind):
     """results/<input>_<kind>.mp4, or --out (with the kind appended when several files are
     written); "-" is standard output."""
@@ -699,13 +720,13 @@ def output_path(args, kind):
     if args.out == io.STDIO:
         return io.STDIO
     out = Path(args.out)
-    several = args.compare or args.save_mask
+    several = len(edit_modes(args)) > 1 or args.compare or args.save_mask
     return out.with_name(f"{out.stem}_{kind}{out.suffix or '.mp4'}") if several else out
 
 
 def check_outputs(args):
     """Refuse to overwrite anything unless --overwrite, and never the input."""
-    kinds = (["full", "lipar", "compare"] if args.compare else [args.mode]) + (["mask"] if args.save_mask else [])
+    kinds = edit_modes(args) + (["compare"] if args.compare else []) + (["mask"] if args.save_mask else [])
     if args.out == io.STDIO:
         if len(kinds) > 1:
             raise UsageError("--out - writes one video to standard output; drop --compare and --save-mask, or give "
@@ -847,6 +868,18 @@ def parse_args(argv):
                    help="run full and lipar from the same noise; write a side-by-side video and their PSNR")
     p.add_argument("--save-mask", action="store_true", help="write the input with pruned patches greyed out")
     p.add_argument("--json", help="write all stats to this JSON file")
+    p.add_argument("--manifest", help="a .jsonl or .csv of jobs (video, prompt, optional name, out, seed and mode "
+                   "flags; README: Reproduce the paper's table), edited with the models loaded once; --out is then "
+                   "the results folder (default results/<manifest name>)")
+    p.add_argument("--eval", action="store_true",
+                   help="evaluate: each job in --eval-modes from the same noise, fidelity to full (PSNR, SSIM, "
+                        "latent error), report.md/json with plots; without --manifest, on the embedded demo clips")
+    p.add_argument("--eval-modes", nargs="+", choices=lipar.MODES, default=["full", "lipar"], metavar="MODE",
+                   help=f"modes --eval runs, full among them ({', '.join(lipar.MODES)})")
+    p.add_argument("--sweep-theta", nargs="+", type=float, metavar="THETA",
+                   help="with --eval, also run lipar at each θ (speed–fidelity trade-off)")
+    p.add_argument("--sweep-m", nargs="+", type=parse_window, metavar="SINK,RECENT",
+                   help="with --eval, also run lipar with each window (with --sweep-theta: every pair)")
     p.add_argument("--check-weights", action="store_true", help="verify the weights folder (names, shapes) and exit")
     p.add_argument("--convert-checkpoint", nargs=2, metavar=("PT", "SAFETENSORS"),
                    help="convert Self-Forcing's self_forcing_dmd.pt to safetensors once, and exit")
@@ -877,12 +910,49 @@ def flag_problems(args):
             continue
         if kind == "cuda" and not torch.cuda.is_available():
             problems.append(f"{flag} {device}: this machine has no usable CUDA GPU; give cpu")
-    if args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() not in ("", ".mp4"):
+    batch = args.manifest or args.eval
+    if not batch and args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() not in ("", ".mp4"):
         problems.append(f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name")
+    problems += batch_problems(args)
     if args.video not in (None, io.STDIO) and not Path(args.video).is_file() and not io.is_camera(args.video):
         state = "is a folder" if Path(args.video).is_dir() else "does not exist"
         problems.append(f"the video {args.video} {state}; give the path of a video file, a camera device or - "
                         f"(standard input)")
+    return problems
+
+
+def batch_problems(args):
+    """The flags of --manifest and --eval (evaluate.py), one sentence each."""
+    problems = []
+    if args.manifest:
+        path = Path(args.manifest)
+        if args.video is not None:
+            problems.append("--manifest and --video: the manifest names the videos; give one or the other")
+        if path.suffix.lower() not in (".jsonl", ".csv"):
+            problems.append(f"--manifest {path}: give a .jsonl (one JSON object a line) or a .csv with a header row")
+        elif not path.is_file():
+            problems.append(f"the manifest {path} does not exist; check the path")
+    if args.manifest or args.eval:
+        if args.out == io.STDIO or (args.out and Path(args.out).suffix):
+            problems.append(f"--out {args.out}: with --manifest or --eval, --out is the results folder; give a folder")
+        if args.json:
+            problems.append("--json: with --manifest or --eval each job's stats go to <results>/<name>.json (and "
+                            "the report to report.json); drop --json")
+    if args.eval:
+        if "full" not in args.eval_modes:
+            problems.append("--eval-modes needs full: the other modes are measured against it")
+        if args.compare:
+            problems.append("--compare and --eval: --eval already runs full and lipar side by side; drop --compare")
+        if args.video is not None and not args.manifest:
+            problems.append("--eval takes a --manifest of jobs (or nothing: the demo clips), not --video")
+    elif args.sweep_theta or args.sweep_m:
+        problems.append("--sweep-theta and --sweep-m are part of --eval; add --eval")
+    for theta in args.sweep_theta or []:
+        if math.isnan(theta) or theta < 0 or math.isinf(theta):
+            problems.append(f"--sweep-theta {theta} is not a threshold; give numbers >= 0")
+    for m in args.sweep_m or []:
+        if m != "all" and (m[0] < 0 or m[1] < 3):
+            problems.append(f"--sweep-m {m[0]},{m[1]} cannot hold a chunk; give SINK >= 0 and RECENT >= 3")
     return problems
 
 
@@ -899,7 +969,7 @@ def main(argv=None):
     if args.convert_checkpoint:
         print(convert_checkpoint(*args.convert_checkpoint))
         return 0
-    demo = args.video is None
+    demo = args.video is None and not args.manifest
     have_weights = Path(args.weights).exists()
     if not demo and not have_weights:
         raise UsageError(f"no weights at {args.weights}; download them as weights.md says (or run "
@@ -910,6 +980,9 @@ def main(argv=None):
         only_tiny = have_weights and not (Path(args.weights) / "vae").exists() and \
             (Path(args.weights) / "tiny_vae").exists()
         args.vae = "tiny" if only_tiny else "wan"
+    if args.manifest or args.eval:
+        import evaluate  # many jobs, models loaded once; the evaluation's report
+        return evaluate.run(args, dtype, have_weights)
     models = Models(args.weights if have_weights else None, args.device, dtype, args.text_device or args.device,
                     use_graphs=not args.no_graphs, vae=args.vae)
     notes = []
@@ -997,4 +1070,5 @@ def print_summary(stats, file=sys.stdout):
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("sample", sys.modules["__main__"])  # evaluate.py's `import sample` is this module
     sys.exit(cli())
