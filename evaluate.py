@@ -110,7 +110,7 @@ def job_args(record, base, manifest_folder):
             return None, (f"modes {record['modes']!r}: give modes from {', '.join(lipar.MODES)}, "
                           "full among them (the reference the others are measured against)")
         args.eval_modes = list(dict.fromkeys(modes))
-    problems = sample.flag_problems(args)
+    problems = sample.edit_problems(args)
     return (None, problems[0]) if problems else (args, None)
 
 
@@ -497,7 +497,8 @@ def plots(folder, rows, sweep):
     if points:
         ax.scatter(*zip(*points), marker="x", label="lipar, sweep")
     ax.set(xlabel="prune ratio", ylabel="DiT speedup over full")
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
     save(fig, "speedup_vs_prune_ratio.png", "DiT speedup against prune ratio")
 
     thetas = sorted({p["theta"] for p in sweep})

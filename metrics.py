@@ -30,8 +30,9 @@ def ssim(a, b, peak=255.0):
     Wang et al. (2004): local means, variances and covariance under an 11×11 Gaussian
     window (σ = 1.5), C1 = (0.01 peak)², C2 = (0.03 peak)², averaged over every window
     that fits inside the frame (no padding) and over the channels. Computed in float32
-    on the frames' device (variances of 0..255 values lose ~1e-3 to cancellation, far
-    below C2 = 58.5); the tests check it against a float64 loop over windows.
+    on the frames' device, from values centred on peak / 2 (the variances then lose
+    ~1e-4 to cancellation, far below C2 = 58.5); the tests check it against a float64
+    loop over windows.
     """
     if a.shape != b.shape:
         raise ValueError(f"ssim needs frames of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -43,8 +44,10 @@ def ssim(a, b, peak=255.0):
     def blur(z):  # the separable 2D Gaussian, per channel, valid positions only
         return F.conv2d(F.conv2d(z, rows, groups=channels), cols, groups=channels)
 
+    x, y = x - peak / 2, y - peak / 2  # moments of centred values lose less to float32 cancellation
     mu_x, mu_y = blur(x), blur(y)
     var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+    mu_x, mu_y = mu_x + peak / 2, mu_y + peak / 2
     c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
     index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     return index.mean(dim=(1, 2, 3))

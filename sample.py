@@ -889,6 +889,12 @@ def parse_args(argv):
 def flag_problems(args):
     """Every problem with the flags and the input that can be seen before any work: one
     sentence each, naming the flag and what to give instead."""
+    batch = bool(args.manifest or args.eval)
+    return edit_problems(args, out_is_folder=batch) + batch_problems(args)
+
+
+def edit_problems(args, out_is_folder=False):
+    """flag_problems of one edit's flags (a manifest's jobs are checked with these)."""
     problems = []
     for name in ("theta", "theta2"):
         value = getattr(args, name)
@@ -910,10 +916,8 @@ def flag_problems(args):
             continue
         if kind == "cuda" and not torch.cuda.is_available():
             problems.append(f"{flag} {device}: this machine has no usable CUDA GPU; give cpu")
-    batch = args.manifest or args.eval
-    if not batch and args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() not in ("", ".mp4"):
+    if not out_is_folder and args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() not in ("", ".mp4"):
         problems.append(f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name")
-    problems += batch_problems(args)
     if args.video not in (None, io.STDIO) and not Path(args.video).is_file() and not io.is_camera(args.video):
         state = "is a folder" if Path(args.video).is_dir() else "does not exist"
         problems.append(f"the video {args.video} {state}; give the path of a video file, a camera device or - "
