@@ -254,14 +254,16 @@ def cli_bench(timer, runs_folder=None):
     return lines
 
 
-def real_shape_weights(folder):
+def real_shape_weights(folder, full_text_encoder=False):
     """Random real-shape weights in weights.md's layout, except the text encoder: one umT5
-    layer at full width with a small vocabulary (its stage is left out of the timings)."""
+    layer at full width with a small vocabulary (its stage is left out of the timings),
+    or with full_text_encoder the whole umT5-XXL (11 GB to write and to load)."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16)
         vae = random_(V.WanVAE(V.VAEConfig()), 0.05)
-        text_encoder = random_(M.UMT5Encoder(M.T5Config(vocab=300, layers=1))).to(torch.bfloat16)
+        t5 = M.T5Config() if full_text_encoder else M.T5Config(vocab=300, layers=1)
+        text_encoder = random_(M.UMT5Encoder(t5).to(torch.bfloat16))
         tiny_vae = random_(TinyVAE(), 0.05)
     weights = sample.write_random_weights(Path(folder) / "weights", dit, vae, text_encoder, tiny_vae)
     del dit, vae, text_encoder, tiny_vae
@@ -463,6 +465,43 @@ def tiny_vae_bench(timer, frames=81):
     M.FUSE = True
 
 
+def batch_bench(clips=8):
+    """sample.py --manifest against one sample.py call per clip, at real shapes with the
+    whole umT5-XXL: 8 clips of 81 frames at 832x480 (the demo scene, each shifted
+    sideways), two prompts, LIPAR with sample.py's defaults. Wall time of the processes,
+    loading included. Prints each line as it is measured."""
+    folder = Path(tempfile.mkdtemp(prefix="lipar_batch_"))
+    weights = real_shape_weights(folder, full_text_encoder=True)
+    demo = sample.demo_frames(480, 832, 81)
+    prompts = [sample.DEFAULT_PROMPT, "a pencil sketch of a ball rolling across a table"]
+    jobs = []
+    for i in range(clips):
+        io.write_video(folder / f"clip{i}.mp4", demo.roll(97 * i, dims=2), 16)
+        jobs.append({"video": f"clip{i}.mp4", "prompt": prompts[i % 2]})
+    manifest = folder / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    separate = []
+    for i, job in enumerate(jobs):
+        wall, _, _ = run_sample(["--video", folder / job["video"], "--prompt", job["prompt"], "--weights", weights,
+                                 "--out", folder / "separate" / f"clip{i}.mp4"])
+        separate.append(wall)
+        print(f"separate call {i}: {wall:.1f} s", flush=True)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("sample.py")), "--manifest", str(manifest),
+                           "--weights", str(weights), "--out", str(folder / "batch")], capture_output=True, text=True)
+    batch = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"sample.py --manifest failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    per_job = [json.loads((folder / "batch" / f"clip{i}.json").read_text()) for i in range(clips)]
+    dit = [s["modes"]["lipar"]["seconds"]["dit"] for s in per_job]
+    print(f"\n| {clips} clips of 81 frames, 832x480, LIPAR | wall s | per clip s |\n| --- | --- | --- |\n"
+          f"| {clips} separate sample.py calls | {sum(separate):.1f} | {sum(separate) / clips:.1f} |\n"
+          f"| one sample.py --manifest call | {batch:.1f} | {batch / clips:.1f} ({sum(separate) / batch:.2f}x) |\n"
+          f"\nin the manifest call, DiT seconds per clip: " + " ".join(f"{d:.2f}" for d in dit)
+          + f"; pruned {statistics.mean(s['modes']['lipar']['prune_ratio'] for s in per_job):.1%} on average",
+          flush=True)
+
+
 def random_(module, std=0.02):
     with torch.no_grad():
         for p in module.parameters():
@@ -486,6 +525,8 @@ def main(argv=None):
                         "frames/s, peaks), then exit")
     p.add_argument("--tiny-vae", action="store_true",
                    help="only time the tiny VAE against the Wan VAE (and whole edits with each), then exit")
+    p.add_argument("--batch", action="store_true",
+                   help="only time sample.py --manifest of 8 clips against 8 separate sample.py calls, then exit")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
@@ -506,6 +547,9 @@ def main(argv=None):
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
     if args.cli and not smoke:
         print("\n".join(cli_bench(timer)))
+        return None
+    if args.batch and not smoke:
+        batch_bench()
         return None
     if args.tiny_vae and not smoke:
         tiny_vae_bench(timer)
