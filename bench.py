@@ -29,8 +29,10 @@ import graphs
 import lipar
 import model as M
 import sample
+import tape
 import vae as V
 import video as io
+from metrics import Fidelity
 from tiny_vae import TinyVAE
 
 PRUNE_RATIOS = (0.0, 0.20, 0.35, 0.50, 0.85, 1.0)  # 85 %: a near-static clip (issue 10)
@@ -101,6 +103,30 @@ def dit_flops(keep, mode, window, cfg, frames_per_chunk=3):
         linear += calls * queries * per_token_linear
         attention += calls * queries * 4 * visible_frames * n * d
         cross += calls * queries * 4 * 512 * d
+    return linear, attention, cross
+
+
+def tape_flops(latent_frames, n, cfg, tape_cfg, window, steps=3, frames_per_chunk=3):
+    """(linear, self-attention, cross-attention) FLOPs of one TAPE edit, as dit_flops
+    counts them: per chunk, each denoising step at its HighLow ratio (the selection
+    blocks on every token, plus their importance scores; the blocks between on the
+    kept tokens, attending to the cached frames and the kept ones), and a full memory step."""
+    d, fpc = cfg.dim, frames_per_chunk
+    per_token_linear = 2 * (4 * d * d + 2 * d * d + 2 * d * cfg.ffn_dim)
+    selections = len(range(0, cfg.num_layers, tape_cfg.every))
+    skipping = cfg.num_layers - selections
+    sink, recent = (0, latent_frames) if window is None else window
+    linear = attention = cross = 0
+    for start in range(0, latent_frames, fpc):
+        keys = min(start + fpc, sink + recent) * n  # cached frames and the chunk
+        for ratio in tape.highlow_ratios(tape_cfg.ratio, steps, tape_cfg.delta) + [0.0]:  # + the memory step
+            kept = fpc * (n - round(ratio * n))
+            full_blocks, kept_blocks = (selections, skipping) if ratio > 0 else (cfg.num_layers, 0)
+            linear += (full_blocks * fpc * n + kept_blocks * kept) * per_token_linear
+            attention += full_blocks * fpc * n * 4 * keys * d + kept_blocks * kept * 4 * (keys - fpc * n + kept) * d
+            cross += (full_blocks * fpc * n + kept_blocks * kept) * 4 * 512 * d
+            if ratio > 0:
+                attention += selections * 2 * min(tape_cfg.score_queries or fpc * n, fpc * n) * keys * d
     return linear, attention, cross
 
 
@@ -502,6 +528,63 @@ def batch_bench(clips=8):
           flush=True)
 
 
+def tape_bench(timer, ratios=(0.2, 0.35, 0.5)):
+    """TAPE beside LIPAR at matched prune ratios, in one process at real shapes: 81
+    frames (21 latent frames) of the bench's generated clip latents, bf16, the DiT op
+    by op and not compiled for every mode (TAPE has no CUDA-graph path; LIPAR's graph
+    time is given beside), the M-degree window (1, 6) for the pruned modes. LIPAR and
+    naive prune `ratio` of the tokens after frame 0 (a fixed coherent mask), TAPE skips
+    `ratio` on average over the steps. Fidelity to `full` (metrics.Fidelity): latents,
+    and frames decoded by the Wan VAE. Random weights: the times are real, the
+    fidelity only says how far each method moves a random model. Prints as it goes."""
+    M.FUSE = False
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
+        vae = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval()
+    cfg, L, h, w = dit.cfg, 21, 30, 52
+    context = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
+    latents = realistic_latents(L, 2 * h, 2 * w).transpose(0, 1)[None].cuda()
+    runner = graphs.GraphRunner(dit)
+    edits, frames, rows = {}, {}, []
+
+    def run(name, mode, ratio, keep, tape_cfg=None):
+        def edit(use_graphs=False):
+            return sample.edit_latents(dit, latents, context, keep, mode, (1, 6), 0, progress=False,
+                                       runner=runner if use_graphs else None, tape_cfg=tape_cfg)
+        eager = timer(edit)
+        in_graphs = timer(lambda: edit(True)) if mode in ("full", "lipar") else None
+        with torch.no_grad():
+            edits[name] = edit()
+            frames[name] = io.from_model(vae.decode(edits[name].to(torch.bfloat16)))
+        if mode == "tape":
+            flops = sum(tape_flops(L, h * w, cfg, tape_cfg, (1, 6)))
+        else:
+            flops = sum(dit_flops(keep, mode, None if mode == "full" else (1, 6), cfg))
+        rows.append((name, mode, ratio, eager, in_graphs, flops))
+        print(f"{name}: {eager:.0f} ms op by op" + (f", {in_graphs:.0f} ms in graphs" if in_graphs else "")
+              + f", {flops / 1e12:.1f} TFLOP", flush=True)
+
+    run("full", "full", 0.0, coherent_mask(L, h, w, 0.0).cuda())
+    for ratio in ratios:
+        keep = coherent_mask(L, h, w, ratio).cuda()
+        for mode in ("lipar", "naive"):
+            run(f"{mode} {ratio:.0%}", mode, ratio, keep)
+        run(f"tape {ratio:.0%}", "tape", ratio, keep, tape.TapeConfig(ratio))
+    fidelity = Fidelity()
+    fidelity.add(edits, frames)
+    scores = fidelity.stats()
+    full_ms, full_flops = rows[0][3], rows[0][5]
+    print("\n| method | prune ratio | DiT ms op by op | speedup | DiT ms in graphs | TFLOP | FLOPs vs full "
+          "| frames PSNR dB | SSIM | latent rel. error |\n|" + " --- |" * 10)
+    for name, mode, ratio, eager, in_graphs, flops in rows:
+        s = scores.get(name, {})
+        print(f"| {mode} | {ratio:.0%} | {eager:.0f} | {full_ms / eager:.2f}x | "
+              + (f"{in_graphs:.0f}" if in_graphs else "–") + f" | {flops / 1e12:.1f} | {flops / full_flops:.2f} | "
+              + (f"{s['psnr_db']:.2f} | {s['ssim']:.4f} | {s['latent_rel_error']:.4f} |" if s else "– | – | – |"))
+    M.FUSE = True
+
+
 def random_(module, std=0.02):
     with torch.no_grad():
         for p in module.parameters():
@@ -527,6 +610,8 @@ def main(argv=None):
                    help="only time the tiny VAE against the Wan VAE (and whole edits with each), then exit")
     p.add_argument("--batch", action="store_true",
                    help="only time sample.py --manifest of 8 clips against 8 separate sample.py calls, then exit")
+    p.add_argument("--tape", action="store_true",
+                   help="only time TAPE beside LIPAR and naive pruning at 20/35/50 %% (speed, FLOPs, fidelity), then exit")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
@@ -547,6 +632,9 @@ def main(argv=None):
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
     if args.cli and not smoke:
         print("\n".join(cli_bench(timer)))
+        return None
+    if args.tape and not smoke:
+        tape_bench(timer)
         return None
     if args.batch and not smoke:
         batch_bench()

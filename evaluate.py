@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-import lipar
 import sample
 import video as io
 from metrics import Fidelity
 
-FIELDS = ("video", "prompt", "name", "out", "seed", "mode", "modes", "theta", "theta2", "m", "mask_lookahead")
+FIELDS = ("video", "prompt", "name", "out", "seed", "mode", "modes", "theta", "theta2", "m", "mask_lookahead",
+          "prune_ratio")
 DEMO_CLIPS = ("ball", "ball_backwards", "still")
 
 
@@ -91,7 +91,7 @@ def job_args(record, base, manifest_folder):
     args.video = str(resolve(record["video"], manifest_folder))
     if record.get("out"):
         args.out = str(resolve(record["out"], manifest_folder))
-    converters = {"seed": int, "theta": float, "theta2": float, "mask_lookahead": int, "mode": str,
+    converters = {"seed": int, "theta": float, "theta2": float, "mask_lookahead": int, "mode": str, "prune_ratio": float,
                   "m": lambda v: tuple(v) if isinstance(v, list) else sample.parse_window(str(v))}
     for key, convert in converters.items():
         if key in record:
@@ -99,15 +99,15 @@ def job_args(record, base, manifest_folder):
                 setattr(args, key, convert(record[key]))
             except (TypeError, ValueError, argparse.ArgumentTypeError):
                 return None, f"{key} {record[key]!r} is not {'a window SINK,RECENT' if key == 'm' else convert.__name__}"
-    if args.mode not in lipar.MODES:
-        return None, f"mode {args.mode!r} is not one of {', '.join(lipar.MODES)}"
+    if args.mode not in sample.MODES:
+        return None, f"mode {args.mode!r} is not one of {', '.join(sample.MODES)}"
     if args.mask_lookahead not in (0, 1):
         return None, f"mask_lookahead {args.mask_lookahead} is not 0 or 1"
     if "modes" in record:
         modes = record["modes"].split() if isinstance(record["modes"], str) else record["modes"]
-        bad = [m for m in modes if m not in lipar.MODES] if isinstance(modes, list) else [modes]
+        bad = [m for m in modes if m not in sample.MODES] if isinstance(modes, list) else [modes]
         if bad or "full" not in modes:
-            return None, (f"modes {record['modes']!r}: give modes from {', '.join(lipar.MODES)}, "
+            return None, (f"modes {record['modes']!r}: give modes from {', '.join(sample.MODES)}, "
                           "full among them (the reference the others are measured against)")
         args.eval_modes = list(dict.fromkeys(modes))
     problems = sample.edit_problems(args)
@@ -170,6 +170,7 @@ def signature(args):
     return {"video": args.video, "prompt": args.prompt, "seed": args.seed, "theta": args.theta,
             "theta2": args.theta2, "m": args.m if args.m == "all" else list(args.m),
             "mask_lookahead": args.mask_lookahead, "modes": sample.edit_modes(args), "vae": args.vae,
+            "tape": [args.prune_ratio, args.tape_alpha, args.tape_delta, args.tape_every],
             "height": args.height, "width": args.width,
             "sweep_theta": args.sweep_theta, "sweep_m": [m if m == "all" else list(m) for m in args.sweep_m or []]}
 

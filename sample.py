@@ -36,6 +36,7 @@ from tqdm import tqdm
 import graphs
 import lipar
 import model as M
+import tape
 import vae as V
 import video as io
 from metrics import Fidelity
@@ -45,6 +46,9 @@ EDIT_STEPS = (400, 350, 250)  # the authors' editing steps on Self-Forcing's 100
 SHIFT = 5.0
 DEFAULT_PROMPT = "a watercolor painting of a red ball rolling across a wooden table, soft brush strokes"
 DEMO_FRAMES, DEMO_FPS = 57, 16  # 57 = 12·5 − 3 frames: 15 latent frames, 5 chunks, 3.6 s
+
+
+MODES = lipar.MODES + ("tape",)  # LIPAR, the baseline and the ablations; TAPE for comparison (tape.py)
 
 
 class UsageError(Exception):
@@ -109,7 +113,7 @@ class ChunkEditor:
     """Steps 5–7 for one chunk after another, with what a clip carries from chunk to
     chunk: the DiT's KV cache, the noise generator and LIPAR's memory x0.
 
-    mode: "full" or one of lipar.MODES; window: the M-degree window (m_sink, m_recent),
+    mode: one of MODES ("tape" takes tape_cfg, a tape.TapeConfig); window: the M-degree window (m_sink, m_recent),
     or None for Self-Forcing's causal cache (the whole clip up to 21 latent frames, a
     rolling window of 21 past that). Every chunk draws its noise from one generator
     in the same order in every mode, so `full` and `lipar` with one seed see
@@ -117,11 +121,15 @@ class ChunkEditor:
     replayed CUDA graph (same results, less CPU time).
     """
 
-    def __init__(self, dit, context, grid_hw, mode, window, seed, runner=None):
+    def __init__(self, dit, context, grid_hw, mode, window, seed, runner=None, tape_cfg=None):
         self.dit, self.mode, self.schedule = dit, mode, editing_schedule()
         self.device, self.dtype = context.device, dit.head.head.weight.dtype
         self.generator = torch.Generator(self.device).manual_seed(seed)
         window = None if mode == "full" else window
+        if mode == "tape":  # TAPE runs op by op (tape.py): its selections are decided as it goes
+            runner = None
+            self.tape_cfg, self.tape_state = tape_cfg or tape.TapeConfig(), tape.TapeState()
+            self.tape_ratios = tape.highlow_ratios(self.tape_cfg.ratio, len(self.schedule), self.tape_cfg.delta)
         self.cache = M.KVCache(dit, context, grid_hw, window) if runner is None else \
             runner.kv_cache(context, grid_hw, window, owner=mode)
         self.forward_chunk = dit.forward_chunk if runner is None else runner.forward_chunk
@@ -137,11 +145,17 @@ class ChunkEditor:
         [F, h/2, w/2]: its LIPAR mask (ignored by `full`). Returns its edited latents x0."""
         s, device = self.start, self.device
         # LIPAR stage 2: how the chunk recovers its pruned keys (a pure function of its mask)
-        plan = None if self.mode == "full" else lipar.recovery_plan(keep, self.mode, has_memory=s > 0)
+        pruned = self.mode in lipar.MODES and self.mode != "full"
+        plan = lipar.recovery_plan(keep, self.mode, has_memory=s > 0) if pruned else None
         _, sigma0 = self.schedule[0]
         x = (1 - sigma0) * latents + sigma0 * self.noise(latents)  # step 5
         for i, (t, sigma) in enumerate(self.schedule):  # step 6
-            v = self.forward_chunk(x.to(self.dtype), torch.full((1, 1), t, device=device), self.cache, s, plan=plan)
+            t_chunk = torch.full((1, 1), t, device=device)
+            if self.mode == "tape":  # the step's HighLow ratio; the state carries the smoothed scores
+                v = tape.forward_chunk(self.dit, x.to(self.dtype), t_chunk, self.cache, s, self.tape_ratios[i],
+                                       self.tape_state, self.tape_cfg)
+            else:
+                v = self.forward_chunk(x.to(self.dtype), t_chunk, self.cache, s, plan=plan)
             x0 = x - sigma * v.float()
             if plan is not None:  # LIPAR stage 3: pruned latents take the memory's value
                 x0 = lipar.restore(x0, keep, x0[:, :, 0] if self.memory_x0 is None else self.memory_x0)
@@ -149,6 +163,8 @@ class ChunkEditor:
                 next_sigma = self.schedule[i + 1][1]
                 x = (1 - next_sigma) * x0 + next_sigma * self.noise(x0)
         self.memory_x0 = x0[:, :, -1]
+        if self.mode == "tape":
+            self.tape_state.commit()
         # step 7, the memory step: t = 0 writes the chunk's clean keys/values for later chunks
         self.forward_chunk(x0.to(self.dtype), torch.zeros(1, 1, device=device), self.cache, s, memory_step=True,
                            plan=plan)
@@ -157,11 +173,12 @@ class ChunkEditor:
 
 
 @torch.no_grad()
-def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True, runner=None):
+def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True, runner=None, tape_cfg=None):
     """Steps 5–7 over a whole clip's latents [1, 16, L, h, w] with its mask keep [L, h/2, w/2]:
     the edited latents (float32). The stream below edits the same chunks one by one."""
     fpc = dit.cfg.frames_per_chunk
-    editor = ChunkEditor(dit, context, (latents.shape[3] // 2, latents.shape[4] // 2), mode, window, seed, runner)
+    editor = ChunkEditor(dit, context, (latents.shape[3] // 2, latents.shape[4] // 2), mode, window, seed, runner,
+                         tape_cfg)
     chunks = tqdm(range(0, latents.shape[2], fpc), desc=f"DiT {mode}", unit="chunk", disable=not progress,
                   leave=False)
     return torch.cat([editor(latents[:, :, s:s + fpc], keep[s:s + fpc]) for s in chunks], dim=2)
@@ -532,9 +549,10 @@ def stream_edit(args, models, reader, notes, context=None, fidelity=None):
     window = None if args.m == "all" else args.m
     runner = models.runner()
     graphs_before = dict(runner.stats) if runner else None
-    editors = {mode: ChunkEditor(dit, context, grid, mode, window, args.seed, runner) for mode in modes}
+    tape_cfg = tape.TapeConfig(args.prune_ratio, args.tape_alpha, args.tape_delta, args.tape_every)
+    editors = {mode: ChunkEditor(dit, context, grid, mode, window, args.seed, runner, tape_cfg) for mode in modes}
     masks = (lipar.MaskStream(args.theta, args.theta2, fpc, args.mask_lookahead)
-             if args.save_mask or modes != ["full"] else None)
+             if args.save_mask or set(modes) - {"full", "tape"} else None)
     encoder_cache = V.CausalCache()
     decoder_caches = {mode: V.CausalCache() for mode in modes}
     pending, ready_masks = deque(), []  # chunks encoded but waiting for their mask; final mask frames
@@ -640,17 +658,20 @@ def stream_edit(args, models, reader, notes, context=None, fidelity=None):
     keep = torch.cat(kept_per_chunk) if kept_per_chunk else None
     shared = sum(clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "write"))
     for mode in modes:
-        pruned = mode != "full" and keep is not None
+        pruned = mode not in ("full", "tape") and keep is not None
         dit_s, decode_s = clock.seconds[f"dit_{mode}"], clock.seconds[f"decode_{mode}"]
+        skipped = tape_cfg.ratio if mode == "tape" else 0.0  # TAPE's tokens skipped, the mean over steps
         stats["modes"][mode] = {
-            "prune_ratio": lipar.prune_ratio(keep) if pruned else 0.0,
+            "prune_ratio": lipar.prune_ratio(keep) if pruned else skipped,
             "prune_ratio_per_chunk": lipar.chunk_prune_ratios(keep, fpc) if pruned else
-            [0.0] * len(timeline.written),
+            [skipped] * len(timeline.written),
             "seconds": {stage: clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "text", "load",
                                                                             "compile", "write")}
             | {"dit": dit_s, "decode": decode_s},
             "cuda_graphs": None if runner is None else {k: runner.stats[k] - graphs_before[k] for k in graphs_before},
             "dit_fps": count / dit_s, "end_to_end_fps": count / (shared + dit_s + decode_s)}
+        if mode == "tape":
+            stats["modes"][mode]["tape"] = asdict(tape_cfg) | {"ratio_per_step": editors[mode].tape_ratios}
         if pruned:  # per latent frame, for the evaluation's plots (frame 0 is never pruned)
             stats["modes"][mode]["prune_ratio_per_frame"] = (1 - keep.flatten(1).float().mean(1)).tolist()
         if fidelity is not None and mode in fidelity.stats():
@@ -840,8 +861,9 @@ def parse_args(argv):
     p.add_argument("--out", help="output mp4 (default: results/<input>_<mode>.mp4)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--weights", default="weights", help="folder laid out as weights.md says")
-    p.add_argument("--mode", default="lipar", choices=lipar.MODES,
-                   help="lipar: the method; full: the Self-Forcing baseline; naive / noisy_dup: ablations")
+    p.add_argument("--mode", default="lipar", choices=MODES,
+                   help="lipar: the method; full: the Self-Forcing baseline; naive / noisy_dup: ablations; "
+                        "tape: TAPE's attention-importance pruning, for comparison (README: TAPE beside LIPAR)")
     p.add_argument("--theta", type=float, default=0.149, help="prune threshold θ on the robust patch L1 (Eq. 1)")
     p.add_argument("--theta2", type=float, default=0.3, help="substitute bound θ2 (Eq. 5-6)")
     p.add_argument("--vae", choices=["wan", "tiny"], default=None,
@@ -850,6 +872,12 @@ def parse_args(argv):
     p.add_argument("--mask-lookahead", type=int, default=1, choices=[0, 1],
                    help="latent frames the mask's medians and dilation see ahead: 1 as the authors' code (the "
                         "paper's numbers), 0 strictly causal (kept regions linger 3 frames longer after motion)")
+    p.add_argument("--prune-ratio", type=float, default=0.3,
+                   help="tape: the share of tokens skipped between selections (the mean over the denoising steps)")
+    p.add_argument("--tape-alpha", type=float, default=0.5, help="tape: temporal smoothing weight α of the scores")
+    p.add_argument("--tape-delta", type=float, default=0.1,
+                   help="tape: HighLow budget, the ratio runs from R + δ at the first step to R − δ at the last")
+    p.add_argument("--tape-every", type=int, default=10, help="tape: blocks from one selection to the next")
     p.add_argument("--m", type=parse_window, default=(1, 6),
                    help="M-degree window 'SINK,RECENT' in latent frames, or 'all' for the whole cache")
     p.add_argument("--seed", type=int, default=0)
@@ -874,8 +902,8 @@ def parse_args(argv):
     p.add_argument("--eval", action="store_true",
                    help="evaluate: each job in --eval-modes from the same noise, fidelity to full (PSNR, SSIM, "
                         "latent error), report.md/json with plots; without --manifest, on the embedded demo clips")
-    p.add_argument("--eval-modes", nargs="+", choices=lipar.MODES, default=["full", "lipar"], metavar="MODE",
-                   help=f"modes --eval runs, full among them ({', '.join(lipar.MODES)})")
+    p.add_argument("--eval-modes", nargs="+", choices=MODES, default=["full", "lipar"], metavar="MODE",
+                   help=f"modes --eval runs, full among them ({', '.join(MODES)})")
     p.add_argument("--sweep-theta", nargs="+", type=float, metavar="THETA",
                    help="with --eval, also run lipar at each θ (speed–fidelity trade-off)")
     p.add_argument("--sweep-m", nargs="+", type=parse_window, metavar="SINK,RECENT",
@@ -901,6 +929,14 @@ def edit_problems(args, out_is_folder=False):
         if math.isnan(value) or value < 0 or (name == "theta" and math.isinf(value)):
             problems.append(f"--{name} {value} is not a threshold; give a number >= 0"
                             + (" (inf turns the bound off)" if name == "theta2" else ""))
+    if not 0 <= args.prune_ratio <= 0.95:
+        problems.append(f"--prune-ratio {args.prune_ratio} is out of range; give a share from 0 to 0.95")
+    if not 0 <= args.tape_alpha <= 1:
+        problems.append(f"--tape-alpha {args.tape_alpha} is not a weight; give a number from 0 to 1")
+    if not 0 <= args.tape_delta <= 0.5:
+        problems.append(f"--tape-delta {args.tape_delta} is out of range; give a number from 0 to 0.5")
+    if args.tape_every < 1:
+        problems.append(f"--tape-every {args.tape_every} is not a block count; give 1 or more")
     if args.m != "all" and (args.m[0] < 0 or args.m[1] < 3):
         problems.append(f"--m {args.m[0]},{args.m[1]} cannot hold a chunk; give SINK >= 0 and RECENT >= 3 "
                         "latent frames (e.g. 1,6) or 'all'")

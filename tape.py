@@ -1,0 +1,164 @@
+"""TAPE beside LIPAR: temporal-aware importance pruning (arXiv 2605.17837), as a mode.
+
+LIPAR prunes the tokens that repeat the previous frame and recovers them exactly.
+TAPE prunes the tokens that receive little attention: every `every` blocks (a
+*selection* block, computed on every token) it scores each token by the attention it
+receives, smooths that score over time, keeps the top (1 − r) of every frame, and the
+blocks up to the next selection compute the kept tokens only. A skipped token is not
+discarded: its hidden state passes those blocks unchanged, keeps its position, and
+goes through the head like any other token.
+
+The paper's text beyond its abstract could not be read here (only its abstract is
+stored), so the exact equations and defaults below are this project's reading of
+the method's three parts; each choice is marked as ours and documented in the README:
+
+- importance (EViT-style): the softmax attention a token receives, averaged over
+  heads and over queries. The plain path averages over every query; the fast path
+  over a fixed, evenly spaced subsample of `score_queries` queries (tests give the
+  rank correlation between the two);
+- temporal smoothing: s̃_f = α s̃_{f−1} + (1 − α) s_f at each spatial location, over
+  the chunk's frames in order, starting from the previous chunk's last frame (our
+  α = 0.5);
+- HighLow budget over the denoising steps: linear from r + δ to r − δ (our δ = 0.1),
+  so its mean is the target r; here the three editing steps take r + δ, r, r − δ.
+
+Where the causal, KV-cached model has no counterpart in TAPE's bidirectional design:
+- the memory step (t = 0, which writes the clean keys/values later chunks attend to)
+  runs on every token: a skipped token would leave a stale key in the cache for ever;
+- in a skipping block the kept queries attend to the cached frames and to the kept
+  tokens of their own chunk; the skipped tokens have no key in that block (masked);
+- the smoothing reaches across a chunk boundary through the previous chunk's last
+  frame's smoothed score at the same selection block, from its last denoising step.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from model import attention, rope_angles, rotate_keys
+
+
+@dataclass
+class TapeConfig:
+    """ratio: the target prune ratio r (the mean over the denoising steps); alpha: the
+    smoothing weight α; delta: the HighLow half-range δ; every: blocks from one
+    selection to the next; score_queries: the queries the fast importance averages
+    over (None: all of them, exact). Defaults are ours (see above)."""
+    ratio: float = 0.3
+    alpha: float = 0.5
+    delta: float = 0.1
+    every: int = 10
+    score_queries: int | None = 256
+
+
+def highlow_ratios(ratio, steps, delta):
+    """The prune ratio of each denoising step: linear from ratio + δ to ratio − δ,
+    centred on `ratio`, clipped to [0, 0.95] (one step: `ratio`)."""
+    if steps == 1:
+        return [ratio]
+    return [min(0.95, max(0.0, ratio + delta * (1 - 2 * i / (steps - 1)))) for i in range(steps)]
+
+
+def smooth_scores(scores, previous, alpha):
+    """scores [F, N] (one row a frame) → s̃ with s̃_f = α s̃_{f−1} + (1 − α) s_f; frame
+    0 blends with `previous` [N] (the previous chunk's last smoothed frame) or, with
+    none, is its own score."""
+    out, last = [], previous
+    for frame in scores:
+        last = frame if last is None else alpha * last + (1 - alpha) * frame
+        out.append(last)
+    return torch.stack(out)
+
+
+def received_attention(q, k, chunk_keys, score_queries=None):
+    """Importance of the chunk's tokens: the attention each receives, averaged over
+    heads and queries. q [B, T, H, Dh] the chunk's (rotated) queries, k [B, K, H, Dh]
+    every key they attend to, chunk_keys [T]: the rows of k holding the chunk's own
+    tokens. score_queries: None for every query (exact), else that many evenly spaced
+    ones (the fast path). Returns [T], float32."""
+    if score_queries is not None and score_queries < q.shape[1]:
+        q = q[:, torch.linspace(0, q.shape[1] - 1, score_queries, device=q.device).round().long()]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / q.shape[-1] ** 0.5
+    weights = scores.softmax(dim=-1)[..., chunk_keys]  # [B, H, Tq, T]
+    return weights.mean(dim=(0, 1, 2))
+
+
+def keep_top(scores, ratio):
+    """The kept tokens [n] (ascending flat indices) of scores [F, N]: in every frame the
+    same count, N − round(ratio · N), of the highest scores (no frame-wise imbalance)."""
+    frames, n = scores.shape
+    keep = n - round(ratio * n)
+    top = scores.topk(keep, dim=1).indices + torch.arange(frames, device=scores.device)[:, None] * n
+    return top.flatten().sort().values
+
+
+class TapeState:
+    """What TAPE carries from chunk to chunk: per selection block, the previous chunk's
+    last frame of smoothed scores (from its last denoising step)."""
+
+    def __init__(self):
+        self.last_frame, self.pending = {}, {}
+
+    def commit(self):
+        """After a chunk's last denoising step: its scores become the next chunk's past."""
+        self.last_frame, self.pending = self.pending, {}
+
+
+@torch.no_grad()
+def forward_chunk(dit, x, t, cache, start_frame, ratio, state, cfg, kept_log=None):
+    """model.forward_chunk with TAPE's skipping: velocity [B, 16, F, H, W] of one
+    denoising step of a chunk. ratio: this step's prune ratio; state: the clip's
+    TapeState; cfg: a TapeConfig (alpha, every, score_queries). kept_log, a list,
+    receives (block, kept indices) for each selection (the tests read it). The memory
+    step is model.forward_chunk itself."""
+    step = dit.chunk_step(x, cache, start_frame)
+    tokens, grid = dit.patchify(x)
+    frames, n = grid[0], grid[1] * grid[2]
+    rope = rope_angles(step.positions, dit.cfg.head_dim, dit.cfg.rope_theta)
+    keys_values = cache.keys_values(step, rope)
+    e, e0 = dit.embed_time(t)
+    impl = dit.attn_impl
+    kept = None
+    for i, block in enumerate(dit.blocks):
+        if i % cfg.every == 0:  # a selection block: every token, then re-rank
+            q, k, v = block.before_attention(tokens, e0, rope)
+            k_all, v_all, key_mask = keys_values(i)(k, v)
+            tokens = block.after_attention(tokens, attention(q, k_all, v_all, key_mask, impl), e0,
+                                           cache.context_kvs[i], impl)
+            if ratio > 0:
+                score = received_attention(q, k_all, step.slots, cfg.score_queries).view(frames, n)
+                smoothed = smooth_scores(score, state.last_frame.get(i), cfg.alpha)
+                state.pending[i] = smoothed[-1]
+                kept = keep_top(smoothed, ratio)
+                if kept_log is not None:
+                    kept_log.append((i, kept))
+            continue
+        if kept is None:  # nothing skipped (ratio 0): the block as model.forward_chunk runs it
+            tokens = block(tokens, e0, rope, keys_values(i), cache.context_kvs[i], impl)
+            continue
+        rope_kept = tuple(r[kept] for r in rope)
+        q, k, v = block.before_attention(tokens[:, kept], e0, rope_kept)
+        k_all, v_all = write_kept(cache, i, step, kept, k, v, rope_kept)
+        visible_mask = cache_mask(cache, step, kept)
+        attended = attention(q, k_all, v_all, visible_mask, impl)
+        tokens = tokens.index_copy(1, kept, block.after_attention(tokens[:, kept], attended, e0,
+                                                                  cache.context_kvs[i], impl))
+    return dit.unpatchify(dit.head(tokens, e), grid)
+
+
+def write_kept(cache, layer, step, kept, k, v, rope_kept):
+    """A skipping block's keys: the kept tokens' keys/values written to their slots
+    (rotated to their positions); returns every cached key/value of the visible prefix."""
+    slots = step.slots[kept]
+    cache.k[layer].index_copy_(1, slots, rotate_keys(k, rope_kept))
+    cache.v[layer].index_copy_(1, slots, v)
+    return cache.k[layer][:, :step.visible], cache.v[layer][:, :step.visible]
+
+
+def cache_mask(cache, step, kept):
+    """[visible] bool: the cached frames' keys and the chunk's kept tokens' (the skipped
+    ones hold a stale key, or none, in this block)."""
+    mask = torch.ones(step.visible, dtype=torch.bool, device=kept.device)
+    mask[step.slots] = False
+    mask[step.slots[kept]] = True
+    return mask
