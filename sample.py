@@ -1081,7 +1081,11 @@ def print_summary(stats, file=sys.stdout):
     for mode, s in stats["modes"].items():
         sec = s["seconds"]
         chunks = " ".join(f"{r:.0%}" for r in s["prune_ratio_per_chunk"])
-        print(f"[{mode}] pruned {s['prune_ratio']:.1%} of tokens after frame 0 (per chunk: {chunks})")
+        if mode == "tape":
+            ratios = " ".join(f"{r:.0%}" for r in s["tape"]["ratio_per_step"])
+            print(f"[{mode}] skipped {s['prune_ratio']:.1%} of tokens between selections (per step: {ratios})")
+        else:
+            print(f"[{mode}] pruned {s['prune_ratio']:.1%} of tokens after frame 0 (per chunk: {chunks})")
         print(f"[{mode}] read {sec['read']:.2f}s  encode {sec['encode']:.2f}s  mask {sec['mask']:.3f}s  "
               f"text {sec['text']:.2f}s  DiT {sec['dit']:.2f}s  decode {sec['decode']:.2f}s  write {sec['write']:.2f}s")
         if s["cuda_graphs"]:

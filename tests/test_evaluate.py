@@ -198,13 +198,15 @@ def test_manifest_eval_report_loads_once_and_rerun_skips(clips, weights, tmp_pat
     assert again["clips"] == report["clips"] and calls["dit"] == 1
 
 
-def test_report_without_matplotlib_says_how_to_get_plots(clips, weights, tmp_path, monkeypatch):
+def test_report_with_tape_and_without_matplotlib_says_how_to_get_plots(clips, weights, tmp_path, monkeypatch):
     manifest = tmp_path / "one.jsonl"
     manifest.write_text(json.dumps({"video": str(clips / "noise.mp4"), "prompt": "x"}) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    assert run_eval(manifest, weights, tmp_path / "r") == 0
-    assert "pip install matplotlib" in (tmp_path / "r" / "report.md").read_text()
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["plots"] is None
+    assert run_eval(manifest, weights, tmp_path / "r", "--eval-modes", "full", "lipar", "tape") == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "pip install matplotlib" in md and "| tape | 30.0% |" in md  # TAPE in the report, at its ratio
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["plots"] is None and report["overall"]["tape"]["fidelity_to_full"]["psnr_db"] < float("inf")
 
 
 def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):

@@ -56,7 +56,7 @@ def run_cli(args, weights):
     return sample.cli([*args, "--weights", str(weights), *SIZE, "--device", "cpu"])
 
 
-@pytest.mark.parametrize("mode", lipar.MODES)
+@pytest.mark.parametrize("mode", sample.MODES)
 def test_each_mode_edits_a_clip_end_to_end(mode, clip, weights, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out, stats_file = tmp_path / f"{mode}.mp4", tmp_path / "stats.json"
@@ -72,6 +72,8 @@ def test_each_mode_edits_a_clip_end_to_end(mode, clip, weights, tmp_path, monkey
         assert s["seconds"][key] >= 0
     assert len(s["prune_ratio_per_chunk"]) == 2 and s["dit_fps"] > 0 and s["end_to_end_fps"] > 0
     assert any("padded 17 frames to 21" in note for note in stats["notes"])
+    if mode == "tape":  # the HighLow budget of the default --prune-ratio 0.3, --tape-delta 0.1
+        assert s["prune_ratio"] == 0.3 and s["tape"]["ratio_per_step"] == pytest.approx([0.4, 0.3, 0.2])
 
 
 def test_speed_and_mask_flags_are_taken(clip, weights, tmp_path, monkeypatch, capsys):
@@ -281,6 +283,9 @@ def test_short_clip_odd_size_and_existing_output(weights, tmp_path, monkeypatch,
     (["--width", "-16"], "--width -16"),
     (["--out", "edited.txt"], "--out edited.txt"),
     (["--text-device", "gpu7"], "--text-device 'gpu7'"),
+    (["--mode", "tape", "--prune-ratio", "1.2"], "--prune-ratio 1.2"),
+    (["--mode", "tape", "--tape-alpha", "nan"], "--tape-alpha nan"),
+    (["--mode", "tape", "--tape-every", "0"], "--tape-every 0"),
 ])
 def test_bad_flags_are_refused_before_any_work(flags, named, clip, weights, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
