@@ -26,7 +26,7 @@ Where the causal, KV-cached model has no counterpart in TAPE's bidirectional des
 - the memory step (t = 0, which writes the clean keys/values later chunks attend to)
   runs on every token: a skipped token would leave a stale key in the cache for ever;
 - in a skipping block the kept queries attend to the cached frames and to the kept
-  tokens of their own chunk; the skipped tokens have no key in that block (masked);
+  tokens of their own chunk; the skipped tokens have no key in that block;
 - the smoothing reaches across a chunk boundary through the previous chunk's last
   frame's smoothed score at the same selection block, from its last denoising step.
 """
@@ -118,7 +118,7 @@ def forward_chunk(dit, x, t, cache, start_frame, ratio, state, cfg, kept_log=Non
     keys_values = cache.keys_values(step, rope)
     e, e0 = dit.embed_time(t)
     impl = dit.attn_impl
-    kept = None
+    kept = rows = None
     for i, block in enumerate(dit.blocks):
         if i % cfg.every == 0:  # a selection block: every token, then re-rank
             q, k, v = block.before_attention(tokens, e0, rope)
@@ -129,18 +129,18 @@ def forward_chunk(dit, x, t, cache, start_frame, ratio, state, cfg, kept_log=Non
                 score = received_attention(q, k_all, step.slots, cfg.score_queries).view(frames, n)
                 smoothed = smooth_scores(score, state.last_frame.get(i), cfg.alpha)
                 state.pending[i] = smoothed[-1]
-                kept = keep_top(smoothed, ratio)
+                kept, rows = keep_top(smoothed, ratio), None
                 if kept_log is not None:
                     kept_log.append((i, kept))
             continue
         if kept is None:  # nothing skipped (ratio 0): the block as model.forward_chunk runs it
             tokens = block(tokens, e0, rope, keys_values(i), cache.context_kvs[i], impl)
             continue
-        rope_kept = tuple(r[kept] for r in rope)
+        if rows is None:  # once per selection: the rows the kept queries read
+            rope_kept, rows = tuple(r[kept] for r in rope), attended_rows(step, kept)
         q, k, v = block.before_attention(tokens[:, kept], e0, rope_kept)
         k_all, v_all = write_kept(cache, i, step, kept, k, v, rope_kept)
-        visible_mask = cache_mask(cache, step, kept)
-        attended = attention(q, k_all, v_all, visible_mask, impl)
+        attended = attention(q, k_all[:, rows], v_all[:, rows], None, impl)
         tokens = tokens.index_copy(1, kept, block.after_attention(tokens[:, kept], attended, e0,
                                                                   cache.context_kvs[i], impl))
     return dit.unpatchify(dit.head(tokens, e), grid)
@@ -155,10 +155,11 @@ def write_kept(cache, layer, step, kept, k, v, rope_kept):
     return cache.k[layer][:, :step.visible], cache.v[layer][:, :step.visible]
 
 
-def cache_mask(cache, step, kept):
-    """[visible] bool: the cached frames' keys and the chunk's kept tokens' (the skipped
-    ones hold a stale key, or none, in this block)."""
+def attended_rows(step, kept):
+    """The cache rows [P] a skipping block's queries read: the cached frames' and the
+    chunk's kept tokens' (a skipped token holds a stale key, or none, in this block).
+    Gathered rather than masked: SDPA's flash kernel takes no mask."""
     mask = torch.ones(step.visible, dtype=torch.bool, device=kept.device)
     mask[step.slots] = False
     mask[step.slots[kept]] = True
-    return mask
+    return mask.nonzero().squeeze(1)

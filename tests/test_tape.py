@@ -139,3 +139,27 @@ def test_skipped_tokens_pass_unchanged_to_the_head(monkeypatch):
     assert skipped.sum() == 3 * 12  # half of each frame's 24 tokens
     assert torch.equal(seen["head"][:, skipped], seen["block3"][:, skipped])
     assert not torch.allclose(seen["head"][:, kept], seen["block3"][:, kept])
+
+
+def test_a_skipping_block_is_the_block_on_the_kept_tokens_alone():
+    """First chunk, blocks 0 (selection) and 1 (skipping): recomputed without the cache
+    by Block.forward on the kept tokens alone (float64 attention among them only), then
+    scattered into block 0's output and sent through the head."""
+    dit = tiny_dit(layers=2)
+    context = context_for(dit)
+    x = torch.randn(1, 16, 3, 8, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    t = torch.full((1, 1), 700.0, dtype=torch.float64)
+    log = []
+    got = tape.forward_chunk(dit, x, t, M.KVCache(dit, context, GRID, None), 0, 0.5, tape.TapeState(),
+                             tape.TapeConfig(0.5, every=2), kept_log=log)
+    kept = log[0][1]
+    tokens, grid = dit.patchify(x)
+    rope = M.rope_angles(M.grid_positions(*grid), dit.cfg.head_dim, dit.cfg.rope_theta)
+    e, e0 = dit.embed_time(t)
+    context_kvs = dit.context_kvs(context)
+    whole = dit.blocks[0](tokens, e0, rope, lambda k, v: (M.apply_rope(k, rope), v, None), context_kvs[0], "sdpa")
+    rope_kept = tuple(r[kept] for r in rope)
+    some = dit.blocks[1](whole[:, kept], e0, rope_kept, lambda k, v: (M.apply_rope(k, rope_kept), v, None),
+                         context_kvs[1], "sdpa")
+    expected = dit.unpatchify(dit.head(whole.index_copy(1, kept, some), e), grid)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
