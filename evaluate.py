@@ -263,15 +263,16 @@ def run(args, dtype, have_weights):
     if models.random:
         args.height, args.width = args.height or 240, args.width or 416  # as the demo: a CPU minute a clip
         say("No weights: tiny RANDOM-weight models. Every number is real, the pixels are not an edit.")
-    args.height, args.width = args.height or 480, args.width or 832
+    notes = []
+    sample.settle_size(args, notes)
+    for note in notes:
+        say(f"note: {note}")
     base = copy.copy(args)
     base.out = None
     if args.manifest:
         jobs, failures = read_manifest(args.manifest, base, folder)
     else:
         jobs, failures = demo_jobs(base, folder), []
-    for job in jobs:
-        job.args.height, job.args.width = round_size(job.args.height), round_size(job.args.width)
     mine = jobs[rank::world]
     results, todo = {}, []
     for job in mine:
@@ -296,8 +297,10 @@ def run(args, dtype, have_weights):
         say(f"[{i}/{len(todo)}] {job.name}: " + "; ".join(
             f"{mode} pruned {s['prune_ratio']:.1%}, DiT {s['dit_fps']:.1f} frames/s" for mode, s in stats["modes"].items()))
     merged, all_failures = {}, []
-    for part_results, part_failures in gather((results, failures if rank == 0 else
-                                               [f for f in failures if "name" in f]), world):
+    # every rank read the whole manifest: its unreadable lines are sent once, by rank 0;
+    # the jobs that failed while running (they have a name) by the rank that ran them
+    ran_failures = [f for f in failures if "name" in f]
+    for part_results, part_failures in gather((results, failures if rank == 0 else ran_failures), world):
         merged.update(part_results)
         all_failures += part_failures
     if world > 1:
@@ -315,10 +318,6 @@ def run(args, dtype, have_weights):
         report = write_report(folder, [merged[j.name] for j in done], all_failures, args)
         print(f"wrote {report} and {report.with_suffix('.json').name}")
     return 1 if all_failures else 0
-
-
-def round_size(value):
-    return max(16, round(value / 16) * 16)
 
 
 # -----------------------------------------------------------------------------

@@ -1036,13 +1036,7 @@ def main(argv=None):
         if models.random:  # tiny models: a small resolution keeps the CPU demo to about a minute
             args.height, args.width = args.height or 240, args.width or 416
         print(f"demo: editing {args.video} with the prompt {args.prompt!r}", file=report)
-    args.height, args.width = args.height or 480, args.width or 832
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value % 16:  # sizes <= 0 were refused by flag_problems
-            rounded = max(16, round(value / 16) * 16)
-            notes.append(f"--{name} {value} is not a multiple of 16; using {rounded}")
-            setattr(args, name, rounded)
+    settle_size(args, notes)
     check_outputs(args)
     if models.random:
         print(f"No weights at {args.weights}: running tiny RANDOM-weight models. The pipeline runs end to end, "
@@ -1052,6 +1046,17 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(stats, indent=2))
     return 0
+
+
+def settle_size(args, notes):
+    """--height and --width: 480x832 unless given, rounded to multiples of 16 with a note."""
+    args.height, args.width = args.height or 480, args.width or 832
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value % 16:  # sizes <= 0 were refused by flag_problems
+            rounded = max(16, round(value / 16) * 16)
+            notes.append(f"--{name} {value} is not a multiple of 16; using {rounded}")
+            setattr(args, name, rounded)
 
 
 def cli(argv=None):
