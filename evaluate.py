@@ -17,6 +17,7 @@ beside its video as <name>.json: a rerun skips finished jobs and rebuilds the re
 import argparse
 import copy
 import csv
+import datetime
 import itertools
 import json
 import math
@@ -234,7 +235,9 @@ def start_distributed(args):
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # a rank that has finished its share waits in the gather for the others, which may
+    # take hours on a long manifest: far past the default timeout (10 min for NCCL)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=1))
     return dist.get_rank(), world
 
 
@@ -303,21 +306,33 @@ def run(args, dtype, have_weights):
     for part_results, part_failures in gather((results, failures if rank == 0 else ran_failures), world):
         merged.update(part_results)
         all_failures += part_failures
-    if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
-    if rank != 0:
-        return 1 if all_failures else 0
-    all_failures.sort(key=lambda f: f["line"])
+    if rank == 0:
+        summarize(folder, jobs, merged, all_failures, args, world)
+    finish_distributed(world)
+    # the exit code is rank 0's: torchrun stops every process when one ends in failure,
+    # which would cut rank 0 off while it writes the report
+    return 1 if all_failures and rank == 0 else 0
+
+
+def summarize(folder, jobs, merged, failures, args, world):
+    """Rank 0: the summary lines and, with --eval, the report."""
+    failures.sort(key=lambda f: f["line"])
     done = [job for job in jobs if job.name in merged]
-    print(f"{len(done)} of {len(jobs) + sum('name' not in f for f in all_failures)} jobs edited"
+    print(f"{len(done)} of {len(jobs) + sum('name' not in f for f in failures)} jobs edited"
           + (f" ({world} processes)" if world > 1 else ""))
-    for f in all_failures:
+    for f in failures:
         print(f"line {f['line']}: {f['error']}")
     if args.eval:
-        report = write_report(folder, [merged[j.name] for j in done], all_failures, args)
+        report = write_report(folder, [merged[j.name] for j in done], failures, args)
         print(f"wrote {report} and {report.with_suffix('.json').name}")
-    return 1 if all_failures else 0
+
+
+def finish_distributed(world):
+    """Every process waits for rank 0's report, then leaves the group together."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------

@@ -278,6 +278,7 @@ def test_torchrun_splits_the_jobs_and_merges_the_same_report(clips, weights, tmp
                            env=env, capture_output=True, text=True, timeout=600)
     assert "[rank 1]" in ranks.stdout and "3 of 4 jobs edited (2 processes)" in ranks.stdout, \
         ranks.stdout[-2000:] + ranks.stderr[-3000:]
+    assert ranks.returncode == 1, ranks.stderr[-3000:]  # rank 0's: a job failed
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert strip_timing(two) == strip_timing(one)
