@@ -276,6 +276,9 @@ def run(args, dtype, have_weights):
         jobs, failures = read_manifest(args.manifest, base, folder)
     else:
         jobs, failures = demo_jobs(base, folder), []
+    if not jobs and not failures:
+        raise sample.UsageError(f"the manifest {args.manifest} holds no jobs; write one per line, e.g. "
+                                '{"video": "clip.mp4", "prompt": "..."}, or a .csv with a header row')
     mine = jobs[rank::world]
     results, todo = {}, []
     for job in mine:
@@ -307,14 +310,16 @@ def run(args, dtype, have_weights):
         merged.update(part_results)
         all_failures += part_failures
     if rank == 0:
-        summarize(folder, jobs, merged, all_failures, args, world)
+        setup = {"device": args.device, "dtype": str(models.dtype).removeprefix("torch."), "vae": args.vae,
+                 "random_weights": models.random, "height": args.height, "width": args.width}
+        summarize(folder, jobs, merged, all_failures, args, world, setup)
     finish_distributed(world)
     # the exit code is rank 0's: torchrun stops every process when one ends in failure,
     # which would cut rank 0 off while it writes the report
     return 1 if all_failures and rank == 0 else 0
 
 
-def summarize(folder, jobs, merged, failures, args, world):
+def summarize(folder, jobs, merged, failures, args, world, setup):
     """Rank 0: the summary lines and, with --eval, the report."""
     failures.sort(key=lambda f: f["line"])
     done = [job for job in jobs if job.name in merged]
@@ -323,7 +328,7 @@ def summarize(folder, jobs, merged, failures, args, world):
     for f in failures:
         print(f"line {f['line']}: {f['error']}")
     if args.eval:
-        report = write_report(folder, [merged[j.name] for j in done], failures, args)
+        report = write_report(folder, [merged[j.name] for j in done], failures, args, setup)
         print(f"wrote {report} and {report.with_suffix('.json').name}")
 
 
@@ -408,13 +413,12 @@ def sweep_table(rows):
     return sorted(table, key=lambda t: (str(t["m"]), t["theta"]))
 
 
-def write_report(folder, stats, failures, args):
-    """report.json (every number) and report.md (tables, plots) in `folder`; returns the .md path."""
+def write_report(folder, stats, failures, args, setup):
+    """report.json (every number) and report.md (tables, plots) in `folder`; returns the .md path.
+    setup: device, dtype, vae, random_weights, height, width."""
     rows = [clip_row(s) for s in stats]
     modes = list(dict.fromkeys(m for r in rows for m in r["modes"]))
-    first = stats[0] if stats else {}
-    report = {"manifest": str(args.manifest) if args.manifest else "embedded demo clips",
-              "setup": {k: first.get(k) for k in ("device", "dtype", "vae", "random_weights", "height", "width")},
+    report = {"manifest": str(args.manifest) if args.manifest else "embedded demo clips", "setup": setup,
               "modes": modes, "overall": overall(rows, modes), "clips": rows, "sweep": sweep_table(rows),
               "failed": failures}
     report["plots"] = plots(folder, rows, report["sweep"])
@@ -431,12 +435,27 @@ def fmt(value, spec):
 def report_markdown(report):
     setup = report["setup"]
     lines = [f"# LIPAR evaluation: {report['manifest']}", "",
-             f"{len(report['clips'])} clips, {setup['height']}x{setup['width']}, {setup['device']} {setup['dtype']}, "
+             f"{len(report['clips'])} clips, {setup['width']}x{setup['height']}, {setup['device']} {setup['dtype']}, "
              f"{'tiny' if setup['vae'] == 'tiny' else 'Wan'} VAE"
              + (", **random weights** (the speed is real, the fidelity numbers only show the format)"
                 if setup["random_weights"] else "") + ". Every mode ran from the same noise; fidelity is to `full`. "
-             "The first clip's DiT time includes capturing the CUDA graphs, when they are used.", "",
-             "## Overall", "",
+             "The first clip's DiT time includes capturing the CUDA graphs, when they are used.", ""]
+    lines += tables_markdown(report) if report["clips"] else ["No job was edited: see the failures below."]
+    if report["failed"]:
+        lines += ["", "## Jobs that failed", ""] + [f"- line {f['line']}: {f['error']}" for f in report["failed"]]
+    if report["clips"]:
+        lines += ["", "## Plots", ""]
+        if report["plots"] is None:
+            lines.append("No plots: matplotlib is not installed (`pip install matplotlib`, then rerun the same "
+                         "command; finished jobs are not redone).")
+        else:
+            lines += [f"![{title}]({name})" for name, title in report["plots"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def tables_markdown(report):
+    """The report's tables: overall, per clip, and the sweep's."""
+    lines = ["## Overall", "",
              "| mode | pruned | DiT frames/s | DiT speedup | end-to-end frames/s | PSNR dB | SSIM | latent rel. error |",
              "|" + " --- |" * 8]
     for mode, o in report["overall"].items():
@@ -462,15 +481,7 @@ def report_markdown(report):
             m = p["m"] if p["m"] == "all" else ",".join(map(str, p["m"]))
             lines.append(f"| {p['theta']:g} | {m} | {p['prune_ratio']:.1%} | {fmt(p['dit_speedup'], '.2f')}x "
                          f"| {fmt(p['psnr_db'], '.2f')} | {fmt(p['ssim'], '.4f')} | {fmt(p['latent_rel_error'], '.4f')} |")
-    if report["failed"]:
-        lines += ["", "## Jobs that failed", ""] + [f"- line {f['line']}: {f['error']}" for f in report["failed"]]
-    lines += ["", "## Plots", ""]
-    if report["plots"] is None:
-        lines.append("No plots: matplotlib is not installed (`pip install matplotlib`, then rerun the same command; "
-                     "finished jobs are not redone).")
-    else:
-        lines += [f"![{title}]({name})" for name, title in report["plots"].items()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plots(folder, rows, sweep):
@@ -483,6 +494,8 @@ def plots(folder, rows, sweep):
     except ImportError:
         return None
     written = {}
+    if not rows:
+        return written
 
     def save(fig, name, title):
         fig.suptitle(title)

@@ -284,3 +284,16 @@ def test_torchrun_splits_the_jobs_and_merges_the_same_report(clips, weights, tmp
     assert strip_timing(two) == strip_timing(one)
     assert sorted(p.name for p in (tmp_path / "two").glob("*.mp4")) == \
         sorted(p.name for p in (tmp_path / "one").glob("*.mp4"))
+
+
+def test_a_manifest_with_no_job_or_none_that_runs(weights, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n# nothing yet\n")
+    assert sample.cli(["--manifest", str(empty), "--weights", str(weights), "--device", "cpu"]) == 2
+    assert "holds no jobs" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"video": "gone.mp4", "prompt": "x"}) + "\n")
+    assert sample.cli(["--manifest", str(bad), "--eval", "--weights", str(weights), "--device", "cpu",
+                       "--out", str(tmp_path / "r")]) == 1
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "No job was edited" in md and "gone.mp4 does not exist" in md and "## Overall" not in md
