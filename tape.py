@@ -125,7 +125,7 @@ def forward_chunk(dit, x, t, cache, start_frame, ratio, state, cfg, kept_log=Non
             k_all, v_all, key_mask = keys_values(i)(k, v)
             tokens = block.after_attention(tokens, attention(q, k_all, v_all, key_mask, impl), e0,
                                            cache.context_kvs[i], impl)
-            if ratio > 0:
+            if ratio > 0:  # k_all is the cache's visible prefix as stored (TAPE's cache has no holes)
                 score = received_attention(q, k_all, step.slots, cfg.score_queries).view(frames, n)
                 smoothed = smooth_scores(score, state.last_frame.get(i), cfg.alpha)
                 state.pending[i] = smoothed[-1]
