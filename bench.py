@@ -88,11 +88,18 @@ def realistic_latents(latent_frames, height, width, seed=0):
     return torch.stack(frames)
 
 
+def linear_flops_per_token(cfg):
+    """A token's matmul FLOPs in one block (SPEC §5): q, k, v, o and cross-attention's q, o
+    (4·d² + 2·d²), the FFN (2·d·ffn), two FLOPs per multiply-add."""
+    d = cfg.dim
+    return 2 * (4 * d * d + 2 * d * d + 2 * d * cfg.ffn_dim)
+
+
 def dit_flops(keep, mode, window, cfg, frames_per_chunk=3):
     """(linear, self-attention, cross-attention) FLOPs of one edit: 3 denoising steps
     and a memory step per chunk, each on the chunk's computed tokens."""
     d, n = cfg.dim, keep.shape[1] * keep.shape[2]
-    per_token_linear = 2 * (4 * d * d + 2 * d * d + 2 * d * cfg.ffn_dim)
+    per_token_linear = linear_flops_per_token(cfg)
     linear = attention = cross = 0
     for start in range(0, keep.shape[0], frames_per_chunk):
         end = start + frames_per_chunk
@@ -112,7 +119,7 @@ def tape_flops(latent_frames, n, cfg, tape_cfg, window, steps=3, frames_per_chun
     blocks on every token, plus their importance scores; the blocks between on the
     kept tokens, attending to the cached frames and the kept ones), and a full memory step."""
     d, fpc = cfg.dim, frames_per_chunk
-    per_token_linear = 2 * (4 * d * d + 2 * d * d + 2 * d * cfg.ffn_dim)
+    per_token_linear = linear_flops_per_token(cfg)
     selections = len(range(0, cfg.num_layers, tape_cfg.every))
     skipping = cfg.num_layers - selections
     sink, recent = (0, latent_frames) if window is None else window

@@ -93,7 +93,7 @@ def job_args(record, base, manifest_folder):
     if record.get("out"):
         args.out = str(resolve(record["out"], manifest_folder))
     converters = {"seed": int, "theta": float, "theta2": float, "mask_lookahead": int, "mode": str, "prune_ratio": float,
-                  "m": lambda v: tuple(v) if isinstance(v, list) else sample.parse_window(str(v))}
+                  "m": lambda v: sample.parse_window(",".join(map(str, v)) if isinstance(v, list) else str(v))}
     for key, convert in converters.items():
         if key in record:
             try:
@@ -169,11 +169,16 @@ def demo_jobs(base, folder):
 def signature(args):
     """What a job's result depends on: a finished job is redone when this changes."""
     return {"video": args.video, "prompt": args.prompt, "seed": args.seed, "theta": args.theta,
-            "theta2": args.theta2, "m": args.m if args.m == "all" else list(args.m),
+            "theta2": args.theta2, "m": window_json(args.m),
             "mask_lookahead": args.mask_lookahead, "modes": sample.edit_modes(args), "vae": args.vae,
             "tape": [args.prune_ratio, args.tape_alpha, args.tape_delta, args.tape_every],
             "height": args.height, "width": args.width,
-            "sweep_theta": args.sweep_theta, "sweep_m": [m if m == "all" else list(m) for m in args.sweep_m or []]}
+            "sweep_theta": args.sweep_theta, "sweep_m": [window_json(m) for m in args.sweep_m or []]}
+
+
+def window_json(m):
+    """A window as JSON holds it (and a job's stats are compared): "all" or [SINK, RECENT]."""
+    return m if m == "all" else list(m)
 
 
 def stats_path(job):
@@ -217,7 +222,7 @@ def run_job(job, models, context):
             with io.VideoReader(args.video) as reader:
                 result = sample.stream_edit(point, models, reader, [], context=context,
                                             fidelity=Fidelity(reference=fidelity.reference))
-            stats["sweep"].append({"theta": theta, "m": m if m == "all" else list(m), "output": point.out,
+            stats["sweep"].append({"theta": theta, "m": window_json(m), "output": point.out,
                                    **result["modes"]["lipar"]})
     partial = stats_path(job).with_name(f".{stats_path(job).name}.partial")
     partial.write_text(json.dumps(stats, indent=2))

@@ -656,6 +656,7 @@ def stream_edit(args, models, reader, notes, context=None, fidelity=None):
              "dtype": str(models.dtype).removeprefix("torch."), "notes": notes, "modes": {},
              "stream": timeline.stats()}
     keep = torch.cat(kept_per_chunk) if kept_per_chunk else None
+    fidelities = fidelity.stats() if fidelity is not None else {}
     shared = sum(clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "write"))
     for mode in modes:
         pruned = mode not in ("full", "tape") and keep is not None
@@ -674,10 +675,10 @@ def stream_edit(args, models, reader, notes, context=None, fidelity=None):
             stats["modes"][mode]["tape"] = asdict(tape_cfg) | {"ratio_per_step": editors[mode].tape_ratios}
         if pruned:  # per latent frame, for the evaluation's plots (frame 0 is never pruned)
             stats["modes"][mode]["prune_ratio_per_frame"] = (1 - keep.flatten(1).float().mean(1)).tolist()
-        if fidelity is not None and mode in fidelity.stats():
-            stats["modes"][mode]["fidelity_to_full"] = fidelity.stats()[mode]
+        if mode in fidelities:
+            stats["modes"][mode]["fidelity_to_full"] = fidelities[mode]
     if args.compare:
-        stats["psnr_full_vs_lipar_db"] = fidelity.stats()["lipar"]["psnr_db"]
+        stats["psnr_full_vs_lipar_db"] = fidelities["lipar"]["psnr_db"]
     stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
     stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
     stats["peak_host_memory_gib"] = host_memory_gib()
@@ -926,7 +927,7 @@ def edit_problems(args, out_is_folder=False):
     problems = []
     for name in ("theta", "theta2"):
         value = getattr(args, name)
-        if math.isnan(value) or value < 0 or (name == "theta" and math.isinf(value)):
+        if not_a_threshold(value, inf_allowed=name == "theta2"):
             problems.append(f"--{name} {value} is not a threshold; give a number >= 0"
                             + (" (inf turns the bound off)" if name == "theta2" else ""))
     if not 0 <= args.prune_ratio <= 0.95:
@@ -937,7 +938,7 @@ def edit_problems(args, out_is_folder=False):
         problems.append(f"--tape-delta {args.tape_delta} is out of range; give a number from 0 to 0.5")
     if args.tape_every < 1:
         problems.append(f"--tape-every {args.tape_every} is not a block count; give 1 or more")
-    if args.m != "all" and (args.m[0] < 0 or args.m[1] < 3):
+    if cannot_hold_a_chunk(args.m):
         problems.append(f"--m {args.m[0]},{args.m[1]} cannot hold a chunk; give SINK >= 0 and RECENT >= 3 "
                         "latent frames (e.g. 1,6) or 'all'")
     for name in ("height", "width"):
@@ -959,6 +960,16 @@ def edit_problems(args, out_is_folder=False):
         problems.append(f"the video {args.video} {state}; give the path of a video file, a camera device or - "
                         f"(standard input)")
     return problems
+
+
+def not_a_threshold(value, inf_allowed=False):
+    """θ and θ2 are numbers >= 0; θ2 = inf turns the substitute bound off."""
+    return math.isnan(value) or value < 0 or (math.isinf(value) and not inf_allowed)
+
+
+def cannot_hold_a_chunk(window):
+    """An M-degree window (SINK, RECENT) must keep the current chunk's 3 frames."""
+    return window != "all" and (window[0] < 0 or window[1] < 3)
 
 
 def batch_problems(args):
@@ -988,10 +999,10 @@ def batch_problems(args):
     elif args.sweep_theta or args.sweep_m:
         problems.append("--sweep-theta and --sweep-m are part of --eval; add --eval")
     for theta in args.sweep_theta or []:
-        if math.isnan(theta) or theta < 0 or math.isinf(theta):
+        if not_a_threshold(theta):
             problems.append(f"--sweep-theta {theta} is not a threshold; give numbers >= 0")
     for m in args.sweep_m or []:
-        if m != "all" and (m[0] < 0 or m[1] < 3):
+        if cannot_hold_a_chunk(m):
             problems.append(f"--sweep-m {m[0]},{m[1]} cannot hold a chunk; give SINK >= 0 and RECENT >= 3")
     return problems
 
