@@ -7,7 +7,7 @@ LIPAR at fixed prune ratios, in one process, on the same clip and noise.
 
 Speed does not depend on weight values, so every model has random weights. Each
 stage is timed with CUDA events after warm-up; the median of --runs is reported.
-The DiT's FLOPs follow SPEC §5 (linear 2·(4d² + 2d² + 2d·ffn) per token and layer,
+The DiT's FLOPs (flops.py: linear 2·(4d² + 2d² + 2d·ffn) per token and layer,
 self-attention 4·L_kv·d, cross-attention 4·512·d) and are set against ceilings
 measured here: a bf16 GEMM and SDPA at the DiT's shapes.
 """
@@ -23,118 +23,33 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+import demo
 import graphs
 import lipar
 import model as M
 import sample
+import stream
 import tape
 import vae as V
 import video as io
+from cli import EditSettings
+from demo import coherent_mask, realistic_latents
+from flops import dit_flops, tape_flops
 from metrics import Fidelity
+from text_encoder import T5Config, UMT5Encoder
 from tiny_vae import TinyVAE
 
-PRUNE_RATIOS = (0.0, 0.20, 0.35, 0.50, 0.85, 1.0)  # 85 %: a near-static clip (issue 10)
+PRUNE_RATIOS = (0.0, 0.20, 0.35, 0.50, 0.85, 1.0)  # 85 %: a near-static clip
 
 
-def coherent_mask(latent_frames, h, w, ratio, seed=0):
-    """A realistic keep-mask [L, h, w] with `ratio` of the tokens after frame 0 pruned.
-
-    Real masks prune large still regions, not scattered tokens: threshold a smooth
-    random field (coarse noise, upsampled, drifting slowly from frame to frame) at
-    its per-frame quantile. Frame 0 is always kept.
-    """
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(latent_frames, 1, max(h // 6, 2), max(w // 6, 2), generator=g)
-    for f in range(1, latent_frames):  # slow temporal drift
-        coarse[f] = 0.9 * coarse[f - 1] + 0.45 * coarse[f]
-    field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[:, 0]
-    keep = torch.ones(latent_frames, h, w, dtype=torch.bool)
-    if ratio > 0:
-        threshold = torch.quantile(field[1:].flatten(1), ratio, dim=1)
-        keep[1:] = field[1:] > threshold[:, None, None]
-    return keep
-
-
-def realistic_latents(latent_frames, height, width, seed=0):
-    """Normalised latents [L, 16, height, width] that behave like a real clip's where the
-    mask looks: a still textured background, two textured objects moving 1-2 latent
-    pixels a frame, a camera pan (the background slides 2 pixels a frame) over frames
-    10-14, and a little per-frame jitter as a VAE leaves on still content. A random
-    VAE's latents do not (they prune everything or nothing): this is the bench's
-    "clip mask"."""
-    g = torch.Generator().manual_seed(seed)
-
-    def texture(h, w):
-        coarse = torch.randn(1, 16, max(h // 4, 2), max(w // 4, 2), generator=g)
-        smooth = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
-        return smooth + 0.3 * torch.randn(16, h, w, generator=g)
-
-    scene = texture(height, width + 64)  # wider than the frame: the pan reveals the rest
-    side = max(2, height // 6)
-    objects = [(texture(2 * side, 3 * side), (height // 4, width // 8), (0, 2)),  # (texture, start, velocity)
-               (texture(side, side), (height // 2, width // 2), (1, -1))]
-    frames, offset = [], 0
-    for t in range(latent_frames):
-        if 10 <= t <= 14:
-            offset += 2
-        frame = scene[:, :, offset:offset + width].clone()
-        for tex, (r0, c0), (dr, dc) in objects:
-            r = min(max(r0 + dr * t, 0), height - tex.shape[1])
-            c = min(max(c0 + dc * t, 0), width - tex.shape[2])
-            frame[:, r:r + tex.shape[1], c:c + tex.shape[2]] = tex
-        frames.append(frame + 0.03 * torch.randn(16, height, width, generator=g))
-    return torch.stack(frames)
-
-
-def linear_flops_per_token(cfg):
-    """A token's matmul FLOPs in one block (SPEC §5): q, k, v, o and cross-attention's q, o
-    (4·d² + 2·d²), the FFN (2·d·ffn), two FLOPs per multiply-add."""
-    d = cfg.dim
-    return 2 * (4 * d * d + 2 * d * d + 2 * d * cfg.ffn_dim)
-
-
-def dit_flops(keep, mode, window, cfg, frames_per_chunk=3):
-    """(linear, self-attention, cross-attention) FLOPs of one edit: 3 denoising steps
-    and a memory step per chunk, each on the chunk's computed tokens."""
-    d, n = cfg.dim, keep.shape[1] * keep.shape[2]
-    per_token_linear = linear_flops_per_token(cfg)
-    linear = attention = cross = 0
-    for start in range(0, keep.shape[0], frames_per_chunk):
-        end = start + frames_per_chunk
-        queries = frames_per_chunk * n if mode == "full" else int(keep[start:end].sum())
-        sink, recent = (0, keep.shape[0]) if window is None else window
-        visible_frames = min(end, sink + recent)
-        calls = 4 * cfg.num_layers
-        linear += calls * queries * per_token_linear
-        attention += calls * queries * 4 * visible_frames * n * d
-        cross += calls * queries * 4 * 512 * d
-    return linear, attention, cross
-
-
-def tape_flops(latent_frames, n, cfg, tape_cfg, window, steps=3, frames_per_chunk=3):
-    """(linear, self-attention, cross-attention) FLOPs of one TAPE edit, as dit_flops
-    counts them: per chunk, each denoising step at its HighLow ratio (the selection
-    blocks on every token, plus their importance scores; the blocks between on the
-    kept tokens, attending to the cached frames and the kept ones), and a full memory step."""
-    d, fpc = cfg.dim, frames_per_chunk
-    per_token_linear = linear_flops_per_token(cfg)
-    selections = len(range(0, cfg.num_layers, tape_cfg.every))
-    skipping = cfg.num_layers - selections
-    sink, recent = (0, latent_frames) if window is None else window
-    linear = attention = cross = 0
-    for start in range(0, latent_frames, fpc):
-        keys = min(start + fpc, sink + recent) * n  # cached frames and the chunk
-        for ratio in tape.highlow_ratios(tape_cfg.ratio, steps, tape_cfg.delta) + [0.0]:  # + the memory step
-            kept = fpc * (n - round(ratio * n))
-            full_blocks, kept_blocks = (selections, skipping) if ratio > 0 else (cfg.num_layers, 0)
-            linear += (full_blocks * fpc * n + kept_blocks * kept) * per_token_linear
-            attention += full_blocks * fpc * n * 4 * keys * d + kept_blocks * kept * 4 * (keys - fpc * n + kept) * d
-            cross += (full_blocks * fpc * n + kept_blocks * kept) * 4 * 512 * d
-            if ratio > 0:
-                attention += selections * 2 * min(tape_cfg.score_queries or fpc * n, fpc * n) * keys * d
-    return linear, attention, cross
+def edit_latents(dit, latents, context, keep, mode, window, runner=None, tape_cfg=None):
+    """sample.edit_latents (seed 0, no progress bar) on the path sample.py takes: replayed
+    CUDA graphs with a graphs.GraphRunner, TAPE's forward in mode tape."""
+    grid = (latents.shape[3] // 2, latents.shape[4] // 2)
+    forward, cache = sample.plugs(dit, runner, context, grid, mode, window, tape_cfg)
+    return sample.edit_latents(dit, latents, context, keep, mode, window, 0, progress=False, forward=forward,
+                               cache=cache)
 
 
 def cuda_ms(fn, warmup, runs):
@@ -218,22 +133,21 @@ def vae_variants(vae, video, timer, profile=False):
     (asserted within bf16 tolerance). Printed lines, one per variant."""
     lines, reference = [], None
     for name, fuse in (("op by op", False), ("fused", True)):
-        M.FUSE = fuse
-        latents = vae.encode(video)
-        decoded = vae.decode(latents)
-        reference = reference or (latents, decoded)
-        errors = relative_error(latents, reference[0]), relative_error(decoded, reference[1])
-        assert max(errors) < 2e-2, f"VAE variant {name} differs from the op-by-op VAE: {errors}"
-        encode_ms = timer(lambda: vae.encode(video))
-        torch.cuda.reset_peak_memory_stats()
-        decode_ms = timer(lambda: vae.decode(latents))
-        lines.append(f"VAE {name}: encode {encode_ms:.0f} ms, decode {decode_ms:.0f} ms, "
-                     f"decode peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
-                     f"vs op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
-        print(lines[-1])
-        if profile:
-            print(profile_edit(lambda: vae.decode(latents), 12))
-    M.FUSE = True
+        with M.fusion(fuse):
+            latents = vae.encode(video)
+            decoded = vae.decode(latents)
+            reference = reference or (latents, decoded)
+            errors = relative_error(latents, reference[0]), relative_error(decoded, reference[1])
+            assert max(errors) < 2e-2, f"VAE variant {name} differs from the op-by-op VAE: {errors}"
+            encode_ms = timer(lambda: vae.encode(video))
+            torch.cuda.reset_peak_memory_stats()
+            decode_ms = timer(lambda: vae.decode(latents))
+            lines.append(f"VAE {name}: encode {encode_ms:.0f} ms, decode {decode_ms:.0f} ms, "
+                         f"decode peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
+                         f"vs op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
+            print(lines[-1])
+            if profile:
+                print(profile_edit(lambda: vae.decode(latents), 12))
     return lines
 
 
@@ -248,7 +162,7 @@ def cli_bench(timer, runs_folder=None):
     folder = Path(runs_folder or tempfile.mkdtemp(prefix="lipar_cli_"))
     weights = real_shape_weights(folder)
     clip = folder / "clip.mp4"
-    io.write_video(clip, sample.demo_frames(480, 832, 81), 16)
+    io.write_video(clip, demo.demo_frames(480, 832, 81), 16)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), PYTHONUNBUFFERED="1")
     lines = []
     for run, flags in (("first", []), ("second", []), ("--compile, cold cache", ["--compile"]),
@@ -265,25 +179,23 @@ def cli_bench(timer, runs_folder=None):
     models = sample.Models(weights, "cuda", torch.bfloat16, "cuda")
     with torch.no_grad():
         video = io.to_model(io.pad_frames(io.resize_crop(io.read_video(clip)[0], 480, 832))[0]).cuda()
-        context = sample.encode_prompt(models.text_encoder, sample.DEFAULT_PROMPT, "cuda", torch.bfloat16)
+        context = sample.encode_prompts(models.text_encoder, [demo.DEFAULT_PROMPT], "cuda", torch.bfloat16)[demo.DEFAULT_PROMPT]
         vae, dit = models.vae(), models.dit()
         for compiled in (False, True):
-            M.FUSE = compiled
-            runner = graphs.GraphRunner(dit)
+            with M.fusion(compiled):
+                runner = graphs.GraphRunner(dit)
 
-            def whole_edit():
-                latents = vae.encode(video)
-                keep = lipar.prune_mask(latents[0].transpose(0, 1))
-                edited = sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0, progress=False,
-                                             runner=runner)
-                return vae.decode(edited)
+                def whole_edit():
+                    latents = vae.encode(video)
+                    keep = lipar.prune_mask(latents[0].transpose(0, 1))
+                    edited = edit_latents(dit, latents, context, keep, "lipar", (1, 6), runner)
+                    return vae.decode(edited)
 
-            steady_ms = timer(whole_edit)
-            runner.release()
-            lines.append(f"CLI steady state{' with --compile' if compiled else ''} (the same edit in one process, "
-                         f"everything loaded{', compiled' if compiled else ''} and captured): "
-                         f"{steady_ms / 1e3:.2f} s (encode, mask, DiT, decode)")
-    M.FUSE = True
+                steady_ms = timer(whole_edit)
+                runner.release()
+                lines.append(f"CLI steady state{' with --compile' if compiled else ''} (the same edit in one process, "
+                             f"everything loaded{', compiled' if compiled else ''} and captured): "
+                             f"{steady_ms / 1e3:.2f} s (encode, mask, DiT, decode)")
     return lines
 
 
@@ -295,10 +207,10 @@ def real_shape_weights(folder, full_text_encoder=False):
     with torch.device("cuda"):
         dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16)
         vae = random_(V.WanVAE(V.VAEConfig()), 0.05)
-        t5 = M.T5Config() if full_text_encoder else M.T5Config(vocab=300, layers=1)
-        text_encoder = random_(M.UMT5Encoder(t5).to(torch.bfloat16))
+        t5 = T5Config() if full_text_encoder else T5Config(vocab=300, layers=1)
+        text_encoder = random_(UMT5Encoder(t5).to(torch.bfloat16))
         tiny_vae = random_(TinyVAE(), 0.05)
-    weights = sample.write_random_weights(Path(folder) / "weights", dit, vae, text_encoder, tiny_vae)
+    weights = demo.write_random_weights(Path(folder) / "weights", dit, vae, text_encoder, tiny_vae)
     del dit, vae, text_encoder, tiny_vae
     torch.cuda.empty_cache()
     return weights
@@ -319,10 +231,10 @@ def run_sample(args, env=None):
 def write_long_demo_clip(path, count):
     """An 832x480 clip of `count` frames at 16 fps: the demo scene forwards, backwards,
     forwards... (no cut), written 80 frames at a time so that it is never held whole."""
-    demo = sample.demo_frames(480, 832, 81)
+    scene = demo.demo_frames(480, 832, 81)
     writer = io.VideoWriter(path, 16)
     for start in range(0, count, 80):
-        writer.write((demo if start // 80 % 2 == 0 else demo.flip(0))[:min(80, count - start)])
+        writer.write((scene if start // 80 % 2 == 0 else scene.flip(0))[:min(80, count - start)])
     writer.close()
     return path
 
@@ -347,19 +259,15 @@ class FixedMask:
 
 
 def stream_fixed_mask(models, clip, keep, out):
-    """sample.stream_edit of `clip` with LIPAR at a given mask [L, h, w] (FixedMask standing in
-    for lipar.MaskStream: random weights make no realistic mask), twice in this process; the
-    first run captures the graphs. Returns the second run's stats."""
-    args = sample.parse_args(["--video", str(clip), "--out", str(out), "--overwrite", "--vae", models.vae_kind])
-    args.height, args.width = 480, 832
-    real_mask_stream = lipar.MaskStream
-    lipar.MaskStream = lambda *a, **k: FixedMask(keep)
-    try:
-        for _ in range(2):
-            with io.VideoReader(clip) as reader:
-                stats = sample.stream_edit(args, models, reader, [])
-    finally:
-        lipar.MaskStream = real_mask_stream
+    """sample.edit_video of `clip` with LIPAR at a given mask [L, h, w] (a FixedMask in
+    place of lipar.MaskStream: random weights make no realistic mask), twice in this
+    process; the first run captures the graphs. Returns the second run's stats."""
+    settings = EditSettings(demo.DEFAULT_PROMPT, ["lipar"], vae=models.vae_kind)
+    context = sample.encode_prompts(models.text_encoder, [settings.prompt], "cuda", torch.bfloat16)[settings.prompt]
+    for _ in range(2):
+        with io.VideoReader(clip) as reader:
+            stats = sample.edit_video(reader, models, context, settings, {"lipar": out}, stream.Stopwatch("cuda"), [],
+                                      masks=FixedMask(keep))
     return stats
 
 
@@ -386,10 +294,9 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
                      f"| {s['steady_fps']:.1f} | {s['chunk_latency_s']['median']:.2f} / "
                      f"{s['chunk_latency_s']['max']:.2f} | {m['end_to_end_fps']:.1f} "
                      f"| {stats['peak_gpu_memory_gib']:.2f} | {stats['peak_host_memory_gib']:.2f} |")
-    M.FUSE = False
     models = sample.Models(weights, "cuda", torch.bfloat16, "cuda")
     with torch.no_grad():
-        context = sample.encode_prompt(models.text_encoder, sample.DEFAULT_PROMPT, "cuda", torch.bfloat16)
+        context = sample.encode_prompts(models.text_encoder, [demo.DEFAULT_PROMPT], "cuda", torch.bfloat16)[demo.DEFAULT_PROMPT]
         vae, dit, runner = models.vae(), models.dit(), models.runner()
         video = io.to_model(io.read_video(folder / f"clip{lengths[0]}.mp4")[0]).cuda()
         L = 1 + (video.shape[2] - 1) // 4
@@ -398,20 +305,17 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
         def whole_edit():
             latents = vae.encode(video)
             lipar.prune_mask(latents[0].transpose(0, 1))  # timed as the stream times its own mask
-            edited = sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0, progress=False,
-                                         runner=runner)
+            edited = edit_latents(dit, latents, context, keep, "lipar", (1, 6), runner)
             return vae.decode(edited)
 
         whole_fps = lengths[0] / timer(whole_edit) * 1e3
         latents = vae.encode(video)
         stages = {"encode": timer(lambda: vae.encode(video)),
                   "mask": timer(lambda: lipar.prune_mask(latents[0].transpose(0, 1))),
-                  "DiT": timer(lambda: sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0,
-                                                           progress=False, runner=runner)),
+                  "DiT": timer(lambda: edit_latents(dit, latents, context, keep, "lipar", (1, 6), runner)),
                   "decode": timer(lambda: vae.decode(latents))}
         long_keep = coherent_mask(1 + (lengths[1] - 1) // 4 + 2, 30, 52, 0.35).cuda()
         streamed = stream_fixed_mask(models, folder / f"clip{lengths[1]}.mp4", long_keep, folder / "inprocess.mp4")
-    M.FUSE = True
     steady = streamed["stream"]["steady_fps"]
     seconds = streamed["modes"]["lipar"]["seconds"]
     lines += ["", f"LIPAR 35 % (fixed mask), graphs, not compiled, one process: whole-clip edit of {lengths[0]} frames "
@@ -436,7 +340,7 @@ def tiny_vae_bench(timer, frames=81):
                 "tiny VAE": random_(TinyVAE(), 0.05).to(torch.bfloat16).eval()}
         dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
     context = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
-    video = io.to_model(sample.demo_frames(480, 832, frames)).cuda()
+    video = io.to_model(demo.demo_frames(480, 832, frames)).cuda()
     keep = coherent_mask(1 + (frames - 1) // 4, 30, 52, 0.35).cuda()
     def emit(*lines):
         print("\n".join(lines), flush=True)
@@ -460,23 +364,20 @@ def tiny_vae_bench(timer, frames=81):
         emit("", "| whole edit, LIPAR 35 % | DiT | DiT ms | end-to-end ms | end-to-end frames/s |",
              "|" + " --- |" * 5)
         for compiled in (False, True):
-            M.FUSE = compiled
-            runner = graphs.GraphRunner(dit)
-            latents = stages["Wan VAE"][2]
-            if compiled:
-                sample.warm_up(dit, context, (30, 52))
-            dit_ms = timer(lambda: sample.edit_latents(dit, latents, context, keep, "lipar", (1, 6), 0,
-                                                       progress=False, runner=runner))
-            mask_ms = timer(lambda: lipar.prune_mask(latents[0].transpose(0, 1)))
-            runner.release()
-            for name, (encode_ms, decode_ms, _) in stages.items():
-                total = encode_ms + mask_ms + dit_ms + decode_ms
-                emit(f"| {name} | graphs{', compiled' if compiled else ''} | {dit_ms:.0f} | {total:.0f} "
-                     f"| {frames / total * 1e3:.1f} |")
-        M.FUSE = True
+            with M.fusion(compiled):
+                runner = graphs.GraphRunner(dit)
+                latents = stages["Wan VAE"][2]
+                if compiled:
+                    graphs.warm_up(dit, context, (30, 52))
+                dit_ms = timer(lambda: edit_latents(dit, latents, context, keep, "lipar", (1, 6), runner))
+                mask_ms = timer(lambda: lipar.prune_mask(latents[0].transpose(0, 1)))
+                runner.release()
+                for name, (encode_ms, decode_ms, _) in stages.items():
+                    total = encode_ms + mask_ms + dit_ms + decode_ms
+                    emit(f"| {name} | graphs{', compiled' if compiled else ''} | {dit_ms:.0f} | {total:.0f} "
+                         f"| {frames / total * 1e3:.1f} |")
     vaes = dit = runner = None  # free the GPU for the streamed edits below
     torch.cuda.empty_cache()
-    M.FUSE = False  # sample.py's default
     folder = Path(tempfile.mkdtemp(prefix="lipar_tiny_"))
     weights = real_shape_weights(folder)
     count = 321
@@ -495,21 +396,20 @@ def tiny_vae_bench(timer, frames=81):
              f"| {stats['modes']['lipar']['end_to_end_fps']:.1f} | {stats['peak_gpu_memory_gib']:.2f} | "
              + "  ".join(f"{k} {v * 1e3 / count:.1f}" for k, v in seconds.items()
                          if k not in ("text", "load", "compile")) + " |")
-    M.FUSE = True
 
 
 def batch_bench(clips=8):
-    """sample.py --manifest against one sample.py call per clip, at real shapes with the
+    """evaluate.py --manifest against one sample.py call per clip, at real shapes with the
     whole umT5-XXL: 8 clips of 81 frames at 832x480 (the demo scene, each shifted
     sideways), two prompts, LIPAR with sample.py's defaults. Wall time of the processes,
     loading included. Prints each line as it is measured."""
     folder = Path(tempfile.mkdtemp(prefix="lipar_batch_"))
     weights = real_shape_weights(folder, full_text_encoder=True)
-    demo = sample.demo_frames(480, 832, 81)
-    prompts = [sample.DEFAULT_PROMPT, "a pencil sketch of a ball rolling across a table"]
+    scene = demo.demo_frames(480, 832, 81)
+    prompts = [demo.DEFAULT_PROMPT, "a pencil sketch of a ball rolling across a table"]
     jobs = []
     for i in range(clips):
-        io.write_video(folder / f"clip{i}.mp4", demo.roll(97 * i, dims=2), 16)
+        io.write_video(folder / f"clip{i}.mp4", scene.roll(97 * i, dims=2), 16)
         jobs.append({"video": f"clip{i}.mp4", "prompt": prompts[i % 2]})
     manifest = folder / "jobs.jsonl"
     manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs))
@@ -520,16 +420,16 @@ def batch_bench(clips=8):
         separate.append(wall)
         print(f"separate call {i}: {wall:.1f} s", flush=True)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("sample.py")), "--manifest", str(manifest),
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("evaluate.py")), "--manifest", str(manifest),
                            "--weights", str(weights), "--out", str(folder / "batch")], capture_output=True, text=True)
     batch = time.perf_counter() - start
     if done.returncode:
-        raise RuntimeError(f"sample.py --manifest failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        raise RuntimeError(f"evaluate.py --manifest failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     per_job = [json.loads((folder / "batch" / f"clip{i}.json").read_text()) for i in range(clips)]
     dit = [s["modes"]["lipar"]["seconds"]["dit"] for s in per_job]
     print(f"\n| {clips} clips of 81 frames, 832x480, LIPAR | wall s | per clip s |\n| --- | --- | --- |\n"
           f"| {clips} separate sample.py calls | {sum(separate):.1f} | {sum(separate) / clips:.1f} |\n"
-          f"| one sample.py --manifest call | {batch:.1f} | {batch / clips:.1f} ({sum(separate) / batch:.2f}x) |\n"
+          f"| one evaluate.py --manifest call | {batch:.1f} | {batch / clips:.1f} ({sum(separate) / batch:.2f}x) |\n"
           f"\nin the manifest call, DiT seconds per clip: " + " ".join(f"{d:.2f}" for d in dit)
           + f"; pruned {statistics.mean(s['modes']['lipar']['prune_ratio'] for s in per_job):.1%} on average",
           flush=True)
@@ -544,7 +444,6 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5)):
     `ratio` on average over the steps. Fidelity to `full` (metrics.Fidelity): latents,
     and frames decoded by the Wan VAE. Random weights: the times are real, the
     fidelity only says how far each method moves a random model. Prints as it goes."""
-    M.FUSE = False
     torch.manual_seed(0)
     with torch.device("cuda"):
         dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
@@ -557,8 +456,7 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5)):
 
     def run(name, mode, ratio, keep, tape_cfg=None):
         def edit(use_graphs=False):
-            return sample.edit_latents(dit, latents, context, keep, mode, (1, 6), 0, progress=False,
-                                       runner=runner if use_graphs else None, tape_cfg=tape_cfg)
+            return edit_latents(dit, latents, context, keep, mode, (1, 6), runner if use_graphs else None, tape_cfg)
         eager = timer(edit)
         in_graphs = timer(lambda: edit(True)) if mode in ("full", "lipar") else None
         with torch.no_grad():
@@ -589,7 +487,6 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5)):
         print(f"| {mode} | {ratio:.0%} | {eager:.0f} | {full_ms / eager:.2f}x | "
               + (f"{in_graphs:.0f}" if in_graphs else "–") + f" | {flops / 1e12:.1f} | {flops / full_flops:.2f} | "
               + (f"{s['psnr_db']:.2f} | {s['ssim']:.4f} | {s['latent_rel_error']:.4f} |" if s else "– | – | – |"))
-    M.FUSE = True
 
 
 def random_(module, std=0.02):
@@ -616,7 +513,7 @@ def main(argv=None):
     p.add_argument("--tiny-vae", action="store_true",
                    help="only time the tiny VAE against the Wan VAE (and whole edits with each), then exit")
     p.add_argument("--batch", action="store_true",
-                   help="only time sample.py --manifest of 8 clips against 8 separate sample.py calls, then exit")
+                   help="only time evaluate.py --manifest of 8 clips against 8 separate sample.py calls, then exit")
     p.add_argument("--tape", action="store_true",
                    help="only time TAPE beside LIPAR and naive pruning at 20/35/50 %% (speed, FLOPs, fidelity), then exit")
     p.add_argument("--vae-variants", action="store_true",
@@ -635,7 +532,7 @@ def main(argv=None):
     vae_cfg = V.VAEConfig.tiny() if smoke else V.VAEConfig()
     with torch.device(device):
         vae = random_(V.WanVAE(vae_cfg), 0.05).to(dtype).eval().requires_grad_(False)
-    video = io.to_model(sample.demo_frames(height, width, frames)).to(device)
+    video = io.to_model(demo.demo_frames(height, width, frames)).to(device)
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
     if args.cli and not smoke:
         print("\n".join(cli_bench(timer)))
@@ -656,143 +553,143 @@ def main(argv=None):
         with torch.no_grad():
             vae_variants(vae, video, timer, profile=args.profile_vae)
         return None
-    if args.profile_vae and not smoke:
-        with torch.no_grad():
-            latents = vae.encode(video)
-            print("VAE encode\n" + profile_edit(lambda: vae.encode(video), 25))
-            print("VAE decode\n" + profile_edit(lambda: vae.decode(latents), 25))
-    vae_peaks = None
-    if not smoke:  # the VAE alone: does a round trip need memory growing with the clip?
-        with torch.no_grad():
-            torch.cuda.reset_peak_memory_stats()
-            latents = vae.encode(video)
-            encode_peak = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
-            vae.decode(latents)
-            vae_peaks = (encode_peak, torch.cuda.max_memory_allocated() / 2**30)
-    with torch.device(device):
-        dit = random_(M.CausalWanModel(dit_cfg)).to(dtype).eval().requires_grad_(False)
-    context = torch.randn(1, 512, dit_cfg.text_dim, device=device, dtype=dtype)
-
-    results = {}
-    with torch.no_grad():
-        encode_ms = timer(lambda: vae.encode(video))
-        latents = vae.encode(video)
-
-        def edit(keep, mode, window, source=latents, runner=None):
-            return sample.edit_latents(dit, source, context, keep, mode, window, seed=0, progress=False, runner=runner)
-
-        decode_ms = timer(lambda: vae.decode(latents))
-        L, (h, w) = latents.shape[2], (latents.shape[3] // 2, latents.shape[4] // 2)
-        mask_ms = timer(lambda: lipar.prune_mask(latents[0].transpose(0, 1)))
-        masks = [(f"lipar {r:.0%}", coherent_mask(L, h, w, r).to(device)) for r in PRUNE_RATIOS]
-        clip_latents = realistic_latents(L, 2 * h, 2 * w).to(device)
-        masks.append(("lipar (clip mask)", lipar.prune_mask(clip_latents)))
-        configs = [("full", "full", torch.ones(L, h, w, dtype=torch.bool, device=device), None)]
-        configs += [(name, "lipar", keep, (1, 6)) for name, keep in masks]
-        keep35 = dict(masks)["lipar 35%"]
-
-        # speed work must not change results beyond bf16 tolerance: the fused kernels
-        # against the plain float32 softmax path on the 35 % mask
-        fast = edit(keep35, "lipar", (1, 6))
-        dit.attn_impl = "math"
-        reference = edit(keep35, "lipar", (1, 6))
-        dit.attn_impl = "sdpa"
-        agreement = relative_error(fast, reference)
-        assert agreement < 3e-2, f"fast path differs from the reference by {agreement:.2e}"
-
-        cross_device = None
-        if not smoke:  # CPU float32 vs GPU bf16 at the real width, on a small (240x416) grid
-            small_keep = coherent_mask(6, 15, 26, 0.35).to(device)
-            cross_device = cpu_float32_vs_gpu(dit, context, small_keep)
-        if args.profile and not smoke:  # the graph path, warmed up (captured) before the profiled edit
-            for name in ("lipar 35%", "lipar 100%"):
-                runner = graphs.GraphRunner(dit)
-                for _ in range(2):
-                    edit(dict(masks)[name], "lipar", (1, 6), runner=runner)
-                print(name + "\n" + profile_edit(lambda: edit(dict(masks)[name], "lipar", (1, 6), runner=runner)))
-                runner.release()
-        gemm_rate, sdpa_rate = (None, None) if smoke else ceilings(dit_cfg, 3 * h * w, timer)
-
-        # CUDA graphs: the first clip of a fresh runner (eager first calls and captures
-        # included) against the eager path, then graph and eager agreement
-        graph_agreement, first_clip = {}, {}
-        sample.warm_up(dit, context, (h, w))  # compile both paths first: captures alone are timed
-        for name, mode, keep, window in configs:
-            runner = graphs.GraphRunner(dit)
-            if name in ("full", "lipar 35%"):
-                first_clip[name] = (wall_ms(lambda: edit(keep, mode, window, runner=runner), 0, 1),
-                                    runner.stats["capture_s"] * 1e3, runner.stats["captures"])
-            if name in ("full", "lipar 20%", "lipar 50%", "lipar 85%", "lipar (clip mask)"):
-                graph_agreement[name] = relative_error(edit(keep, mode, window, runner=runner),
-                                                       edit(keep, mode, window))
-            runner.release()
-        worst = max(graph_agreement.values())
-        assert worst < 2e-2, f"CUDA-graph path differs from the eager path by {worst:.2e}: {graph_agreement}"
-
-        def measure(name, mode, keep, window, runner):
-            dit_ms = timer(lambda: edit(keep, mode, window, runner=runner))
-            peak = None
-            if not smoke:  # peak of a whole edit (encode, mask, DiT, decode) with the weights resident
+    with M.fusion(True):  # the table's rows are compiled unless they say "not compiled"
+        if args.profile_vae and not smoke:
+            with torch.no_grad():
+                latents = vae.encode(video)
+                print("VAE encode\n" + profile_edit(lambda: vae.encode(video), 25))
+                print("VAE decode\n" + profile_edit(lambda: vae.decode(latents), 25))
+        vae_peaks = None
+        if not smoke:  # the VAE alone: does a round trip need memory growing with the clip?
+            with torch.no_grad():
                 torch.cuda.reset_peak_memory_stats()
-                vae.decode(edit(keep, mode, window, source=vae.encode(video), runner=runner))
-                peak = torch.cuda.max_memory_allocated() / 2**30
-            linear, attention, cross = dit_flops(keep, mode, window, dit_cfg)
-            ideal_ms = None if smoke else ((linear + cross) / gemm_rate + attention / sdpa_rate) / 1e9
-            e2e_ms = encode_ms + mask_ms + dit_ms + decode_ms
-            results[name] = dict(pruned=lipar.prune_ratio(keep) if mode != "full" else 0.0, dit_ms=dit_ms,
-                                 tflops=(linear + attention + cross) / dit_ms / 1e9, ideal_ms=ideal_ms,
-                                 e2e_ms=e2e_ms, peak=peak, flops=linear + attention + cross)
+                latents = vae.encode(video)
+                encode_peak = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+                vae.decode(latents)
+                vae_peaks = (encode_peak, torch.cuda.max_memory_allocated() / 2**30)
+        with torch.device(device):
+            dit = random_(M.CausalWanModel(dit_cfg)).to(dtype).eval().requires_grad_(False)
+        context = torch.randn(1, 512, dit_cfg.text_dim, device=device, dtype=dtype)
 
-        for name, mode, keep, window in configs:
-            if not smoke:
-                torch.cuda.empty_cache()
-            runner = graphs.GraphRunner(dit)
-            measure(name, mode, keep, window, runner)
-            runner.release()
-        for name, mode, keep, window in (configs[0], configs[3]):  # no graphs, blocks compiled
-            measure(f"{name} (eager, compiled)", mode, keep, window, None)
-        if not smoke:  # nothing compiled (sample.py's default), with and without graphs
-            M.FUSE = False
-            for name, mode, keep, window in (configs[0], configs[3]):
+        results = {}
+        with torch.no_grad():
+            encode_ms = timer(lambda: vae.encode(video))
+            latents = vae.encode(video)
+
+            def edit(keep, mode, window, source=latents, runner=None):
+                return edit_latents(dit, source, context, keep, mode, window, runner)
+
+            decode_ms = timer(lambda: vae.decode(latents))
+            L, (h, w) = latents.shape[2], (latents.shape[3] // 2, latents.shape[4] // 2)
+            mask_ms = timer(lambda: lipar.prune_mask(latents[0].transpose(0, 1)))
+            masks = [(f"lipar {r:.0%}", coherent_mask(L, h, w, r).to(device)) for r in PRUNE_RATIOS]
+            clip_latents = realistic_latents(L, 2 * h, 2 * w).to(device)
+            masks.append(("lipar (clip mask)", lipar.prune_mask(clip_latents)))
+            configs = [("full", "full", torch.ones(L, h, w, dtype=torch.bool, device=device), None)]
+            configs += [(name, "lipar", keep, (1, 6)) for name, keep in masks]
+            keep35 = dict(masks)["lipar 35%"]
+
+            # speed work must not change results beyond bf16 tolerance: the fused kernels
+            # against the plain float32 softmax path on the 35 % mask
+            fast = edit(keep35, "lipar", (1, 6))
+            dit.attn_impl = "math"
+            reference = edit(keep35, "lipar", (1, 6))
+            dit.attn_impl = "sdpa"
+            agreement = relative_error(fast, reference)
+            assert agreement < 3e-2, f"fast path differs from the reference by {agreement:.2e}"
+
+            cross_device = None
+            if not smoke:  # CPU float32 vs GPU bf16 at the real width, on a small (240x416) grid
+                small_keep = coherent_mask(6, 15, 26, 0.35).to(device)
+                cross_device = cpu_float32_vs_gpu(dit, context, small_keep)
+            if args.profile and not smoke:  # the graph path, warmed up (captured) before the profiled edit
+                for name in ("lipar 35%", "lipar 100%"):
+                    runner = graphs.GraphRunner(dit)
+                    for _ in range(2):
+                        edit(dict(masks)[name], "lipar", (1, 6), runner=runner)
+                    print(name + "\n" + profile_edit(lambda: edit(dict(masks)[name], "lipar", (1, 6), runner=runner)))
+                    runner.release()
+            gemm_rate, sdpa_rate = (None, None) if smoke else ceilings(dit_cfg, 3 * h * w, timer)
+
+            # CUDA graphs: the first clip of a fresh runner (eager first calls and captures
+            # included) against the eager path, then graph and eager agreement
+            graph_agreement, first_clip = {}, {}
+            graphs.warm_up(dit, context, (h, w))  # compile both paths first: captures alone are timed
+            for name, mode, keep, window in configs:
                 runner = graphs.GraphRunner(dit)
-                measure(f"{name} (graphs, not compiled)", mode, keep, window, runner)
+                if name in ("full", "lipar 35%"):
+                    first_clip[name] = (wall_ms(lambda: edit(keep, mode, window, runner=runner), 0, 1),
+                                        runner.stats["capture_s"] * 1e3, runner.stats["captures"])
+                if name in ("full", "lipar 20%", "lipar 50%", "lipar 85%", "lipar (clip mask)"):
+                    graph_agreement[name] = relative_error(edit(keep, mode, window, runner=runner),
+                                                           edit(keep, mode, window))
                 runner.release()
-                measure(f"{name} (eager, not compiled)", mode, keep, window, None)
-            M.FUSE = True
-    full = results["full"]
-    header = ("| config | pruned | DiT ms | DiT frames/s | DiT TFLOP/s | % of roofline | speedup vs full "
-              "| ideal speedup | end-to-end frames/s | peak GiB (whole edit) |")
-    rows = [header, "|" + " --- |" * 10]
-    for name, r in results.items():
-        roofline = "n/a" if r["ideal_ms"] is None else f"{r['ideal_ms'] / r['dit_ms']:.0%}"
-        peak = "n/a" if r["peak"] is None else f"{r['peak']:.2f}"
-        rows.append(f"| {name} | {r['pruned']:.1%} | {r['dit_ms']:.0f} | {frames / r['dit_ms'] * 1e3:.1f} "
-                    f"| {r['tflops']:.0f} | {roofline} | {full['dit_ms'] / r['dit_ms']:.2f}x "
-                    f"| {full['flops'] / r['flops']:.2f}x | {frames / r['e2e_ms'] * 1e3:.1f} | {peak} |")
-    vae_line = (f"VAE: encode {encode_ms:.0f} ms ({frames / encode_ms * 1e3:.1f} frames/s), decode {decode_ms:.0f} ms "
-                f"({frames / decode_ms * 1e3:.1f} frames/s); mask {mask_ms:.1f} ms; text encoding excluded")
-    if not smoke:
-        vae_line += (f"; VAE alone: peak {vae_peaks[0]:.2f} GiB encoding, {vae_peaks[1]:.2f} GiB decoding "
-                     f"(input clip {video.numel() * 4 / 2**30:.2f} GiB float32)")
-        vae_line += (f"; VAE at {2.1e3 * frames / encode_ms:.0f} / {3.5e3 * frames / decode_ms:.0f} TFLOP/s "
-                     f"(SPEC §5 counts); ceilings measured here: bf16 GEMM {gemm_rate:.0f} TFLOP/s, "
-                     f"SDPA {sdpa_rate:.0f} TFLOP/s")
-    agreements = f"fast vs plain-softmax path: relative error {agreement:.1e}"
-    agreements += "; CUDA graphs vs eager: " + ", ".join(f"{k} {v:.1e}" for k, v in graph_agreement.items())
-    if cross_device is not None:
-        agreements += f"; GPU bf16 vs CPU float32 (2 LIPAR chunks): {cross_device:.1e}"
-    first = [f"first clip of a fresh runner, {name}: {ms:.0f} ms with {n} graph captures taking {cap:.0f} ms "
-             f"(eager path, compiled: {results[name + ' (eager, compiled)']['dit_ms']:.0f} ms)"
-             for name, (ms, cap, n) in first_clip.items()]
-    lines = [f"{device_name}, {str(dtype).removeprefix('torch.')}, {frames} frames {width}x{height} "
-             f"({L} latent frames), median of {runs} after {warmup} warm-up; {agreements}", "", *rows, "", vae_line,
-             *first]
-    print("\n".join(lines))
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return results
+            worst = max(graph_agreement.values())
+            assert worst < 2e-2, f"CUDA-graph path differs from the eager path by {worst:.2e}: {graph_agreement}"
+
+            def measure(name, mode, keep, window, runner):
+                dit_ms = timer(lambda: edit(keep, mode, window, runner=runner))
+                peak = None
+                if not smoke:  # peak of a whole edit (encode, mask, DiT, decode) with the weights resident
+                    torch.cuda.reset_peak_memory_stats()
+                    vae.decode(edit(keep, mode, window, source=vae.encode(video), runner=runner))
+                    peak = torch.cuda.max_memory_allocated() / 2**30
+                linear, attention, cross = dit_flops(keep, mode, window, dit_cfg)
+                ideal_ms = None if smoke else ((linear + cross) / gemm_rate + attention / sdpa_rate) / 1e9
+                e2e_ms = encode_ms + mask_ms + dit_ms + decode_ms
+                results[name] = dict(pruned=lipar.prune_ratio(keep) if mode != "full" else 0.0, dit_ms=dit_ms,
+                                     tflops=(linear + attention + cross) / dit_ms / 1e9, ideal_ms=ideal_ms,
+                                     e2e_ms=e2e_ms, peak=peak, flops=linear + attention + cross)
+
+            for name, mode, keep, window in configs:
+                if not smoke:
+                    torch.cuda.empty_cache()
+                runner = graphs.GraphRunner(dit)
+                measure(name, mode, keep, window, runner)
+                runner.release()
+            for name, mode, keep, window in (configs[0], configs[3]):  # no graphs, blocks compiled
+                measure(f"{name} (eager, compiled)", mode, keep, window, None)
+            if not smoke:  # nothing compiled (sample.py's default), with and without graphs
+                with M.fusion(False):
+                    for name, mode, keep, window in (configs[0], configs[3]):
+                        runner = graphs.GraphRunner(dit)
+                        measure(f"{name} (graphs, not compiled)", mode, keep, window, runner)
+                        runner.release()
+                        measure(f"{name} (eager, not compiled)", mode, keep, window, None)
+        full = results["full"]
+        header = ("| config | pruned | DiT ms | DiT frames/s | DiT TFLOP/s | % of roofline | speedup vs full "
+                  "| ideal speedup | end-to-end frames/s | peak GiB (whole edit) |")
+        rows = [header, "|" + " --- |" * 10]
+        for name, r in results.items():
+            roofline = "n/a" if r["ideal_ms"] is None else f"{r['ideal_ms'] / r['dit_ms']:.0%}"
+            peak = "n/a" if r["peak"] is None else f"{r['peak']:.2f}"
+            rows.append(f"| {name} | {r['pruned']:.1%} | {r['dit_ms']:.0f} | {frames / r['dit_ms'] * 1e3:.1f} "
+                        f"| {r['tflops']:.0f} | {roofline} | {full['dit_ms'] / r['dit_ms']:.2f}x "
+                        f"| {full['flops'] / r['flops']:.2f}x | {frames / r['e2e_ms'] * 1e3:.1f} | {peak} |")
+        vae_line = (f"VAE: encode {encode_ms:.0f} ms ({frames / encode_ms * 1e3:.1f} frames/s), decode {decode_ms:.0f} ms "
+                    f"({frames / decode_ms * 1e3:.1f} frames/s); mask {mask_ms:.1f} ms; text encoding excluded")
+        if not smoke:
+            vae_line += (f"; VAE alone: peak {vae_peaks[0]:.2f} GiB encoding, {vae_peaks[1]:.2f} GiB decoding "
+                         f"(input clip {video.numel() * 4 / 2**30:.2f} GiB float32)")
+            vae_line += (f"; VAE at {2.1e3 * frames / encode_ms:.0f} / {3.5e3 * frames / decode_ms:.0f} TFLOP/s "
+                         f"(2.1 / 3.5 TFLOP a frame, PyTorch's FLOP counter on the diffusers VAE); ceilings measured here: bf16 GEMM {gemm_rate:.0f} TFLOP/s, "
+                         f"SDPA {sdpa_rate:.0f} TFLOP/s")
+        agreements = f"fast vs plain-softmax path: relative error {agreement:.1e}"
+        agreements += "; CUDA graphs vs eager: " + ", ".join(f"{k} {v:.1e}" for k, v in graph_agreement.items())
+        if cross_device is not None:
+            agreements += f"; GPU bf16 vs CPU float32 (2 LIPAR chunks): {cross_device:.1e}"
+        first = [f"first clip of a fresh runner, {name}: {ms:.0f} ms with {n} graph captures taking {cap:.0f} ms "
+                 f"(eager path, compiled: {results[name + ' (eager, compiled)']['dit_ms']:.0f} ms)"
+                 for name, (ms, cap, n) in first_clip.items()]
+        lines = [f"{device_name}, {str(dtype).removeprefix('torch.')}, {frames} frames {width}x{height} "
+                 f"({L} latent frames), median of {runs} after {warmup} warm-up; {agreements}", "", *rows, "", vae_line,
+                 *first]
+        print("\n".join(lines))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return results
 
 
 if __name__ == "__main__":

@@ -11,14 +11,18 @@ it, and `--no-graphs` (sample.py) or simply not using a GraphRunner switches it 
 A graph replays fixed kernels on fixed addresses, so everything a forward reads
 must have a fixed shape and live in a fixed place:
 - the kept-token count of a chunk is padded up to a bucket (a multiple of
-  `bucket` tokens). Padding entries of `kept` equal the chunk's token count:
-  model.run_chunk computes them as copies of a real token and drops them into a
-  spare output row; the recovery gather never reads them, so they never reach the
-  cache or the output;
+  `bucket` tokens) by repeating its last kept token: model.run_chunk computes the
+  copies and writes each back to that token's own place, with the value the
+  token itself gets; the recovery gather reads rows of real kept tokens only, so
+  the copies never reach the cache. A chunk with no kept token pads with token 0,
+  a pruned one, so the output is multiplied by the chunk's keep-mask: pruned
+  positions are zero, as in model.forward_chunk;
 - the keys a chunk reads are a prefix of the cache whose length is part of the
   graph's key (with the M-degree window it stops growing once the window is
   full; `full` gets one graph per chunk position, 7 for 21 latent frames);
-  absent keys (LIPAR's first chunk, naive pruning) are masked, not gathered;
+  absent keys (LIPAR's first chunk, naive pruning) are masked (`key_mask`), not
+  gathered as model.forward_chunk does: finding them would wait for the GPU, and
+  their count changes;
 - latents, timestep, positions, slots and the recovery plan's gather indices are
   copied into static buffers before each replay; the KV cache itself is static
   (the runner hands out caches and reuses them from clip to clip).
@@ -36,6 +40,7 @@ from dataclasses import replace
 
 import torch
 
+from lipar import recovery_plan
 from model import KVCache
 
 
@@ -45,15 +50,18 @@ def bucket_size(count, total, bucket):
 
 
 class StaticInputs:
-    """Fixed buffers for one graph: the chunk's latents, timestep and ChunkStep tensors."""
+    """Fixed buffers for one graph: the chunk's latents, timestep and ChunkStep tensors,
+    and with a plan the chunk's keep-mask on the latent grid."""
 
-    def __init__(self, x, t, step, kept_size):
+    def __init__(self, x, t, step, kept_size, patch_size):
         self.x, self.t = torch.empty_like(x), torch.empty_like(t)
         clone = lambda a: None if a is None else torch.empty_like(a)  # noqa: E731
         kept = None if step.kept is None else step.kept.new_empty(kept_size)
         # key_mask is a view of the (static) cache's validity flags: it needs no copy
         self.step = replace(step, positions=clone(step.positions), kept=kept, slots=clone(step.slots),
-                            source=clone(step.source), present=None)
+                            source=clone(step.source))
+        self.patch_size, self.n_kept = patch_size, None
+        self.keep_mask = None if kept is None else torch.empty_like(x[:1, :1])
 
     def fill(self, x, t, step):
         self.x.copy_(x)
@@ -63,9 +71,18 @@ class StaticInputs:
         if step.source is not None:
             self.step.source.copy_(step.source)
         if step.kept is not None:
-            n = step.kept.numel()
+            n = self.n_kept = step.kept.numel()
             self.step.kept[:n].copy_(step.kept)
-            self.step.kept[n:] = step.positions.shape[0]  # padding: the spare row (see the module docstring)
+            self.step.kept[n:] = step.kept[n - 1] if n else 0  # padding: see the module docstring
+            (pt, ph, pw), (F, H, W) = self.patch_size, x.shape[2:]
+            tokens = torch.zeros(F // pt * (H // ph) * (W // pw), device=x.device, dtype=x.dtype)
+            grid = tokens.index_fill_(0, step.kept, 1).view(F // pt, H // ph, W // pw)
+            self.keep_mask.copy_(grid.repeat_interleave(pt, 0).repeat_interleave(ph, 1).repeat_interleave(pw, 2))
+
+    def run(self, model, cache):
+        """model.run_chunk on these buffers; pruned positions zero."""
+        out = model.run_chunk(self.x, self.t, cache, self.step)
+        return out if self.keep_mask is None else out * self.keep_mask
 
 
 class GraphRunner:
@@ -97,18 +114,20 @@ class GraphRunner:
         return cache
 
     def forward_chunk(self, x, t, cache, start_frame, memory_step=False, plan=None):
-        step = self.model.chunk_step(x, cache, start_frame, memory_step, plan, mask_absent_keys=True)
+        step = self.model.chunk_step(x, cache, start_frame, memory_step, plan)
+        if step.absent_keys:
+            step.key_mask = cache.key_valid[: step.visible]
         kept_size = None if step.kept is None else bucket_size(step.kept.numel(), step.positions.shape[0], self.bucket)
         key = (id(cache), tuple(x.shape), tuple(t.shape), kept_size, step.visible, step.key_mask is not None,
                step.source is not None and step.memory_step, step.source is not None, self.model.attn_impl)
         inputs = self.inputs.get(key)
         first_call = inputs is None
         if first_call:
-            inputs = self.inputs[key] = StaticInputs(x, t, step, kept_size)
+            inputs = self.inputs[key] = StaticInputs(x, t, step, kept_size, self.model.cfg.patch_size)
         inputs.fill(x, t, step)
         if first_call or not self.capture:
             self.stats["eager"] += 1
-            return self.model.run_chunk(inputs.x, inputs.t, cache, inputs.step)
+            return inputs.run(self.model, cache)
         if key not in self.graphs:
             self.graphs[key] = self._capture(cache, inputs)
         graph, out = self.graphs[key]
@@ -124,7 +143,7 @@ class GraphRunner:
         with torch.cuda.stream(stream):
             graph.capture_begin(pool=self.pool)
             try:
-                out = self.model.run_chunk(inputs.x, inputs.t, cache, inputs.step)
+                out = inputs.run(self.model, cache)
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
@@ -139,3 +158,19 @@ class GraphRunner:
         self.inputs.clear()
         self.graphs.clear()
         self.pool = None
+
+
+@torch.no_grad()
+def warm_up(dit, context, grid_hw):
+    """Forwards of a first chunk on a scratch cache, unpruned and half pruned: the first
+    CUDA calls compile the fused regions (torch.compile; Inductor caches its code on
+    disk, so a second run of the command is quicker), outside the time charged to the DiT."""
+    fpc = dit.cfg.frames_per_chunk
+    param = dit.head.head.weight
+    chunk = torch.zeros(1, dit.cfg.in_channels, fpc, 2 * grid_hw[0], 2 * grid_hw[1], device=param.device,
+                        dtype=param.dtype)
+    keep = torch.rand(fpc, *grid_hw, generator=torch.Generator().manual_seed(0)).to(param.device) < 0.5
+    keep[0] = True
+    cache = KVCache(dit, context, grid_hw, window=(0, fpc))
+    for plan in (None, recovery_plan(keep, has_memory=False)):
+        dit.forward_chunk(chunk, torch.zeros(1, 1, device=param.device), cache, 0, plan=plan)

@@ -41,11 +41,11 @@ from model import apply_rope, complete_chunk
 # lookahead=0 it never depends on a later frame, at the price of kept regions that
 # linger three frames longer after motion stops (tests/test_prune_mask.py).
 #
-# MaskStream computes it one latent frame at a time, so that a video of any length
-# can be masked as it is read; prune_mask() hands it a whole clip at once. Every
-# filter below takes the exact window of frames that one output frame reads, and
-# every frame is computed by the same calls whatever arrives when: a clip pushed in
-# pieces gets the very mask it gets pushed whole, bit for bit.
+# prune_mask() computes it over a whole clip, stage after stage, as the picture
+# reads. MaskStream computes the same mask one latent frame at a time, so that a
+# video of any length can be masked as it is read: every filter below takes the
+# exact window of frames that one output frame reads, so both compute every frame
+# with the same calls, and a clip pushed in pieces gets the very mask it gets whole.
 
 
 def patchify(latents):
@@ -299,11 +299,49 @@ class MaskStream:
             f.add(self.final_bound(t, P.held[t], keep))
 
 
+def over_frames(series, op, past, ahead, pad="edge"):
+    """op applied to the window of frames t-past .. t+ahead of every frame t of a whole
+    series [T, ...] -> [T, ...]. Outside the series a frame repeats the nearest one
+    (pad="edge") or is zero (pad="zero"): the windows MaskStream reads frame by frame."""
+    if len(series) == 0:
+        return series
+    T = len(series)
+    if pad == "edge":
+        before, after = series[:1].expand(past, *series.shape[1:]), series[-1:].expand(ahead, *series.shape[1:])
+    else:
+        before, after = series.new_zeros(past, *series.shape[1:]), series.new_zeros(ahead, *series.shape[1:])
+    padded = torch.cat([before, series, after])
+    return torch.stack([op(padded[t:t + past + ahead + 1]) for t in range(T)])
+
+
+def substitute_bound(patches, keep, theta2, chunk_frames=3):
+    """Eq. 5-6 over a whole clip: patches [L, h, w, n], keep [L, h, w] -> keep with every
+    token too far from its substitute added (SubstituteBound, walked frame by frame)."""
+    bound = SubstituteBound(theta2, chunk_frames)
+    return torch.stack([bound(t, patches[t], keep[t]) for t in range(len(keep))])
+
+
 def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
     """Token keep-mask [L, H/16, W/16] (bool, True = compute) for a whole clip's
-    normalised latents [L, 16, H/8, W/8]; see MaskStream for the arguments."""
-    stream = MaskStream(theta, theta2, chunk_frames, lookahead)
-    return torch.cat([stream.push(latents), stream.finish()])
+    normalised latents [L, 16, H/8, W/8]: the paper's sequence of operations, one
+    stage after the other over the whole clip (the picture at the top of this section).
+    MaskStream computes the same mask frame by frame as a stream is read (the tests
+    hold the two bit-equal); see it for the arguments."""
+    a = lookahead
+    patches = patchify(latents.float())                                  # [L, h, w, 64] per DiT token
+    d = robust_patch_l1(patches[1:], patches[:-1])                       # Eq. 1, frames 1..L-1
+    d = over_frames(d, median3, past=2 - a, ahead=a)                     # 3x3x3 median
+    d = over_frames(d, causal_gaussian3, past=1, ahead=0)                # causal 3x3x3 Gaussian, sigma 1.5
+    first = torch.ones_like(patches[:1, ..., 0], dtype=torch.bool)     # frame 0 is always computed
+    keep = torch.cat([first, d > theta])                                 # threshold theta
+    keep = substitute_bound(patches, keep, theta2, chunk_frames)         # Eq. 5-6
+    # cleanup, on frames >= 1 only (frame 0 is kept by fiat, not by motion)
+    cleaned = over_frames(keep[1:].float(), median3, past=2 - a, ahead=a) > 0.5  # median
+    cleaned = open_close(cleaned)                                        # opening, then closing
+    cleaned = over_frames(cleaned, dilate, past=1 - a, ahead=a, pad="zero")    # (2, 5, 5) dilation
+    keep = torch.cat([keep[:1], cleaned])
+    return substitute_bound(patches, keep, theta2, chunk_frames)         # Eq. 5-6 again, on the final mask
+
 
 def prune_ratio(keep):
     """Fraction of pruned tokens in latent frames 1..L-1 (frame 0 is never pruned)."""

@@ -1,126 +1,26 @@
 """
-The Wan 2.1 T2V 1.3B diffusion transformer as Self-Forcing runs it (causal, chunk
-by chunk, with a KV cache), the umT5-XXL text encoder that conditions it, and the
-code that loads both from the published safetensors in either key layout.
+The Wan 2.1 T2V 1.3B diffusion transformer as Self-Forcing runs it: causal, chunk by
+chunk, with a KV cache of earlier chunks' clean keys and values, and LIPAR's Eq. 3
+gather that completes a pruned chunk's keys. Read from the parts up: norms and RoPE,
+attention (plain softmax beside SDPA), the block, the model, the cache.
+weights.py loads it from the published files; graphs.py replays it as CUDA graphs.
 
 Shapes: B batch, F latent frames, N tokens per latent frame, T tokens, D model dim,
 H heads, Dh head dim (128).
 """
 
+import contextvars
 import functools
-import html
-import json
 import math
-import re
-from dataclasses import dataclass, fields
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Weight files: one reader and one checker shared by the DiT, text encoder and VAE
-
-
-class WeightsError(Exception):
-    """A weight file is missing, unreadable or does not match the model."""
-
-
-def read_safetensors(path, shapes_only=False):
-    """Read a .safetensors file, or a folder holding one or several shards.
-
-    Returns (tensors, config): tensors is a flat {name: tensor} dict on the CPU,
-    config the parsed config.json beside the weights (or None). A folder may hold
-    a single *.safetensors file or shards listed in a *.index.json, as the
-    diffusers repos' transformer/, vae/ and text_encoder/ folders do. With
-    shapes_only the tensors are empty `meta` tensors read from the file headers:
-    enough to check names and shapes of a multi-GB checkpoint in a second.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"weights not found: {path} does not exist (see weights.md for what to download)")
-    folder = path if path.is_dir() else path.parent
-    if path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        if indexes:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            files = sorted({path / name for name in weight_map.values()})
-        else:
-            files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise WeightsError(f"no .safetensors file in {path} (see weights.md for the expected layout)")
-        if len(files) > 1 and not indexes:
-            raise WeightsError(f"{path} holds several .safetensors files but no *.index.json; point to one file instead")
-    else:
-        if path.suffix in (".pt", ".pth", ".bin"):
-            raise WeightsError(f"{path} is a pickled checkpoint; convert it once to safetensors as weights.md shows")
-        files = [path]
-    tensors = {}
-    for file in files:
-        if not file.exists():
-            raise WeightsError(f"shard {file.name} listed in the index of {folder} is missing")
-        try:
-            if shapes_only:
-                with safe_open(str(file), "pt") as f:
-                    tensors.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
-            else:
-                tensors.update(load_file(str(file)))
-        except Exception as err:  # safetensors raises several types; name the file once
-            raise WeightsError(f"{file} is not a readable safetensors file ({err})") from None
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else None
-    return tensors, config
-
-
-def check_tensors(module, tensors, layout, what):
-    """Raise one WeightsError listing the missing, unexpected and mis-shaped tensors."""
-    expected = {name: p.shape for name, p in module.state_dict(keep_vars=True).items()}
-    missing = [n for n in expected if n not in tensors]
-    unexpected = [n for n in tensors if n not in expected]
-    misshaped = [f"{n} {tuple(tensors[n].shape)} != {tuple(s)}"
-                 for n, s in expected.items() if n in tensors and tensors[n].shape != s]
-    if missing or unexpected or misshaped:
-        def first(items):
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-        problems = [f"{label} {len(items)}: {first(items)}"
-                    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                    if items]
-        raise WeightsError(f"{what} weights ({layout} layout detected) do not match the model: " + "; ".join(problems))
-
-
-def load_into(module, tensors, layout, what, device="cpu", dtype=torch.float32):
-    """Check `tensors` against `module`'s parameters, then assign them in place.
-
-    `module` is built on the meta device, so the weights are never held twice:
-    each tensor is moved to (device, dtype) and becomes the parameter itself.
-    """
-    check_tensors(module, tensors, layout, what)
-    for name in list(tensors):
-        tensor = tensors.pop(name)  # drop our reference as we go: one copy in memory
-        tensors[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-    module.load_state_dict(tensors, assign=True)
-    return module.to(device)
-
-
-def rename(tensors, rules):
-    """Apply (regex, replacement) rules to every key; the first rule that matches wins."""
-    renamed = {}
-    for key, tensor in tensors.items():
-        for pattern, repl in rules:
-            new, hits = re.subn(pattern, repl, key)
-            if hits:
-                key = new
-                break
-        renamed[key] = tensor
-    return renamed
-
-
-# -----------------------------------------------------------------------------
-# Wan 2.1 causal DiT
+# Configuration and the fused elementwise regions
 
 
 @dataclass
@@ -148,26 +48,28 @@ class DiTConfig:
         """A few-thousand-parameter model for the CPU tests; same structure."""
         return cls(dim=64, ffn_dim=96, freq_dim=32, num_heads=2, num_layers=2, text_dim=48)
 
-    @classmethod
-    def from_json(cls, config):
-        """Read either release's config.json: native Wan (dim, num_heads, ...) or diffusers."""
-        if "num_attention_heads" in config:  # diffusers
-            config = dict(config, dim=config["num_attention_heads"] * config["attention_head_dim"],
-                          num_heads=config["num_attention_heads"], in_dim=config.get("in_channels"),
-                          out_dim=config.get("out_channels"))
-        renamed = dict(config, in_channels=config.get("in_dim"), out_channels=config.get("out_dim"))
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in renamed.items() if k in known and v is not None}
-        if "patch_size" in values:
-            values["patch_size"] = tuple(values["patch_size"])
-        return cls(**values)
+
+_fusing = contextvars.ContextVar("fusing", default=False)
 
 
-FUSE = True  # compile the fused regions on CUDA (sample.py: only with --compile; bench.py: both ways)
+@contextmanager
+def fusion(enabled=True):
+    """Within this block, functions marked @fused run as compiled kernels on CUDA
+    (sample.py --compile, bench.py). Off by default; on the CPU they always run as written."""
+    token = _fusing.set(enabled)
+    try:
+        yield
+    finally:
+        _fusing.reset(token)
+
+
+def fusing():
+    """Whether @fused functions compile now (inside `fusion()`)."""
+    return _fusing.get()
 
 
 def fused(fn):
-    """Run `fn` as generated kernels (torch.compile) when its tensors are on CUDA.
+    """Run `fn` as generated kernels (torch.compile) inside `fusion()` when its tensors are on CUDA.
 
     The float32 islands of a block (norms, adaLN modulation, gated residuals,
     RoPE) are chains of cheap elementwise ops. Run one op at a time they cost as
@@ -188,7 +90,7 @@ def fused(fn):
     @functools.wraps(fn)
     def run(*args):
         nonlocal compiled
-        if not (FUSE and next(a for a in args if isinstance(a, torch.Tensor)).is_cuda):
+        if not (_fusing.get() and next(a for a in args if isinstance(a, torch.Tensor)).is_cuda):
             return fn(*args)
         if compiled is None:
             # Each width, frame count of 1 (specialised) and stride pattern is a compiled
@@ -483,37 +385,35 @@ class CausalWanModel(nn.Module):
         the plan's kept tokens are computed; their velocity is returned in place and
         pruned positions are zero.
         """
-        return self.run_chunk(x, t, cache, self.chunk_step(x, cache, start_frame, memory_step, plan))
+        step = self.chunk_step(x, cache, start_frame, memory_step, plan)
+        if step.absent_keys:  # gathered away: SDPA's fused kernels take no mask (the one GPU sync of a step)
+            step.present = cache.key_valid[: step.visible].nonzero().squeeze(1)
+        return self.run_chunk(x, t, cache, step)
 
-    def chunk_step(self, x, cache, start_frame, memory_step=False, plan=None, mask_absent_keys=False):
+    def chunk_step(self, x, cache, start_frame, memory_step=False, plan=None):
         """The ChunkStep of one forward_chunk call: which tokens run, where their keys go,
         which cached keys they read. Claims the chunk's slots in `cache` (host-side
-        bookkeeping and a few small device ops; nothing waits for the GPU unless keys are
-        absent and mask_absent_keys is False: see KVCache.claim)."""
+        bookkeeping and a few small device ops; nothing waits for the GPU)."""
         f, h, w = (x.shape[2 + i] // p for i, p in enumerate(self.cfg.patch_size))
-        slots, visible, present, key_mask = cache.claim(start_frame, f, None if plan is None else
-                                                        plan.key_valid(memory_step), mask_absent_keys)
+        slots, visible, absent_keys = cache.claim(start_frame, f, None if plan is None else plan.key_valid(memory_step))
         return ChunkStep(positions=grid_positions(f, h, w, cache.position_of(start_frame), device=x.device),
                          kept=None if plan is None else plan.kept, slots=slots,
                          source=None if plan is None else plan.source(memory_step),
-                         visible=visible, present=present, key_mask=key_mask, memory_step=memory_step)
+                         visible=visible, absent_keys=absent_keys, memory_step=memory_step)
 
     def run_chunk(self, x, t, cache, step):
         """forward_chunk's tensor work for a prepared ChunkStep: no host-side decisions
-        past the step's two ints, so graphs.py can capture it once and replay it."""
+        past the step's ints, so graphs.py can capture it once and replay it."""
         tokens, grid = self.patchify(x)
         n_tokens = tokens.shape[1]
         rope_chunk = rope_angles(step.positions, self.cfg.head_dim, self.cfg.rope_theta)  # every token, for the cache
         rope, positions = rope_chunk, step.positions
         if step.kept is not None:  # LIPAR: only the kept tokens run through the blocks
-            # a `kept` entry equal to n_tokens is padding (graphs.py pads to a fixed
-            # count): it computes a copy of the last token and lands in a spare row below
-            rows = step.kept.clamp(max=n_tokens - 1)
-            tokens, positions, rope = tokens[:, rows], positions[rows], tuple(r[rows] for r in rope_chunk)
+            tokens, positions, rope = tokens[:, step.kept], positions[step.kept], tuple(r[step.kept] for r in rope_chunk)
         frame_of_token = None if t.shape[1] == 1 else positions[:, 0] - step.positions[0, 0]
         out = self.run_blocks(tokens, t, frame_of_token, rope, cache.keys_values(step, rope_chunk), cache.context_kvs)
-        if step.kept is not None:
-            out = out.new_zeros(out.shape[0], n_tokens + 1, out.shape[2]).index_copy_(1, step.kept, out)[:, :n_tokens]
+        if step.kept is not None:  # back in place; pruned positions are zero
+            out = out.new_zeros(out.shape[0], n_tokens, out.shape[2]).index_copy_(1, step.kept, out)
         return self.unpatchify(out, grid)
 
 
@@ -535,8 +435,9 @@ class ChunkStep:
     slots [F·N]           the cache rows the chunk's keys/values are written to
     source [F·N] or None  LIPAR recovery: each token's row in cat(memory, kept) (Eq. 3)
     visible               the queries attend to cache rows [0, visible)
-    present [P] or None   the rows among those that hold a key (None: all), gathered;
-    key_mask [visible]    or, the same as a mask (graphs.py: a fixed key count)
+    absent_keys           some of those rows hold no key (LIPAR's first chunk, naive pruning)
+    present [P] or None   then: the rows that do, gathered before attention;
+    key_mask [visible]    or the same as a mask (graphs.py: a fixed key count)
     memory_step           t = 0: also store this chunk's last frame as the next memory
     """
 
@@ -545,9 +446,10 @@ class ChunkStep:
     slots: torch.Tensor
     source: torch.Tensor | None
     visible: int
-    present: torch.Tensor | None
-    key_mask: torch.Tensor | None
+    absent_keys: bool
     memory_step: bool
+    present: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
 
 
 class KVCache:
@@ -629,14 +531,13 @@ class KVCache:
             return torch.where(frame < self.sink, frame, ring)
         return frame if frame < self.sink else ring
 
-    def claim(self, start_frame, frames, chunk_valid=None, mask_absent_keys=False):
+    def claim(self, start_frame, frames, chunk_valid=None):
         """Give the chunk of `frames` frames from `start_frame` its slots.
 
         chunk_valid [F·N] or None: which of the chunk's keys will exist (a plan's
-        key_valid). Returns (slots [F·N], visible, present, key_mask): the cache rows
-        the chunk writes, how many rows its queries read, and which of those hold a
-        key. Absent keys are gathered away (`present`; SDPA's fused kernels take no
-        mask, and finding them waits for the GPU) or, with mask_absent_keys, masked.
+        key_valid). Returns (slots [F·N], visible, absent_keys): the cache rows the
+        chunk writes, how many rows its queries read, and whether some of those hold
+        no key (then `key_valid[:visible]` says which do).
         """
         n = self.tokens_per_frame
         device = self.k.device
@@ -653,13 +554,7 @@ class KVCache:
         for frame in range(start_frame, start_frame + frames):  # host-side bookkeeping, no sync
             self.slot_has_holes[self.slot_of(frame)] = chunk_valid is not None
         visible = min(start_frame + frames, self.num_slots)
-        present = key_mask = None
-        if any(self.slot_has_holes[:visible]):
-            if mask_absent_keys:
-                key_mask = self.key_valid[: visible * n]
-            else:
-                present = self.key_valid[: visible * n].nonzero().squeeze(1)
-        return slots, visible * n, present, key_mask
+        return slots, visible * n, any(self.slot_has_holes[:visible])
 
     def keys_values(self, step, rope):
         """Per-layer key/value sources for a chunk step; rope: (cos, sin) of every token of the chunk.
@@ -688,343 +583,3 @@ class KVCache:
             return write_and_read
 
         return keys_values
-
-
-# diffusers (WanTransformer3DModel) names → native Wan names, which our modules use.
-DIT_DIFFUSERS_TO_NATIVE = [
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
-    (r"^blocks\.(\d+)\.attn1\.", r"blocks.\1.self_attn."),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
-    (r"^blocks\.(\d+)\.attn2\.", r"blocks.\1.cross_attn."),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # the cross-attention norm
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-]
-
-
-def native_dit_tensors(tensors):
-    """Bring a DiT state dict of any supported layout to native Wan names.
-
-    Returns (tensors, layout). The Self-Forcing checkpoint holds two generators; its
-    EMA weights (`generator_ema.`) are the ones the authors sample with.
-    """
-    if any(k.startswith("generator_ema.") for k in tensors):
-        tensors = {k[len("generator_ema."):]: t for k, t in tensors.items() if k.startswith("generator_ema.")}
-        layout = "Self-Forcing (generator_ema)"
-    elif any(k.startswith("generator.") for k in tensors):
-        tensors = {k[len("generator."):]: t for k, t in tensors.items() if k.startswith("generator.")}
-        layout = "Self-Forcing (generator)"
-    else:
-        layout = None
-    if tensors and all(k.startswith("model.") for k in tensors):
-        tensors = {k[len("model."):]: t for k, t in tensors.items()}
-    if any(k.startswith("condition_embedder.") or ".attn1." in k for k in tensors):
-        return rename(tensors, DIT_DIFFUSERS_TO_NATIVE), "diffusers"
-    return tensors, layout or "native Wan"
-
-
-def load_dit(path, device="cpu", dtype=torch.float32):
-    """Load the causal DiT from a safetensors file or folder in either layout (see weights.md).
-    On device "meta" only the file headers are read: a quick check of names and shapes."""
-    tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
-    tensors, layout = native_dit_tensors(tensors)
-    if config is not None:
-        cfg = DiTConfig.from_json(config)
-    else:  # infer the width from the tensors; every released model has 128-dim heads
-        try:
-            dim, in_channels = tensors["patch_embedding.weight"].shape[:2]
-            if dim % 128:
-                raise WeightsError(f"{path}: cannot infer the head count of a {dim}-wide DiT without a config.json")
-            cfg = DiTConfig(dim=dim, in_channels=in_channels, num_heads=dim // 128,
-                            num_layers=len({k.split(".")[1] for k in tensors if k.startswith("blocks.")}),
-                            ffn_dim=tensors["blocks.0.ffn.0.weight"].shape[0],
-                            freq_dim=tensors["time_embedding.0.weight"].shape[1],
-                            text_dim=tensors["text_embedding.0.weight"].shape[1],
-                            out_channels=tensors["head.head.weight"].shape[0] // 4)
-        except KeyError as missing:
-            raise WeightsError(f"{path} is not a Wan DiT checkpoint ({layout} layout detected): "
-                               f"tensor {missing} is missing") from None
-    with torch.device("meta"):
-        model = CausalWanModel(cfg)
-    return load_into(model, tensors, layout, "DiT", device, dtype).eval().requires_grad_(False)
-
-
-# -----------------------------------------------------------------------------
-# umT5-XXL text encoder (the encoder half of google/umt5-xxl, as Wan 2.1 runs it)
-# and its tokenizer. Module names follow Wan's native checkpoint
-# (models_t5_umt5-xxl-enc-bf16); the HF/diffusers `text_encoder/` layout is renamed
-# onto them.
-
-
-@dataclass
-class T5Config:
-    vocab: int = 256384
-    dim: int = 4096
-    ffn: int = 10240
-    heads: int = 64
-    head_dim: int = 64
-    layers: int = 24
-    buckets: int = 32          # relative-position buckets (half for keys before the query, half after)
-    max_distance: int = 128    # distances >= this share the last bucket
-    eps: float = 1e-6
-    text_len: int = 512        # prompts are padded / truncated to this many tokens
-
-    @classmethod
-    def tiny(cls):
-        """A few-thousand-parameter umT5 for tests."""
-        return cls(vocab=300, dim=32, ffn=48, heads=4, head_dim=8, layers=2)
-
-    @classmethod
-    def from_hf(cls, config):
-        """From a transformers UMT5Config dict (the config.json of the diffusers text_encoder/)."""
-        if config.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-            raise WeightsError(f"text encoder config.json has feed_forward_proj={config['feed_forward_proj']!r}; "
-                               "umT5 uses 'gated-gelu'")
-        return cls(vocab=config["vocab_size"], dim=config["d_model"], ffn=config["d_ff"],
-                   heads=config["num_heads"], head_dim=config["d_kv"], layers=config["num_layers"],
-                   buckets=config.get("relative_attention_num_buckets", 32),
-                   max_distance=config.get("relative_attention_max_distance", 128),
-                   eps=config.get("layer_norm_epsilon", 1e-6))
-
-    @classmethod
-    def from_tensors(cls, tensors):
-        """Read the sizes off native-named tensors (Wan's release ships no T5 config.json)."""
-        needed = ["token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
-                  "blocks.0.pos_embedding.embedding.weight"]
-        missing = [n for n in needed if n not in tensors]
-        if missing:
-            raise WeightsError(f"text encoder weights lack {', '.join(missing)}: cannot infer the model size")
-        vocab, dim = tensors["token_embedding.weight"].shape
-        buckets, heads = tensors["blocks.0.pos_embedding.embedding.weight"].shape
-        layers = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks."))
-        return cls(vocab=vocab, dim=dim, ffn=tensors["blocks.0.ffn.fc1.weight"].shape[0], heads=heads,
-                   head_dim=tensors["blocks.0.attn.q.weight"].shape[0] // heads, layers=layers, buckets=buckets)
-
-
-def t5_position_buckets(length, buckets, max_distance, device):
-    """[length, length] bucket index of the offset key − query (bidirectional T5 buckets).
-
-    Half the buckets are for keys after the query, half for keys before it (or at it).
-    In each half, offsets below half/2 get a bucket each; larger ones share buckets
-    spaced logarithmically up to max_distance, and everything farther the last one.
-    """
-    pos = torch.arange(length, device=device)
-    offset = pos[None, :] - pos[:, None]
-    half = buckets // 2
-    exact = half // 2
-    distance = offset.abs()
-    # same float32 operation order as the reference, so the integer cut-offs agree exactly
-    log_bucket = exact + (torch.log(distance.clamp(min=1).float() / exact)
-                          / math.log(max_distance / exact) * (half - exact)).long()
-    log_bucket = log_bucket.clamp(max=half - 1)
-    return (offset > 0).long() * half + torch.where(distance < exact, distance, log_bucket)
-
-
-class T5RelativeBias(nn.Module):
-    """Learned attention bias per (bucket of key − query offset, head); umT5 has one per layer."""
-
-    def __init__(self, buckets, heads, max_distance):
-        super().__init__()
-        self.max_distance = max_distance
-        self.embedding = nn.Embedding(buckets, heads)
-
-    def forward(self, length):
-        buckets = t5_position_buckets(length, self.embedding.num_embeddings, self.max_distance,
-                                      self.embedding.weight.device)
-        return self.embedding(buckets).permute(2, 0, 1)  # [H, L, L]
-
-
-def t5_attention(q, k, v, bias, mask):
-    """Softmax attention with T5's conventions: no 1/sqrt(d) scaling, an additive position bias.
-
-    q, k, v [B, H, L, Dh]; bias [H, L, L]; mask [B, L] (True/1 = real token, 0 = padding).
-    Scores and softmax in float32.
-    """
-    scores = (q @ k.transpose(-1, -2)).float() + bias.float()
-    scores = scores.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
-    return scores.softmax(-1).to(v.dtype) @ v
-
-
-class T5SelfAttention(nn.Module):
-    def __init__(self, dim, heads, head_dim):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, heads * head_dim, bias=False)
-        self.k = nn.Linear(dim, heads * head_dim, bias=False)
-        self.v = nn.Linear(dim, heads * head_dim, bias=False)
-        self.o = nn.Linear(heads * head_dim, dim, bias=False)
-
-    def forward(self, x, bias, mask):
-        B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, self.heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        out = t5_attention(q, k, v, bias, mask)
-        return self.o(out.transpose(1, 2).reshape(B, L, -1))
-
-
-class T5FeedForward(nn.Module):
-    """Gated GELU: fc2(GELU_tanh(gate(x)) · fc1(x)). HF names: wi_0 = gate, wi_1 = fc1, wo = fc2."""
-
-    def __init__(self, dim, ffn):
-        super().__init__()
-        self.gate = nn.Sequential(nn.Linear(dim, ffn, bias=False), nn.GELU(approximate="tanh"))
-        self.fc1 = nn.Linear(dim, ffn, bias=False)
-        self.fc2 = nn.Linear(ffn, dim, bias=False)
-
-    def forward(self, x):
-        return self.fc2(self.gate(x) * self.fc1(x))
-
-
-class T5Block(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.norm1 = RMSNorm(cfg.dim, cfg.eps)
-        self.attn = T5SelfAttention(cfg.dim, cfg.heads, cfg.head_dim)
-        self.norm2 = RMSNorm(cfg.dim, cfg.eps)
-        self.ffn = T5FeedForward(cfg.dim, cfg.ffn)
-        self.pos_embedding = T5RelativeBias(cfg.buckets, cfg.heads, cfg.max_distance)
-
-    def forward(self, x, mask):
-        x = x + self.attn(self.norm1(x), self.pos_embedding(x.shape[1]), mask)
-        return x + self.ffn(self.norm2(x))
-
-
-class UMT5Encoder(nn.Module):
-    """ids [B, L] long, mask [B, L] -> context [B, L, dim], zero past each prompt's length."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab, cfg.dim)
-        self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.dim, cfg.eps)
-
-    def forward(self, ids, mask):
-        x = self.token_embedding(ids)
-        for block in self.blocks:
-            x = block(x, mask)
-        x = self.norm(x)
-        # Wan keeps only the first len tokens and the DiT pads them back with zeros:
-        # zeroing the padded positions here gives the DiT the same context
-        return x.masked_fill(~mask.bool()[..., None], 0)
-
-
-def clean_prompt(text):
-    """Wan's clean='whitespace': html-unescape twice, collapse whitespace runs, strip (ftfy left out)."""
-    text = html.unescape(html.unescape(text))
-    return re.sub(r"\s+", " ", text).strip()
-
-
-class Tokenizer:
-    """The umT5 SentencePiece tokenizer from a tokenizer.json, as Wan calls it.
-
-    Matches transformers' T5 tokenizer with add_special_tokens=True, truncation=True,
-    padding='max_length', max_length=text_len: the text's tokens are cut to
-    text_len − 1, then </s> is appended, then <pad> fills up to text_len. We encode
-    without special tokens and append </s> ourselves, so a tokenizer.json with or
-    without a post-processor that appends </s> gives the same ids.
-    """
-
-    def __init__(self, path, text_len=512):
-        import tokenizers
-
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.exists():
-            raise WeightsError(f"tokenizer not found: {path} does not exist (see weights.md)")
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.text_len = text_len
-        self.eos = self.tokenizer.token_to_id("</s>")
-        self.pad = self.tokenizer.token_to_id("<pad>")
-        if self.eos is None or self.pad is None:
-            raise WeightsError(f"{path} has no '</s>' or '<pad>' token: not a T5 tokenizer")
-
-    def __call__(self, prompts):
-        """list of str -> ids [B, text_len] long, mask [B, text_len] long (1 = real token incl. </s>)."""
-        encodings = self.tokenizer.encode_batch([clean_prompt(p) for p in prompts], add_special_tokens=False)
-        ids = torch.full((len(prompts), self.text_len), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), self.text_len), dtype=torch.long)
-        for i, enc in enumerate(encodings):
-            tokens = enc.ids[: self.text_len - 1] + [self.eos]
-            ids[i, : len(tokens)] = torch.tensor(tokens)
-            mask[i, : len(tokens)] = 1
-        return ids, mask
-
-
-# HF / diffusers text_encoder/ names -> ours (first match wins). The HF gated FFN
-# computes act(wi_0(x)) * wi_1(x): wi_0 is the GELU branch (our gate.0), wi_1 is fc1.
-T5_HF_RULES = [
-    (r"^shared\.", "token_embedding."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.", r"blocks.\1.pos_embedding.embedding."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.", r"blocks.\1.attn."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.norm1."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.", r"blocks.\1.ffn.gate.0."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.", r"blocks.\1.ffn.fc1."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.", r"blocks.\1.ffn.fc2."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.norm2."),
-    (r"^encoder\.final_layer_norm\.", "norm."),
-]
-
-
-def t5_to_native(tensors):
-    """Detect the key layout of umT5 tensors and return (tensors under our names, layout).
-
-    HF files hold the token embedding as `shared.weight` and/or its tied copy
-    `encoder.embed_tokens.weight` (transformers ties the latter to the former). We take
-    `shared.weight` when present, else the copy; if both are there they must be equal.
-    """
-    if any(k.startswith(("shared.", "encoder.")) for k in tensors):
-        tensors = dict(tensors)
-        copy = tensors.pop("encoder.embed_tokens.weight", None)
-        if copy is not None:
-            shared = tensors.setdefault("shared.weight", copy)
-            if shared is not copy and not any(t.is_meta for t in (shared, copy)) and not (
-                    shared.shape == copy.shape and torch.equal(shared, copy)):
-                raise WeightsError("text encoder: shared.weight and its tied copy encoder.embed_tokens.weight differ")
-        return rename(tensors, T5_HF_RULES), "hf"
-    if any(k.startswith(("blocks.", "token_embedding.")) for k in tensors):
-        return tensors, "native"
-    raise WeightsError("text encoder weights are in no known layout (expected Wan's `blocks.N.attn.q.weight` "
-                       f"or HF's `encoder.block.N...`); first keys: {', '.join(list(tensors)[:5])}")
-
-
-class TextEncoder:
-    """Tokenizer + umT5 encoder: encode(prompts) -> context [B, text_len, dim]."""
-
-    def __init__(self, encoder, tokenizer):
-        self.encoder = encoder
-        self.tokenizer = tokenizer
-
-    @torch.no_grad()
-    def encode(self, prompts):
-        ids, mask = self.tokenizer(list(prompts))
-        device = self.encoder.token_embedding.weight.device
-        return self.encoder(ids.to(device), mask.to(device))
-
-
-def load_text_encoder(path, tokenizer_path, device="cpu", dtype=torch.float32):
-    """umT5-XXL from safetensors (a file, or the diffusers text_encoder/ folder) in either layout.
-
-    The size comes from a T5 config.json beside the weights when there is one, else
-    from the tensor shapes (Wan's release folder holds the DiT's config.json, which is ignored).
-    On device "meta" only the file headers are read: a quick check of names and shapes.
-    """
-    tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
-    tensors, layout = t5_to_native(tensors)
-    cfg = T5Config.from_hf(config) if config and "d_model" in config else T5Config.from_tensors(tensors)
-    with torch.device("meta"):
-        encoder = UMT5Encoder(cfg)
-    load_into(encoder, tensors, layout, "umT5 text encoder", device=device, dtype=dtype)
-    return TextEncoder(encoder.eval().requires_grad_(False), Tokenizer(tokenizer_path, cfg.text_len))

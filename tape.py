@@ -92,6 +92,24 @@ def keep_top(scores, ratio):
     return top.flatten().sort().values
 
 
+class TapeForward:
+    """TAPE as the forward a sample.ChunkEditor runs (model.CausalWanModel.forward_chunk's
+    arguments): the denoising steps of a chunk skip tokens at their HighLow ratios, the
+    memory step runs in full and closes the chunk's scores (see above)."""
+
+    def __init__(self, dit, cfg, steps=3):
+        self.dit, self.cfg, self.state, self.step = dit, cfg, TapeState(), 0
+        self.ratios = highlow_ratios(cfg.ratio, steps, cfg.delta)
+
+    def __call__(self, x, t, cache, start_frame, memory_step=False, plan=None):
+        if memory_step:
+            self.state.commit()
+            self.step = 0
+            return self.dit.forward_chunk(x, t, cache, start_frame, memory_step=True)
+        ratio, self.step = self.ratios[self.step], self.step + 1
+        return forward_chunk(self.dit, x, t, cache, start_frame, ratio, self.state, self.cfg)
+
+
 class TapeState:
     """What TAPE carries from chunk to chunk: per selection block, the previous chunk's
     last frame of smoothed scores (from its last denoising step)."""

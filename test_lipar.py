@@ -22,6 +22,7 @@ tests of each module are in tests/.
 import pytest
 import torch
 
+import demo
 import lipar
 import model as M
 from tests.clips import (INF, THETA2, authors_mask, drifting_clip, kept_frames, memory_walk_violations,
@@ -265,15 +266,13 @@ def test_default_mask_is_the_authors_plus_the_final_bound(clip):
     """Without the substitute bound the two masks are identical. With it, ours only adds
     tokens, and only where the authors' mask leaves a pruned token farther than theta2
     from its substitute."""
-    import bench
-
     if clip == "square":
         z, _ = moving_square_clip()
         z = z + 0.3 * drifting_clip(1, L=12, H=32, W=48, amax=0.4)
     elif clip == "drift":
         z = drifting_clip(3, L=15)
     else:
-        z = bench.realistic_latents(15, 24, 40)
+        z = demo.realistic_latents(15, 24, 40)
     assert torch.equal(lipar.prune_mask(z, theta2=INF), authors_mask(z, theta2=INF))
     ours, theirs = lipar.prune_mask(z), authors_mask(z)
     assert not (theirs & ~ours).any()

@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import load_into, read_safetensors
 from vae import CausalCache, at_least_fp32
 
 FRAMES_TO_TRIM = 3  # the decoder's first 3 frames come before the video's first frame
@@ -187,25 +186,3 @@ class TinyVAE(nn.Module):
             x = x[:, FRAMES_TO_TRIM:]
         cache.at_start = False
         return (x.transpose(1, 2).to(at_least_fp32(weight.dtype)).clamp(0, 1) * 2 - 1)
-
-
-def load_tiny_vae(path, device="cpu", dtype=torch.float32):
-    """TAEHV for Wan 2.1 from safetensors (taew2_1.safetensors, or the folder holding it:
-    weights/tiny_vae/ in weights.md's layout). A config.json beside it, if any, sets
-    the widths (the tests' narrow models); without one it is taew2_1. On device "meta"
-    only the file header is read (a check of names and shapes).
-    """
-    tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
-    if config:  # our own, for narrow test models; the published file comes without one
-        config = dict(config, decoder_channels=tuple(config["decoder_channels"]))
-    with torch.device("meta"):
-        vae = TinyVAE(TinyVAEConfig(**config) if config else TinyVAEConfig())
-    # The reference loader (taehv.py, patch_tgrow_layers) accepts temporal-growth
-    # layers stored with more output rows than the model uses (a checkpoint that grows
-    # time more than this model does) and keeps the *last* rows: the latest
-    # timestep's. taew2_1 is stored exactly at the model's size; others are cut alike.
-    for name, layer in vae.decoder.named_children():
-        key = f"decoder.{name}.conv.weight"
-        if isinstance(layer, TGrow) and key in tensors and tensors[key].shape[0] > layer.conv.out_channels:
-            tensors[key] = tensors[key][-layer.conv.out_channels:]
-    return load_into(vae, tensors, "taehv", "tiny VAE", device, dtype).eval()

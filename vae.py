@@ -12,8 +12,8 @@ its kernel reaches back to (`CausalCache`), so the chunked result equals one
 pass over the whole clip while memory stays that of a single chunk.
 
 Module and parameter names follow the released checkpoint (Wan2.1_VAE.pth), so
-its keys load unchanged; the diffusers layout (AutoencoderKLWan) is renamed on
-load.
+its keys load unchanged; weights.py renames the diffusers layout (AutoencoderKLWan)
+onto them.
 
 Shapes: B batch, C channels, T frames, H height, W width.
 """
@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import WeightsError, fused, load_into, read_safetensors, rename
+from model import fused
 
-# Per-channel statistics of the VAE means over Wan's training data (SPEC §2). The
+# Per-channel statistics of the VAE means over Wan's training data (Wan 2.1's release). The
 # DiT works on z = (mu - mean) / std, i.e. latents of roughly unit variance.
 LATENT_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
@@ -49,29 +49,6 @@ class VAEConfig:
         """The same network at 1/6 of the width, for tests on the CPU (16 channels is
         the narrowest width PyTorch's CPU conv3d runs through oneDNN, 3x faster)."""
         return cls(base_dim=16)
-
-    @classmethod
-    def from_diffusers_json(cls, config):
-        """Read a diffusers AutoencoderKLWan config.json; refuse settings this (Wan 2.1) VAE does not implement."""
-        if config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
-            raise WeightsError(f"the config.json beside the VAE weights is for {config['_class_name']}, "
-                               f"not AutoencoderKLWan; point to the VAE's own folder")
-        wan21 = {"z_dim": 16, "attn_scales": [], "is_residual": False, "decoder_base_dim": None,
-                 "patch_size": None, "in_channels": 3, "out_channels": 3}
-        other = [f"{key}={config[key]!r}" for key, value in wan21.items() if key in config and config[key] != value]
-        if other:
-            raise WeightsError(f"the VAE config.json asks for {', '.join(other)}, but only the Wan 2.1 VAE is implemented")
-        defaults = cls()
-        return cls(base_dim=config.get("base_dim", defaults.base_dim),
-                   dim_mult=tuple(config.get("dim_mult", defaults.dim_mult)),
-                   num_res_blocks=config.get("num_res_blocks", defaults.num_res_blocks),
-                   temporal_downsample=tuple(config.get("temperal_downsample", defaults.temporal_downsample)))
-
-    def to_diffusers_json(self):
-        """This config as an AutoencoderKLWan config.json (diffusers spells "temperal")."""
-        return {"_class_name": "AutoencoderKLWan", "base_dim": self.base_dim, "z_dim": self.z_dim,
-                "dim_mult": list(self.dim_mult), "num_res_blocks": self.num_res_blocks,
-                "temperal_downsample": list(self.temporal_downsample)}
 
     @property
     def time_stride(self):
@@ -367,7 +344,7 @@ class WanVAE(nn.Module):
 
     @staticmethod
     def _latent_stats(like):
-        """SPEC §2's per-channel (mean, std), shaped [1, 16, 1, 1, 1], on like's device and dtype."""
+        """The per-channel (mean, std), shaped [1, 16, 1, 1, 1], on like's device and dtype."""
         def column(values):
             return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
         return column(LATENT_MEAN), column(LATENT_STD)
@@ -420,68 +397,3 @@ class WanVAE(nn.Module):
         chunks = x.split(1, dim=2) if chunked else [x]  # one latent frame (4 video frames, 1 for the first) at a time
         video = run_chunks(self.decoder, chunks, CausalCache() if cache is None else cache)
         return video.to(at_least_fp32(video.dtype)).clamp(-1, 1)
-
-
-# -----------------------------------------------------------------------------
-# Loading
-
-
-def is_diffusers_layout(tensors):
-    """True for AutoencoderKLWan key names, False for the release's (ours)."""
-    markers = ("quant_conv.", "conv_in.", "down_blocks.", "mid_block.", "up_blocks.")
-    return any(marker in key for key in tensors for marker in markers)
-
-
-def diffusers_rules(cfg):
-    """(regex, replacement) rules turning AutoencoderKLWan keys into ours, in two passes.
-
-    First the layers inside residual blocks (in diffusers keys, norm1/conv1/... occur
-    nowhere else), then the block prefixes. The release lists each decoder level
-    flat (num_res_blocks + 1 residual blocks, then the upsampler) where diffusers
-    nests them in up_blocks, so those rules are generated per block.
-    """
-    layers = [(r"\.norm1\.", ".residual.0."), (r"\.conv1\.", ".residual.2."),
-              (r"\.norm2\.", ".residual.3."), (r"\.conv2\.", ".residual.6."),
-              (r"\.conv_shortcut\.", ".shortcut.")]
-    blocks = [(r"^quant_conv\.", "conv1."), (r"^post_quant_conv\.", "conv2."),
-              (r"^(en|de)coder\.conv_in\.", r"\1coder.conv1."),
-              (r"^(en|de)coder\.mid_block\.resnets\.0\.", r"\1coder.middle.0."),
-              (r"^(en|de)coder\.mid_block\.attentions\.0\.", r"\1coder.middle.1."),
-              (r"^(en|de)coder\.mid_block\.resnets\.1\.", r"\1coder.middle.2."),
-              (r"^(en|de)coder\.norm_out\.", r"\1coder.head.0."),
-              (r"^(en|de)coder\.conv_out\.", r"\1coder.head.2."),
-              (r"^encoder\.down_blocks\.", "encoder.downsamples.")]
-    blocks_per_level = cfg.num_res_blocks + 2
-    for level in range(len(cfg.dim_mult)):
-        first = level * blocks_per_level
-        for j in range(cfg.num_res_blocks + 1):
-            blocks.append((rf"^decoder\.up_blocks\.{level}\.resnets\.{j}\.", f"decoder.upsamples.{first + j}."))
-        if level < len(cfg.dim_mult) - 1:  # the last level keeps its resolution
-            blocks.append((rf"^decoder\.up_blocks\.{level}\.upsamplers\.0\.",
-                           f"decoder.upsamples.{first + cfg.num_res_blocks + 1}."))
-    return layers, blocks
-
-
-def diffusers_to_native(tensors, cfg):
-    """Rename an AutoencoderKLWan state dict to our (the release's) names."""
-    layers, blocks = diffusers_rules(cfg)
-    return rename(rename(tensors, layers), blocks)
-
-
-def load_vae(path, device="cpu", dtype=torch.float32):
-    """Load the Wan 2.1 VAE from safetensors in either key layout (see weights.md).
-
-    path: the diffusers repo's vae/ folder (or its .safetensors file), or the
-    release's Wan2.1_VAE.pth converted to safetensors. The architecture comes
-    from the (diffusers-style) config.json beside the weights; without one it is
-    the released model's. On device "meta" only the file headers are read: a
-    quick check of names and shapes.
-    """
-    tensors, file_config = read_safetensors(path, shapes_only=str(device) == "meta")
-    diffusers = is_diffusers_layout(tensors)
-    config = VAEConfig.from_diffusers_json(file_config) if file_config else VAEConfig()
-    if diffusers:
-        tensors = diffusers_to_native(tensors, config)
-    with torch.device("meta"):
-        vae = WanVAE(config)
-    return load_into(vae, tensors, "diffusers" if diffusers else "native", "VAE", device, dtype).eval()

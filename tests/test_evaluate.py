@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
+import demo
 import evaluate
 import metrics
-import model as M
 import sample
 import video as io
+import weights as W
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["--height", "64", "--width", "112"]
@@ -107,14 +109,14 @@ def test_fidelity_over_chunks_equals_the_whole_clip_and_a_recorded_reference():
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    return sample.write_random_weights(tmp_path_factory.mktemp("weights"))
+    return demo.write_random_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """Three good clips (the ball rolling, a still frame, noise) and a broken one."""
     folder = tmp_path_factory.mktemp("clips")
-    ball = sample.demo_frames(64, 112, 17)
+    ball = demo.demo_frames(64, 112, 17)
     noise = torch.randint(0, 256, (9, 64, 112, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     io.write_video(folder / "ball.mp4", ball, 16)
     io.write_video(folder / "still.mp4", ball[:1].expand(13, -1, -1, -1), 16)
@@ -140,14 +142,14 @@ def count_loads(monkeypatch):
             calls[name] += 1
             return loader(*args, **kwargs)
         return load
-    monkeypatch.setattr(M, "load_dit", counted("dit", M.load_dit))
-    monkeypatch.setattr(sample, "load_tiny_vae", counted("vae", sample.load_tiny_vae))
-    monkeypatch.setattr(M, "load_text_encoder", counted("text_encoder", M.load_text_encoder))
+    monkeypatch.setattr(W, "load_dit", counted("dit", W.load_dit))
+    monkeypatch.setattr(W, "load_tiny_vae", counted("vae", W.load_tiny_vae))
+    monkeypatch.setattr(W, "load_text_encoder", counted("text_encoder", W.load_text_encoder))
     return calls
 
 
 def run_eval(manifest, weights, out, *flags):
-    return sample.cli(["--manifest", str(manifest), "--eval", "--weights", str(weights), "--device", "cpu",
+    return cli.guarded(evaluate.main, ["--manifest", str(manifest), "--eval", "--weights", str(weights), "--device", "cpu",
                        "--vae", "tiny", "--out", str(out), *SIZE, *flags])
 
 
@@ -191,7 +193,7 @@ def test_manifest_eval_report_loads_once_and_rerun_skips(clips, weights, tmp_pat
     # a rerun skips the finished jobs (no model is touched) and writes the same report
     def no_edit(*args, **kwargs):
         raise AssertionError("a finished job was edited again")
-    monkeypatch.setattr(sample, "stream_edit", no_edit)
+    monkeypatch.setattr(sample, "edit_video", no_edit)
     assert run_eval(manifest, weights, out, "--sweep-theta", "0.1", "0.149") == 1
     assert "finished before, skipped" in capsys.readouterr().out
     again = json.loads((out / "report.json").read_text())
@@ -220,11 +222,11 @@ def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):
                         f"{clips / 'ball.mp4'},a ball,1,sharp,\n"          # 7: no such mode
                         f"ball.mp4,a ball,2,full,\n")                      # 8: relative to the manifest: good
     (tmp_path / "ball.mp4").write_bytes((clips / "ball.mp4").read_bytes())
-    base = sample.parse_args(["--manifest", str(csv_path)])
-    jobs, failures = evaluate.read_manifest(csv_path, base, tmp_path / "out")
+    base = evaluate.parser().parse_args(["--manifest", str(csv_path)])
+    jobs, failures = evaluate.read_manifest(csv_path, base, ["lipar"], tmp_path / "out")
     assert [(j.line, j.name) for j in jobs] == [(2, "ball"), (8, "ball_2")]
-    assert jobs[1].args.video == str(tmp_path / "ball.mp4") and jobs[1].args.mode == "full"
-    assert jobs[0].args.out == str(tmp_path / "out" / "ball.mp4") and jobs[0].args.seed == 1
+    assert jobs[1].video == str(tmp_path / "ball.mp4") and jobs[1].settings.modes == ["full"]
+    assert jobs[0].out == str(tmp_path / "out" / "ball.mp4") and jobs[0].settings.seed == 1
     errors = {f["line"]: f["error"] for f in failures}
     assert sorted(errors) == [3, 4, 5, 6, 7]
     assert "prompt" in errors[3] and "seed 'one'" in errors[4] and "'colour'" in errors[5]
@@ -232,7 +234,7 @@ def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):
 
     jsonl = tmp_path / "jobs.jsonl"
     jsonl.write_text('{"video": "ball.mp4", "prompt": "p", "modes": "lipar naive"}\n\n# a comment\n{oops\n[1]\n')
-    jobs, failures = evaluate.read_manifest(jsonl, base, tmp_path / "out")
+    jobs, failures = evaluate.read_manifest(jsonl, base, ["lipar"], tmp_path / "out")
     assert jobs == [] and [f["line"] for f in failures] == [1, 4, 5]
     assert "full among them" in failures[0]["error"] and "not JSON" in failures[1]["error"]
 
@@ -243,12 +245,12 @@ def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):
     (["--eval", "--eval-modes", "lipar", "naive"], "needs full"),
     (["--sweep-theta", "0.1"], "add --eval"),
     (["--eval", "--out", "report.mp4"], "results folder"),
-    (["--eval", "--compare"], "drop --compare"),
+    (["--eval", "--compare"], "--compare"),  # sample.py's, not evaluate.py's
     (["--eval", "--sweep-m", "1,2"], "cannot hold a chunk"),
 ])
 def test_bad_batch_flags_are_refused(flags, named, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert sample.cli(flags) == 2
+    assert cli.guarded(evaluate.main, flags) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
 
@@ -270,11 +272,11 @@ def test_torchrun_splits_the_jobs_and_merges_the_same_report(clips, weights, tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # torchrun's default, for both
     flags = ["--manifest", str(manifest), "--eval", "--weights", str(weights), "--device", "cpu", "--vae", "tiny",
              *SIZE]
-    single = subprocess.run([sys.executable, str(ROOT / "sample.py"), *flags, "--out", str(tmp_path / "one")],
+    single = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *flags, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 1, single.stderr[-2000:]
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            str(ROOT / "sample.py"), *flags, "--out", str(tmp_path / "two")],
+                            str(ROOT / "evaluate.py"), *flags, "--out", str(tmp_path / "two")],
                            env=env, capture_output=True, text=True, timeout=600)
     assert "[rank 1]" in ranks.stdout and "3 of 4 jobs edited (2 processes)" in ranks.stdout, \
         ranks.stdout[-2000:] + ranks.stderr[-3000:]
@@ -289,11 +291,11 @@ def test_torchrun_splits_the_jobs_and_merges_the_same_report(clips, weights, tmp
 def test_a_manifest_with_no_job_or_none_that_runs(weights, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n# nothing yet\n")
-    assert sample.cli(["--manifest", str(empty), "--weights", str(weights), "--device", "cpu"]) == 2
+    assert cli.guarded(evaluate.main, ["--manifest", str(empty), "--weights", str(weights), "--device", "cpu"]) == 2
     assert "holds no jobs" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"video": "gone.mp4", "prompt": "x"}) + "\n")
-    assert sample.cli(["--manifest", str(bad), "--eval", "--weights", str(weights), "--device", "cpu",
+    assert cli.guarded(evaluate.main, ["--manifest", str(bad), "--eval", "--weights", str(weights), "--device", "cpu",
                        "--out", str(tmp_path / "r")]) == 1
     md = (tmp_path / "r" / "report.md").read_text()
     assert "No job was edited" in md and "gone.mp4 does not exist" in md and "## Overall" not in md

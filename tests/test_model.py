@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
+import weights as W
 
 MANIFESTS = Path(__file__).resolve().parent / "manifests"  # copies of shared/reference/weights
 TINY = dict(num_attention_heads=2, attention_head_dim=32, text_dim=48, freq_dim=32, ffn_dim=96, num_layers=2)
@@ -60,7 +61,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
 def test_dit_matches_diffusers(diffusers_dit, impl):
     ref, folder = diffusers_dit
-    ours = M.load_dit(folder)
+    ours = W.load_dit(folder)
     ours.attn_impl = impl
     torch.manual_seed(1)
     x, context = torch.randn(2, 16, 3, 8, 12), torch.randn(2, 20, 48)
@@ -84,7 +85,7 @@ def test_dit_matches_diffusers(diffusers_dit, impl):
 
 def test_native_and_self_forcing_layouts_load_identically(diffusers_dit, tmp_path):
     _, folder = diffusers_dit
-    from_diffusers = M.load_dit(folder)
+    from_diffusers = W.load_dit(folder)
     # our module names are the native names (test_full_size_names_match_manifests);
     # nest them as the converted Self-Forcing checkpoint does, with a decoy generator
     native = {k: v.clone() for k, v in from_diffusers.state_dict().items()}
@@ -101,7 +102,7 @@ def test_native_and_self_forcing_layouts_load_identically(diffusers_dit, tmp_pat
     with torch.no_grad():
         expected = from_diffusers(x, t, context)
         for file in ("native.safetensors", "self_forcing.safetensors"):
-            assert torch.equal(M.load_dit(tmp_path / file)(x, t, context), expected)
+            assert torch.equal(W.load_dit(tmp_path / file)(x, t, context), expected)
 
 
 def test_full_size_names_match_manifests():
@@ -111,7 +112,7 @@ def test_full_size_names_match_manifests():
     native = read_manifest("wan21_t2v_1.3b_dit_native.tsv")
     assert ours == native
     diffusers = read_manifest("wan21_t2v_1.3b_dit_diffusers.tsv")
-    mapped, layout = M.native_dit_tensors({k: torch.empty(s, device="meta") for k, s in diffusers.items()})
+    mapped, layout = W.native_dit_tensors({k: torch.empty(s, device="meta") for k, s in diffusers.items()})
     assert layout == "diffusers"
     assert len(mapped) == len(diffusers)  # one-to-one: no two names collapse
     assert {k: tuple(v.shape) for k, v in mapped.items()} == native
@@ -122,7 +123,7 @@ def test_config_from_either_config_json():
               "out_dim": 16, "text_len": 512, "eps": 1e-6, "patch_size": [1, 2, 2], "model_type": "t2v"}
     diffusers = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30,
                  "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "patch_size": [1, 2, 2]}
-    assert M.DiTConfig.from_json(native) == M.DiTConfig() == M.DiTConfig.from_json(diffusers)
+    assert W.dit_config(native, None, "native") == M.DiTConfig() == W.dit_config(diffusers, None, "diffusers")
 
 
 def test_loader_names_missing_and_misshaped_tensors(diffusers_dit, tmp_path):
@@ -133,14 +134,14 @@ def test_loader_names_missing_and_misshaped_tensors(diffusers_dit, tmp_path):
     tensors["extra.weight"] = torch.zeros(1)
     save_file(tensors, str(tmp_path / "broken.safetensors"))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    with pytest.raises(M.WeightsError) as err:
-        M.load_dit(tmp_path / "broken.safetensors")
+    with pytest.raises(W.WeightsError) as err:
+        W.load_dit(tmp_path / "broken.safetensors")
     message = str(err.value)
     for part in ("diffusers layout", "missing 1: blocks.1.cross_attn.k.bias", "extra.weight",
                  "head.head.weight (64, 63) != (64, 64)"):
         assert part in message
-    with pytest.raises(M.WeightsError, match="does not exist"):
-        M.load_dit(tmp_path / "nowhere")
+    with pytest.raises(W.WeightsError, match="does not exist"):
+        W.load_dit(tmp_path / "nowhere")
 
 
 def test_sharded_folder_loads(diffusers_dit, tmp_path):
@@ -153,8 +154,8 @@ def test_sharded_folder_loads(diffusers_dit, tmp_path):
     index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    loaded = M.load_dit(tmp_path).state_dict()
-    reference = M.load_dit(folder).state_dict()
+    loaded = W.load_dit(tmp_path).state_dict()
+    reference = W.load_dit(folder).state_dict()
     assert all(torch.equal(loaded[k], reference[k]) for k in reference)
 
 
@@ -173,7 +174,7 @@ def run_chunkwise(model, x, t, context, window=None):
 
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
 def test_kv_cache_matches_block_causal_forward(diffusers_dit, impl):
-    model = M.load_dit(diffusers_dit[1])
+    model = W.load_dit(diffusers_dit[1])
     model.attn_impl = impl
     torch.manual_seed(3)
     x, context = torch.randn(1, 16, 12, 4, 6), torch.randn(1, 9, 48)
@@ -197,7 +198,7 @@ def test_window_cache_matches_windowed_attention(diffusers_dit):
     """With a window (m_sink, m_recent) the ring of slots must hold exactly the sink
     frames and the latest m_recent frames; checked against the block-causal forward
     with the window written as an explicit attention mask."""
-    model = M.load_dit(diffusers_dit[1])
+    model = W.load_dit(diffusers_dit[1])
     m_sink, m_recent, frames, fpc = 1, 6, 15, model.cfg.frames_per_chunk
     torch.manual_seed(4)
     x, t, context = torch.randn(1, 16, frames, 4, 4), torch.rand(1, frames) * 1000, torch.randn(1, 5, 48)
@@ -262,20 +263,20 @@ def test_rope_rotates_pairs_by_position_times_frequency():
 
 def test_meta_device_checks_headers_only(diffusers_dit, tmp_path):
     _, folder = diffusers_dit
-    checked = M.load_dit(folder, device="meta")
+    checked = W.load_dit(folder, device="meta")
     assert all(p.is_meta for p in checked.parameters())
     tensors = load_file(str(folder / "model.safetensors"))
     tensors["proj_out.weight"] = torch.zeros(64, 63)
     save_file(tensors, str(tmp_path / "broken.safetensors"))
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    with pytest.raises(M.WeightsError, match="mis-shaped 1: head.head.weight"):
-        M.load_dit(tmp_path / "broken.safetensors", device="meta")
+    with pytest.raises(W.WeightsError, match="mis-shaped 1: head.head.weight"):
+        W.load_dit(tmp_path / "broken.safetensors", device="meta")
 
 
 def test_bfloat16_model_runs_and_agrees_with_float32(diffusers_dit):
     """The sampler's dtype on the GPU, checked on the CPU: bf16 weights, float32 islands."""
-    model32 = M.load_dit(diffusers_dit[1])
-    model16 = M.load_dit(diffusers_dit[1], dtype=torch.bfloat16)
+    model32 = W.load_dit(diffusers_dit[1])
+    model16 = W.load_dit(diffusers_dit[1], dtype=torch.bfloat16)
     torch.manual_seed(6)
     x, context = torch.randn(1, 16, 6, 4, 6), torch.randn(1, 9, 48)
     out = []

@@ -109,10 +109,12 @@ def test_editor_with_no_skipping_equals_full():
     latents = torch.randn(1, 16, 6, 8, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     keep = torch.ones(6, *GRID, dtype=torch.bool)
     full = sample.edit_latents(dit, latents, context, keep, "full", None, 0, progress=False)
-    editor = sample.ChunkEditor(dit, context, GRID, "tape", None, 0, tape_cfg=tape.TapeConfig(0.0, delta=0.0))
+    editor = sample.ChunkEditor(dit, context, GRID, "tape", None, 0,
+                                forward=tape.TapeForward(dit, tape.TapeConfig(0.0, delta=0.0)))
     tape_edit = torch.cat([editor(latents[:, :, s:s + 3]) for s in (0, 3)], dim=2)
     assert torch.allclose(tape_edit, full, rtol=0, atol=1e-12)
-    skipping = sample.ChunkEditor(dit, context, GRID, "tape", None, 0, tape_cfg=tape.TapeConfig(0.5, every=2))
+    skipping = sample.ChunkEditor(dit, context, GRID, "tape", None, 0,
+                                  forward=tape.TapeForward(dit, tape.TapeConfig(0.5, every=2)))
     assert not torch.allclose(torch.cat([skipping(latents[:, :, s:s + 3]) for s in (0, 3)], dim=2), full, atol=1e-3)
 
 

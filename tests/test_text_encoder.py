@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import T5Config, Tokenizer, UMT5Encoder, WeightsError, clean_prompt, load_text_encoder, t5_to_native
+from text_encoder import T5Config, UMT5Encoder, clean_prompt
+from weights import (WeightsError, load_text_encoder, load_tokenizer, t5_config_from_tensors,
+                     t5_to_native)
 
 WEIGHTS = Path(__file__).resolve().parent / "manifests"  # copies of shared/reference/weights
 TEXT_LEN = 512
@@ -45,7 +47,7 @@ def test_tokenizer_pad_truncate_eos_matches_transformers(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     path = make_tokenizer_json(tmp_path)
-    ids, mask = Tokenizer(path)(PROMPTS)
+    ids, mask = load_tokenizer(path)(PROMPTS)
     assert ids.shape == mask.shape == (3, TEXT_LEN) and ids.dtype == torch.long
     # short prompt: ▁a ▁red ▁cat </s>, then <pad> (id 0) with mask 0
     assert ids[0, :4].tolist() == [4, 9, 7, 1] and mask[0].sum() == 4
@@ -58,14 +60,14 @@ def test_tokenizer_pad_truncate_eos_matches_transformers(tmp_path):
              add_special_tokens=True, return_tensors="pt")
     assert torch.equal(ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
     # a tokenizer.json without the </s> post-processor gives the same ids (EOS added once, by us)
-    ids2, mask2 = Tokenizer(make_tokenizer_json(tmp_path / "plain", post_processor=False))(PROMPTS)
+    ids2, mask2 = load_tokenizer(make_tokenizer_json(tmp_path / "plain", post_processor=False))(PROMPTS)
     assert torch.equal(ids, ids2) and torch.equal(mask, mask2)
 
 
 def test_whitespace_cleaning(tmp_path):
     assert clean_prompt("  a   b\n c\t") == "a b c"
     assert clean_prompt("cat &amp;amp; dog") == "cat & dog"  # Wan unescapes html twice
-    tok = Tokenizer(make_tokenizer_json(tmp_path))
+    tok = load_tokenizer(make_tokenizer_json(tmp_path))
     ids, mask = tok(["a   b\n c", "a b c"])
     assert torch.equal(ids[0], ids[1]) and torch.equal(mask[0], mask[1])
     assert ids[0, :4].tolist() == [4, 5, 6, 1]
@@ -216,7 +218,7 @@ def test_hf_layout_maps_one_to_one_onto_native():
             assert any(mapped[n] is tensors[key] for n in mapped), key
     same, layout = t5_to_native({k: torch.empty(s, device="meta") for k, s in native.items()})
     assert layout == "native" and set(same) == set(native)
-    assert T5Config.from_tensors(mapped) == T5Config()
+    assert t5_config_from_tensors(mapped) == T5Config()
 
 
 # --- errors -----------------------------------------------------------------

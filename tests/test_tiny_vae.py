@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import model as M
+import cli
+import demo
 import sample
 import tiny_vae as T
 import vae as V
 import video as io
+import weights as W
 
 MANIFEST = Path(__file__).resolve().parent / "manifests" / "taew2_1.tsv"  # a copy of shared/reference/weights/
 
@@ -131,26 +133,26 @@ def test_loader_keeps_the_last_rows_of_wider_growth_layers_and_names_bad_tensors
     folder.mkdir()
     save_file(tensors, str(folder / "taew2_1.safetensors"))
     (folder / "config.json").write_text('{"channels": 8, "decoder_channels": [16, 8, 8, 8]}')
-    loaded = T.load_tiny_vae(folder)
+    loaded = W.load_tiny_vae(folder)
     for name, tensor in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     tensors["encoder.0.weight"] = torch.zeros(8, 3, 5, 5)
     save_file(tensors, str(folder / "taew2_1.safetensors"))
-    with pytest.raises(M.WeightsError, match=r"mis-shaped 1: encoder.0.weight \(8, 3, 5, 5\) != \(8, 3, 3, 3\)"):
-        T.load_tiny_vae(folder)
+    with pytest.raises(W.WeightsError, match=r"mis-shaped 1: encoder.0.weight \(8, 3, 5, 5\) != \(8, 3, 3, 3\)"):
+        W.load_tiny_vae(folder)
 
 
 def test_the_cli_edits_with_the_tiny_vae(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    weights = sample.write_random_weights(tmp_path / "weights")
+    weights = demo.write_random_weights(tmp_path / "weights")
     clip = tmp_path / "clip.mp4"
-    io.write_video(clip, sample.demo_frames(64, 112, 26), 24.0)
-    assert sample.cli(["--video", str(clip), "--vae", "tiny", "--weights", str(weights), "--height", "64",
+    io.write_video(clip, demo.demo_frames(64, 112, 26), 24.0)
+    assert cli.guarded(sample.main, ["--video", str(clip), "--vae", "tiny", "--weights", str(weights), "--height", "64",
                        "--width", "112", "--device", "cpu", "--out", "out.mp4", "--save-mask"]) == 0
     assert "tiny VAE" in capsys.readouterr().out
     for kind in ("lipar", "mask"):
         assert io.read_video(tmp_path / f"out_{kind}.mp4")[0].shape == (26, 64, 112, 3)
-    assert sample.cli(["--check-weights", "--weights", str(weights)]) == 0
+    assert cli.guarded(sample.main, ["--check-weights", "--weights", str(weights)]) == 0
     assert "tiny VAE" in capsys.readouterr().out
 
 
@@ -160,6 +162,6 @@ def test_the_pickled_release_converts_once_and_loads(tmp_path):
     vae = T.TinyVAE()
     torch.save(vae.state_dict(), tmp_path / "taew2_1.pth")
     target = tmp_path / "tiny_vae" / "taew2_1.safetensors"
-    assert sample.cli(["--convert-checkpoint", str(tmp_path / "taew2_1.pth"), str(target)]) == 0
-    loaded = T.load_tiny_vae(tmp_path / "tiny_vae")
+    assert cli.guarded(sample.main, ["--convert-checkpoint", str(tmp_path / "taew2_1.pth"), str(target)]) == 0
+    loaded = W.load_tiny_vae(tmp_path / "tiny_vae")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in vae.state_dict().items())

@@ -11,8 +11,9 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
-from model import WeightsError
-from vae import VAEConfig, WanVAE, diffusers_to_native, load_vae
+from vae import VAEConfig, WanVAE
+from weights import (WeightsError, diffusers_to_native, load_vae, vae_config_from_diffusers,
+                     vae_config_to_diffusers)
 
 MANIFESTS = Path(__file__).resolve().parent / "manifests"  # copies of shared/reference/weights
 
@@ -103,7 +104,7 @@ def test_native_layout_loads_the_same(reference, diffusers_folder, tmp_path):
     native = {native_name: diffusers_tensors[diffusers_name].clone()
               for diffusers_name, native_name in to_diffusers.items()}
     save_file(native, tmp_path / "wan_vae.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(VAEConfig.tiny().to_diffusers_json()))
+    (tmp_path / "config.json").write_text(json.dumps(vae_config_to_diffusers(VAEConfig.tiny())))
     from_native = load_vae(tmp_path / "wan_vae.safetensors")
     from_diffusers = load_vae(diffusers_folder)
     video, latents = clip(), torch.randn(1, 16, 2, 4, 6)
@@ -128,13 +129,13 @@ def test_full_size_names_match_manifests():
 
 
 def test_config_json_describes_the_same_network():
-    """What to_diffusers_json writes builds, in diffusers, the network WanVAE builds, and reads back."""
+    """What vae_config_to_diffusers writes builds, in diffusers, the network WanVAE builds, and reads back."""
     config = VAEConfig.tiny()
-    theirs = AutoencoderKLWan.from_config(config.to_diffusers_json()).state_dict()
+    theirs = AutoencoderKLWan.from_config(vae_config_to_diffusers(config)).state_dict()
     with torch.device("meta"):
         ours = {name: p.shape for name, p in WanVAE(config).state_dict().items()}
     assert {name: t.shape for name, t in diffusers_to_native(theirs, config).items()} == ours
-    assert VAEConfig.from_diffusers_json(config.to_diffusers_json()) == config
+    assert vae_config_from_diffusers(vae_config_to_diffusers(config)) == config
 
 
 def test_chunked_equals_one_pass_and_is_causal():

@@ -1,0 +1,488 @@
+"""
+The command line of sample.py, and the edit flags evaluate.py shares with it: the
+flags, their checks (every problem one sentence, exit code 2), the outputs' names
+and frames, an edit's stats and the summary printed at its end. What it needs comes
+in as arguments; it imports none of the sampler.
+"""
+
+import argparse
+import builtins
+import functools
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import demo
+import lipar
+import stream
+import tape as T
+import video as io
+from weights import WeightsError
+
+MODES = lipar.MODES + ("tape",)  # LIPAR, the baseline and the ablations; TAPE for comparison (tape.py)
+MASK_MODES = set(lipar.MODES) - {"full"}  # the modes that compute LIPAR's mask
+
+
+class UsageError(Exception):
+    """Bad input the user can fix; the message says how."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors (an unknown flag, a value not among the choices) raised
+    as a UsageError: one sentence and exit code 2, like every other problem."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (python {self.prog} --help lists them)")
+
+
+@dataclass
+class EditSettings:
+    """What one edit does, whatever drives it (sample.py, evaluate.py, bench.py)."""
+    prompt: str
+    modes: list                      # run side by side from the same noise
+    vae: str = "wan"                 # "wan" or "tiny"
+    height: int = 480
+    width: int = 832
+    seed: int = 0
+    window: tuple | None = (1, 6)    # M-degree window (m_sink, m_recent); None: the whole causal cache
+    theta: float = 0.149             # Eq. 1 threshold
+    theta2: float = 0.3              # Eq. 5-6 substitute bound
+    mask_lookahead: int = 1          # latent frames the mask's medians and dilation see ahead
+    tape: T.TapeConfig = field(default_factory=T.TapeConfig)
+
+
+# Flags that only mean something in some modes default to None, so that one given
+# where it has no effect is refused rather than silently ignored.
+MODE_FLAGS = {"theta": 0.149, "theta2": 0.3, "mask_lookahead": 1, "m": (1, 6),
+              "tape_ratio": 0.3, "tape_alpha": 0.5, "tape_delta": 0.1, "tape_every": 10}
+
+
+def parse_window(text):
+    if text == "all":
+        return text
+    try:
+        sink, recent = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--m takes 'SINK,RECENT' (e.g. 1,6) or 'all', not {text!r}") from None
+    return sink, recent
+
+
+def window_text(window):
+    """A window as flags and reports write it: "1,6", or "all" for the whole cache."""
+    return "all" if window in ("all", None) else f"{window[0]},{window[1]}"
+
+
+def window_json(window):
+    """A window as JSON holds it (and a job's stats are compared): "all" or [SINK, RECENT]."""
+    return "all" if window in ("all", None) else list(window)
+
+
+def add_edit_flags(p):
+    """The flags of one edit, shared by sample.py and evaluate.py."""
+    p.add_argument("--prompt", default=demo.DEFAULT_PROMPT, help="what the edited video should show")
+    p.add_argument("--weights", default="weights", help="folder laid out as weights.md says")
+    p.add_argument("--vae", choices=["wan", "tiny"], default=None,
+                   help="wan: the Wan 2.1 VAE; tiny: TAEHV (taew2_1), about 20x cheaper, a little less faithful "
+                        "(default: wan when weights/vae exists, else tiny when weights/tiny_vae does)")
+    p.add_argument("--theta", type=float, help="prune threshold θ on the robust patch L1 (Eq. 1; default 0.149)")
+    p.add_argument("--theta2", type=float, help="substitute bound θ2 (Eq. 5-6; default 0.3, inf turns it off)")
+    p.add_argument("--mask-lookahead", type=int, choices=[0, 1],
+                   help="latent frames the mask's medians and dilation see ahead: 1 as the authors' code (the "
+                        "paper's numbers; the default), 0 strictly causal (kept regions linger 3 frames longer)")
+    p.add_argument("--m", type=parse_window,
+                   help="M-degree window 'SINK,RECENT' in latent frames, or 'all' for the whole cache (default 1,6)")
+    p.add_argument("--tape-ratio", type=float,
+                   help="tape: the share of tokens skipped between selections, the mean over the steps (default 0.3)")
+    p.add_argument("--tape-alpha", type=float, help="tape: temporal smoothing weight α of the scores (default 0.5)")
+    p.add_argument("--tape-delta", type=float,
+                   help="tape: HighLow budget, the ratio runs from R + δ at the first step to R − δ (default 0.1)")
+    p.add_argument("--tape-every", type=int, help="tape: blocks from one selection to the next (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None, help="model height, a multiple of 16 (default 480)")
+    p.add_argument("--width", type=int, default=None, help="model width, a multiple of 16 (default 832)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="model precision (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--text-device", default=None, help="where the text encoder runs (default: --device)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="run the DiT op by op instead of replaying captured CUDA graphs (graphs.py; CUDA only)")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse the DiT's and VAE's elementwise chains with torch.compile (CUDA only): faster per "
+                        "clip, but it costs 15-50 s per process, more than one short edit saves (BENCHMARKS.md)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def parser():
+    p = Parser(description="Edit a video with LIPAR on Self-Forcing (Wan 2.1 T2V 1.3B). Many "
+                                "videos, or the paper's evaluation: evaluate.py.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--video", help="input video (mp4, mov, webm, gif), a camera device, or - for standard input; "
+                   "default: a generated demo clip")
+    p.add_argument("--out", help="output mp4, or - for standard output (default: results/<input>_<mode>.mp4)")
+    p.add_argument("--mode", choices=MODES,
+                   help="lipar: the method (the default); full: the Self-Forcing baseline; naive / noisy_dup: "
+                        "ablations; tape: TAPE's attention-importance pruning, for comparison (README)")
+    add_edit_flags(p)
+    p.add_argument("--compare", action="store_true",
+                   help="run full and lipar from the same noise; write a side-by-side video and their PSNR")
+    p.add_argument("--save-mask", action="store_true", help="write the input with pruned patches greyed out")
+    p.add_argument("--json", help="write all stats to this JSON file")
+    p.add_argument("--check-weights", action="store_true", help="verify the weights folder (names, shapes) and exit")
+    p.add_argument("--convert-checkpoint", nargs=2, metavar=("PT", "SAFETENSORS"),
+                   help="convert Self-Forcing's self_forcing_dmd.pt to safetensors once, and exit")
+    return p
+
+
+def parse(argv=None):
+    """sample.py's flags: (args, EditSettings, notes), every problem refused in one UsageError."""
+    args = parser().parse_args(argv)
+    if args.compare and args.mode is not None:
+        raise UsageError(f"--compare runs full and lipar side by side; drop --mode {args.mode}")
+    if args.video is None:  # the demo: both modes side by side, the mask, at CPU size without weights
+        args.compare = args.save_mask = args.overwrite = True
+        if not Path(args.weights).exists():
+            args.height, args.width = args.height or 240, args.width or 416
+    modes = ["full", "lipar"] if args.compare else [args.mode or "lipar"]
+    settings, problems = edit_settings(args, modes, mask_preview=args.save_mask)
+    problems += output_problems(args) + input_problems(args.video)
+    refuse(problems)
+    notes = []
+    settle_size(settings, notes)
+    return args, settings, notes
+
+
+def refuse(problems):
+    if problems:
+        raise UsageError(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1)))
+
+
+def edit_settings(args, modes, mask_preview=False):
+    """(EditSettings, problems) of one edit's flags in `args` for `modes`: a flag that
+    has no effect in these modes is a problem, as is a value out of range."""
+    problems = unused_flag_problems(args, modes, mask_preview)
+    values = {name: default if getattr(args, name, None) is None else getattr(args, name)
+              for name, default in MODE_FLAGS.items()}
+    problems += value_problems(args, values)
+    settings = EditSettings(prompt=args.prompt, modes=list(modes), vae=vae_kind(args), height=args.height,
+                            width=args.width, seed=args.seed, window=None if values["m"] == "all" else values["m"],
+                            theta=values["theta"], theta2=values["theta2"], mask_lookahead=values["mask_lookahead"],
+                            tape=T.TapeConfig(values["tape_ratio"], values["tape_alpha"], values["tape_delta"],
+                                                 values["tape_every"]))
+    return settings, problems
+
+
+def unused_flag_problems(args, modes, mask_preview):
+    given = {name for name in MODE_FLAGS if getattr(args, name, None) is not None}
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    problems, which = [], f"--mode {modes[0]}" if len(modes) == 1 else f"modes {', '.join(modes)}"
+    if given & {"theta", "theta2", "mask_lookahead"} and not (set(modes) & MASK_MODES or mask_preview):
+        names = ", ".join(flag(n) for n in sorted(given & {"theta", "theta2", "mask_lookahead"}))
+        problems.append(f"{names} set LIPAR's mask, which {which} does not compute; drop them, or pick a pruned "
+                        "mode (lipar, naive, noisy_dup) or --save-mask")
+    if "m" in given and set(modes) <= {"full"}:
+        problems.append(f"--m sets the M-degree window of the pruned modes; {which} attends to the whole causal "
+                        "cache: drop --m or pick another mode")
+    tape_flags = sorted(n for n in given if n.startswith("tape_"))
+    if tape_flags and "tape" not in modes:
+        problems.append(f"{', '.join(flag(n) for n in tape_flags)} only apply to --mode tape; drop them or run "
+                        "--mode tape")
+    return problems
+
+
+def value_problems(args, values):
+    problems = []
+    for name in ("theta", "theta2"):
+        if not_a_threshold(values[name], inf_allowed=name == "theta2"):
+            problems.append(f"--{name} {values[name]} is not a threshold; give a number >= 0"
+                            + (" (inf turns the bound off)" if name == "theta2" else ""))
+    if not 0 <= values["tape_ratio"] <= 0.95:
+        problems.append(f"--tape-ratio {values['tape_ratio']} is out of range; give a share from 0 to 0.95")
+    if not 0 <= values["tape_alpha"] <= 1:
+        problems.append(f"--tape-alpha {values['tape_alpha']} is not a weight; give a number from 0 to 1")
+    if not 0 <= values["tape_delta"] <= 0.5:
+        problems.append(f"--tape-delta {values['tape_delta']} is out of range; give a number from 0 to 0.5")
+    if values["tape_every"] < 1:
+        problems.append(f"--tape-every {values['tape_every']} is not a block count; give 1 or more")
+    if cannot_hold_a_chunk(values["m"]):
+        problems.append(f"--m {window_text(values['m'])} cannot hold a chunk; give SINK >= 0 and RECENT >= 3 "
+                        "latent frames (e.g. 1,6) or 'all'")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            problems.append(f"--{name} {value} is not a size; give a positive multiple of 16")
+    for flag, device in (("--device", args.device), ("--text-device", args.text_device)):
+        try:
+            kind = torch.device(device).type if device is not None else None
+        except RuntimeError:
+            problems.append(f"{flag} {device!r} is not a device; give cpu or cuda")
+            continue
+        if kind == "cuda" and not torch.cuda.is_available():
+            problems.append(f"{flag} {device}: this machine has no usable CUDA GPU; give cpu")
+    return problems
+
+
+def not_a_threshold(value, inf_allowed=False):
+    """θ and θ2 are numbers >= 0; θ2 = inf turns the substitute bound off."""
+    return math.isnan(value) or value < 0 or (math.isinf(value) and not inf_allowed)
+
+
+def cannot_hold_a_chunk(window):
+    """An M-degree window (SINK, RECENT) must keep the current chunk's 3 frames."""
+    return window != "all" and (window[0] < 0 or window[1] < 3)
+
+
+def output_problems(args):
+    if args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() not in ("", ".mp4"):
+        return [f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name"]
+    return []
+
+
+def input_problems(video):
+    if video not in (None, io.STDIO) and not Path(video).is_file() and not io.is_camera(video):
+        state = "is a folder" if Path(video).is_dir() else "does not exist"
+        return [f"the video {video} {state}; give the path of a video file, a camera device or - (standard input)"]
+    return []
+
+
+def vae_kind(args):
+    """--vae, or by default the Wan VAE unless the weights folder holds only the tiny one."""
+    weights = Path(args.weights)
+    if args.vae is not None:
+        return args.vae
+    only_tiny = weights.exists() and not (weights / "vae").exists() and (weights / "tiny_vae").exists()
+    return "tiny" if only_tiny else "wan"
+
+
+def model_dtype(args):
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+
+
+def weights_folder(args, demo_run):
+    """The weights folder, or None for the demo's random weights when there is none."""
+    if Path(args.weights).exists():
+        return args.weights
+    if demo_run:
+        return None
+    raise UsageError(f"no weights at {args.weights}; download them as weights.md says (or run "
+                     "`python sample.py` with no arguments for the random-weight demo)")
+
+
+def settle_size(settings, notes):
+    """480x832 unless given, rounded to multiples of 16 with a note."""
+    settings.height, settings.width = settings.height or 480, settings.width or 832
+    for name in ("height", "width"):
+        value = getattr(settings, name)
+        if value % 16:  # sizes <= 0 were refused with the flags
+            rounded = max(16, round(value / 16) * 16)
+            notes.append(f"--{name} {value} is not a multiple of 16; using {rounded}")
+            setattr(settings, name, rounded)
+
+
+def write_demo_clip():
+    """The demo's source, written once to results/demo_input.mp4."""
+    path = Path("results") / "demo_input.mp4"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.write_video(path, demo.demo_frames(), demo.DEMO_FPS)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Outputs
+
+
+def output_kinds(args, modes):
+    return list(modes) + (["compare"] if args.compare else []) + (["mask"] if args.save_mask else [])
+
+
+def output_path(args, kind, several):
+    """results/<input>_<kind>.mp4, or --out (with the kind appended when several files are
+    written); "-" is standard output."""
+    if args.out is None:
+        stem = "stdin" if str(args.video) == io.STDIO else Path(args.video).stem
+        return Path("results") / f"{stem}_{kind}.mp4"
+    if args.out == io.STDIO:
+        return io.STDIO
+    out = Path(args.out)
+    return out.with_name(f"{out.stem}_{kind}{out.suffix or '.mp4'}") if several else out
+
+
+def check_outputs(args, settings):
+    """{kind: path} of the edit's outputs, refusing to overwrite anything unless
+    --overwrite, and never the input."""
+    kinds = output_kinds(args, settings.modes)
+    if args.out == io.STDIO:
+        if len(kinds) > 1:
+            raise UsageError("--out - writes one video to standard output; drop --compare and --save-mask, or give "
+                             "--out a file name")
+        return {kinds[0]: io.STDIO}
+    source = Path(args.video).resolve()
+    outputs = {}
+    for kind in kinds:
+        path = outputs[kind] = output_path(args, kind, several=len(kinds) > 1)
+        if path.resolve() == source:
+            raise UsageError(f"the output {path} is the input video; choose another --out")
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{path} already exists; pass --overwrite or choose another --out")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create the output folder {path.parent} ({err.strerror}); "
+                             "choose another --out") from None
+    return outputs
+
+
+def open_writers(outputs, modes, reader):
+    """A VideoWriter per output {kind: path}; each mode's edit carries the source's audio."""
+    writers = {}
+    try:
+        for kind, path in outputs.items():
+            writers[kind] = io.VideoWriter(path, reader.fps, audio_from=reader if kind in modes else None)
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+    return writers
+
+
+def mask_preview(frames, keep, first_chunk=True):
+    """The input with pruned patches greyed out: what LIPAR skips, frame by frame.
+
+    frames uint8 [T, H, W, 3] at model size, of a chunk; keep [L, H/16, W/16] its mask.
+    In the first chunk video frame 0 belongs to latent frame 0 and frames 4k−3..4k to
+    latent frame k (the VAE's causal stride 4); in a later one frames 4j..4j+3 to its
+    latent frame j.
+    """
+    latent_of_frame = (torch.arange(len(frames)) + (3 if first_chunk else 0)) // 4
+    cell = frames.shape[1] // keep.shape[1]
+    kept = keep.cpu()[latent_of_frame.clamp(max=keep.shape[0] - 1)]
+    kept = kept.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[..., None]
+    grey = (frames.float() * 0.25 + 96).to(torch.uint8)
+    return torch.where(kept, frames, grey)
+
+
+def render_outputs(edited, outputs, sources, keep, first):
+    """{kind: uint8 frames} of one chunk for every output: each mode's edit, the
+    side-by-side comparison (source | full | lipar) and the mask preview."""
+    frames = {kind: edited[kind] for kind in outputs if kind in edited}
+    if "compare" in outputs:
+        frames["compare"] = torch.cat([sources, edited["full"], edited["lipar"]], dim=2)
+    if "mask" in outputs:
+        frames["mask"] = mask_preview(sources, keep, first_chunk=first)
+    return frames
+
+
+def write_json(path, stats):
+    Path(path).write_text(json.dumps(stats, indent=2))
+
+
+# -----------------------------------------------------------------------------
+# Stats and the summary
+
+
+def edit_stats(reader, settings, frames_per_chunk, models, clock, timeline, keep, fidelities, graph_stats,
+               tape_ratios, writers, notes):
+    """Every number of one edit: per mode the prune ratio (overall, per chunk and per
+    latent frame), seconds per stage, frames/s, fidelity to `full`; the stream's
+    timeline; peak memory; the outputs written."""
+    count = reader.frames_read
+    stats = {"video": reader.name, "prompt": settings.prompt, "random_weights": models.random, "vae": settings.vae,
+             "frames": count, "fps": reader.fps, "height": settings.height, "width": settings.width,
+             "latent_frames": 1 + (io.padded_length(count) - 1) // 4, "theta": settings.theta,
+             "theta2": settings.theta2, "mask_lookahead": settings.mask_lookahead, "m": window_json(settings.window),
+             "seed": settings.seed, "device": str(clock.device), "dtype": str(models.dtype).removeprefix("torch."),
+             "notes": notes, "modes": {}, "stream": timeline.stats()}
+    shared = sum(clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "write"))
+    for mode in settings.modes:
+        pruned = mode in MASK_MODES and keep is not None
+        dit_s, decode_s = clock.seconds[f"dit_{mode}"], clock.seconds[f"decode_{mode}"]
+        skipped = settings.tape.ratio if mode == "tape" else 0.0  # TAPE's tokens skipped, the mean over steps
+        s = stats["modes"][mode] = {
+            "prune_ratio": lipar.prune_ratio(keep) if pruned else skipped,
+            "prune_ratio_per_chunk": lipar.chunk_prune_ratios(keep, frames_per_chunk) if pruned else
+            [skipped] * len(timeline.written),
+            "seconds": {stage: clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "text", "load",
+                                                                            "compile", "write")}
+            | {"dit": dit_s, "decode": decode_s},
+            "cuda_graphs": None if mode == "tape" else graph_stats,
+            "dit_fps": count / dit_s, "end_to_end_fps": count / (shared + dit_s + decode_s)}
+        if mode == "tape":
+            s["tape"] = asdict(settings.tape) | {"ratio_per_step": tape_ratios}
+        if pruned:  # per latent frame, for the evaluation's plots (frame 0 is never pruned)
+            s["prune_ratio_per_frame"] = (1 - keep.flatten(1).float().mean(1)).tolist()
+        if mode in fidelities:
+            s["fidelity_to_full"] = fidelities[mode]
+    if "lipar" in fidelities:
+        stats["psnr_full_vs_lipar_db"] = fidelities["lipar"]["psnr_db"]
+    stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
+    stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
+    stats["peak_host_memory_gib"] = stream.host_memory_gib()
+    stats["outputs"] = {kind: writer.name for kind, writer in writers.items()}
+    return stats
+
+
+def print_summary(stats, file=sys.stdout):
+    print = functools.partial(builtins.print, file=file)
+    for note in stats["notes"]:
+        print(f"note: {note}")
+    print(f"{stats['frames']} frames at {stats['width']}x{stats['height']}, {stats['latent_frames']} latent frames, "
+          f"{stats['device']} {stats['dtype']}, {'tiny' if stats['vae'] == 'tiny' else 'Wan'} VAE"
+          f"{' (random weights)' if stats['random_weights'] else ''}")
+    for mode, s in stats["modes"].items():
+        sec = s["seconds"]
+        chunks = " ".join(f"{r:.0%}" for r in s["prune_ratio_per_chunk"])
+        if mode == "tape":
+            ratios = " ".join(f"{r:.0%}" for r in s["tape"]["ratio_per_step"])
+            print(f"[{mode}] skipped {s['prune_ratio']:.1%} of tokens between selections (per step: {ratios})")
+        else:
+            print(f"[{mode}] pruned {s['prune_ratio']:.1%} of tokens after frame 0 (per chunk: {chunks})")
+        print(f"[{mode}] read {sec['read']:.2f}s  encode {sec['encode']:.2f}s  mask {sec['mask']:.3f}s  "
+              f"text {sec['text']:.2f}s  DiT {sec['dit']:.2f}s  decode {sec['decode']:.2f}s  write {sec['write']:.2f}s")
+        if s["cuda_graphs"]:
+            g = s["cuda_graphs"]
+            print(f"[{mode}] DiT forwards: {g['replays']} replayed CUDA graphs, {g['eager']} eager (first of their "
+                  f"shape), {g['captures']} captures taking {g['capture_s']:.2f}s of the DiT time")
+        print(f"[{mode}] DiT {s['dit_fps']:.1f} frames/s, end to end {s['end_to_end_fps']:.1f} frames/s "
+              f"(text encoding excluded)")
+    sec = next(iter(stats["modes"].values()))["seconds"]
+    compiling = f", compiling the DiT {sec['compile']:.2f}s" if sec["compile"] else ""
+    print(f"loading the weights took {sec['load']:.2f}s{compiling} (not in the times above)")
+    timeline = stats["stream"]
+    if timeline:
+        steady = f"{timeline['steady_fps']:.1f} frames/s" if timeline["steady_fps"] else "- (one chunk)"
+        print(f"streaming: first edited frame after {timeline['first_frame_s']:.2f}s, steady state {steady}, "
+              f"chunk latency {timeline['chunk_latency_s']['median']:.2f}s median, "
+              f"{timeline['chunk_latency_s']['max']:.2f}s max")
+    if "psnr_full_vs_lipar_db" in stats:
+        print(f"PSNR lipar vs full: {stats['psnr_full_vs_lipar_db']:.2f} dB")
+    if stats["peak_gpu_memory_gib"] is not None:
+        stages = "  ".join(f"{stage} {gib:.2f}" for stage, gib in stats["peak_gpu_memory_gib_per_stage"].items())
+        print(f"peak GPU memory: {stats['peak_gpu_memory_gib']:.2f} GiB (per stage, GiB: {stages})")
+    print(f"peak host memory: {stats['peak_host_memory_gib']:.2f} GiB")
+    for kind, path in stats["outputs"].items():
+        print(f"wrote {kind}: {path}")
+
+
+def guarded(main, argv=None):
+    """main(argv) with bad input reported as one sentence and exit code 2, never a traceback."""
+    try:
+        return main(argv)
+    except (UsageError, io.VideoError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except stream.Interrupted as stop:  # Ctrl-C or a closed pipe while editing: the finished chunks are kept
+        print(stop, file=sys.stderr)
+        if stop.code == 1:  # nobody reads standard output any more: keep Python from complaining at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return stop.code
+    except KeyboardInterrupt:  # before the edit began: outputs are only ever renamed into place when closed
+        print("interrupted before the edit began; nothing was written", file=sys.stderr)
+        return 130

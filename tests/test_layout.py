@@ -1,0 +1,78 @@
+"""The layout the README's map promises, read off the source: the imports between the
+repository's files form no circle, the readable path imports no machinery, no test
+imports bench.py, and the files stay the size a reader can take in."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN = {path.stem for path in ROOT.glob("*.py")}
+# The paper's files, and the networks they stand on: none of them may reach the machinery.
+READABLE = {"lipar", "model", "vae", "tiny_vae"}
+NETWORKS = {"model", "vae", "tiny_vae", "text_encoder"}
+
+
+def imports(path):
+    """The repository's modules that `path` imports, anywhere in the file (a lazy import
+    inside a function closes a circle as surely as one at the top)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & OWN
+
+
+def graph():
+    return {path.stem: imports(path) for path in ROOT.glob("*.py")}
+
+
+def cycle(edges):
+    """One import circle as a list of modules, or None (depth-first search)."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_imports_form_no_circle():
+    assert cycle(graph()) is None, " -> ".join(cycle(graph()))
+
+
+def test_the_readable_path_and_the_networks_import_no_machinery():
+    edges = graph()
+    for name in READABLE:
+        assert edges[name] <= READABLE, (name, edges[name] - READABLE)
+    for name in NETWORKS:  # the networks know nothing of files, flags or streams
+        assert edges[name] <= NETWORKS, (name, edges[name] - NETWORKS)
+
+
+def test_no_test_imports_the_bench():
+    for path in [ROOT / "test_lipar.py", *(ROOT / "tests").glob("*.py")]:
+        assert "bench" not in imports(path), path.name
+
+
+def test_files_stay_readable_in_size():
+    lines = {path.name: len(path.read_text().splitlines()) for path in ROOT.glob("*.py")}
+    assert lines["sample.py"] <= 400 and lines["model.py"] <= 700, lines
+    assert all(n <= 600 for name, n in lines.items() if name != "bench.py"), lines
