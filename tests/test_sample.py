@@ -297,6 +297,35 @@ def test_bad_flags_are_refused_before_any_work(flags, named, clip, weights, tmp_
     assert list(tmp_path.iterdir()) == []  # nothing read, loaded or written
 
 
+@pytest.mark.parametrize("flags,named", [
+    (["--mode", "full", "--m", "1,6"], "--m sets the M-degree window"),
+    (["--mode", "full", "--theta", "0.2"], "--theta set LIPAR's mask, which --mode full does not compute"),
+    (["--mode", "tape", "--theta2", "0.5", "--mask-lookahead", "0"], "--mask-lookahead, --theta2 set LIPAR's mask"),
+    (["--tape-alpha", "0.3"], "--tape-alpha only apply to --mode tape"),
+    (["--mode", "naive", "--tape-ratio", "0.2", "--tape-every", "5"], "--tape-every, --tape-ratio only apply"),
+    (["--compare", "--mode", "tape"], "--compare runs full and lipar side by side; drop --mode tape"),
+    (["--prune-ratio", "0.3"], "unrecognized arguments: --prune-ratio"),
+    (["--manifest", "jobs.jsonl"], "unrecognized arguments: --manifest"),
+])
+def test_flags_without_effect_in_the_mode_are_refused(flags, named, clip, weights, tmp_path, monkeypatch, capsys):
+    """A flag the chosen mode would silently ignore is refused in one sentence, before any work."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.guarded(sample.main, ["--video", str(clip), "--weights", str(weights), "--device", "cpu", *SIZE,
+                                     *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mask_flags_are_taken_by_full_when_it_saves_the_mask(clip, weights, tmp_path, monkeypatch):
+    """--save-mask computes LIPAR's mask in any mode, so θ means something under full too."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["--video", str(clip), "--mode", "full", "--save-mask", "--theta", "0.2", "--json", "s.json"],
+                   weights) == 0
+    stats = json.loads(Path("s.json").read_text())
+    assert stats["theta"] == 0.2 and set(stats["outputs"]) == {"full", "mask"}
+
+
 def test_cuda_asked_for_where_there_is_none(clip, weights, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
