@@ -267,7 +267,7 @@ def stream_fixed_mask(models, clip, keep, out):
     for _ in range(2):
         with io.VideoReader(clip) as reader:
             stats = sample.edit_video(reader, models, context, settings, {"lipar": out}, stream.Stopwatch("cuda"), [],
-                                      masks=FixedMask(keep))
+                                      masks=FixedMask(keep), overwrite=True)
     return stats
 
 

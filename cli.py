@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 import demo
+import files
 import lipar
+import signals
 import stream
 import tape as T
 import video as io
@@ -30,6 +32,18 @@ MASK_MODES = set(lipar.MODES) - {"full"}  # the modes that compute LIPAR's mask
 
 class UsageError(Exception):
     """Bad input the user can fix; the message says how."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help with "(default: X)" added where a flag has a default to show; a
+    flag whose default depends on others (None) says so in its own help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,6 +69,10 @@ class EditSettings:
     mask_lookahead: int = 1          # latent frames the mask's medians and dilation see ahead
     tape: T.TapeConfig = field(default_factory=T.TapeConfig)
 
+
+MAX_SIDE, MAX_PIXELS = 2048, 1920 * 1088  # the largest model size taken: 1080p (the model's own is 832x480)
+MAX_WINDOW = 21  # latent frames: Self-Forcing's positions run 0..20, and a window rolls inside them
+MAX_SEED = 2**63 - 1
 
 # Flags that only mean something in some modes default to None, so that one given
 # where it has no effect is refused rather than silently ignored.
@@ -119,9 +137,9 @@ def add_edit_flags(p):
 
 def parser():
     p = Parser(description="Edit a video with LIPAR on Self-Forcing (Wan 2.1 T2V 1.3B). Many "
-                                "videos, or the paper's evaluation: evaluate.py.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--video", help="input video (mp4, mov, webm, gif), a camera device, or - for standard input; "
+                           "videos, or the paper's evaluation: evaluate.py.",
+                formatter_class=HelpFormatter)
+    p.add_argument("--video", help="input video (mp4, mov, mkv, webm, gif; a file or a named pipe), a camera device, or - for standard input; "
                    "default: a generated demo clip")
     p.add_argument("--out", help="output mp4, or - for standard output (default: results/<input>_<mode>.mp4)")
     p.add_argument("--mode", choices=MODES,
@@ -141,10 +159,20 @@ def parser():
 def parse(argv=None):
     """sample.py's flags: (args, EditSettings, notes), every problem refused in one UsageError."""
     args = parser().parse_args(argv)
+    tool = "--check-weights" if args.check_weights else "--convert-checkpoint" if args.convert_checkpoint else None
+    if tool:
+        given = [flag for flag, value in (("--video", args.video), ("--out", args.out), ("--json", args.json),
+                                          ("--mode", args.mode), ("--compare", args.compare),
+                                          ("--save-mask", args.save_mask),
+                                          ("--convert-checkpoint", args.check_weights and args.convert_checkpoint))
+                 if value]
+        if given:
+            raise UsageError(f"{tool} runs on its own and edits nothing; drop {', '.join(given)}")
     if args.compare and args.mode is not None:
         raise UsageError(f"--compare runs full and lipar side by side; drop --mode {args.mode}")
-    if args.video is None:  # the demo: both modes side by side, the mask, at CPU size without weights
-        args.compare = args.save_mask = args.overwrite = True
+    if args.video is None and not (args.check_weights or args.convert_checkpoint):
+        # the demo: both modes side by side (or the one --mode), the mask, at CPU size
+        args.compare, args.save_mask, args.overwrite = args.mode is None, True, True
         if not Path(args.weights).exists():
             args.height, args.width = args.height or 240, args.width or 416
     modes = ["full", "lipar"] if args.compare else [args.mode or "lipar"]
@@ -179,20 +207,26 @@ def edit_settings(args, modes, mask_preview=False):
 
 def unused_flag_problems(args, modes, mask_preview):
     given = {name for name in MODE_FLAGS if getattr(args, name, None) is not None}
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     problems, which = [], f"--mode {modes[0]}" if len(modes) == 1 else f"modes {', '.join(modes)}"
-    if given & {"theta", "theta2", "mask_lookahead"} and not (set(modes) & MASK_MODES or mask_preview):
-        names = ", ".join(flag(n) for n in sorted(given & {"theta", "theta2", "mask_lookahead"}))
-        problems.append(f"{names} set LIPAR's mask, which {which} does not compute; drop them, or pick a pruned "
-                        "mode (lipar, naive, noisy_dup) or --save-mask")
+    mask_flags = sorted(given & {"theta", "theta2", "mask_lookahead"})
+    if mask_flags and not (set(modes) & MASK_MODES or mask_preview):
+        names, verb, them = flag_list(mask_flags, "sets", "set")
+        problems.append(f"{names} {verb} LIPAR's mask, which {which} does not compute; drop {them}, or pick a "
+                        "pruned mode (lipar, naive, noisy_dup) or --save-mask")
     if "m" in given and set(modes) <= {"full"}:
         problems.append(f"--m sets the M-degree window of the pruned modes; {which} attends to the whole causal "
                         "cache: drop --m or pick another mode")
     tape_flags = sorted(n for n in given if n.startswith("tape_"))
     if tape_flags and "tape" not in modes:
-        problems.append(f"{', '.join(flag(n) for n in tape_flags)} only apply to --mode tape; drop them or run "
-                        "--mode tape")
+        names, verb, them = flag_list(tape_flags, "applies", "apply")
+        problems.append(f"{names} only {verb} to --mode tape; drop {them} or run --mode tape")
     return problems
+
+
+def flag_list(names, one, many):
+    """("--a, --b", verb, pronoun) for a sentence about the flags `names`, singular or plural."""
+    text = ", ".join("--" + name.replace("_", "-") for name in names)
+    return (text, one, "it") if len(names) == 1 else (text, many, "them")
 
 
 def value_problems(args, values):
@@ -212,19 +246,40 @@ def value_problems(args, values):
     if cannot_hold_a_chunk(values["m"]):
         problems.append(f"--m {window_text(values['m'])} cannot hold a chunk; give SINK >= 0 and RECENT >= 3 "
                         "latent frames (e.g. 1,6) or 'all'")
+    elif values["m"] != "all" and sum(values["m"]) > MAX_WINDOW:
+        problems.append(f"--m {window_text(values['m'])} spans more than the {MAX_WINDOW} latent frames the model "
+                        f"was trained on; give SINK + RECENT <= {MAX_WINDOW} (or 'all': the whole causal cache)")
     for name in ("height", "width"):
         value = getattr(args, name)
-        if value is not None and value <= 0:
-            problems.append(f"--{name} {value} is not a size; give a positive multiple of 16")
+        if value is not None and not 0 < value <= MAX_SIDE:
+            problems.append(f"--{name} {value} is not a size this tool takes; give a multiple of 16 from 16 to "
+                            f"{MAX_SIDE}")
+    if args.height and args.width and 0 < args.height <= MAX_SIDE and 0 < args.width <= MAX_SIDE \
+            and args.height * args.width > MAX_PIXELS:
+        problems.append(f"--height {args.height} --width {args.width} is more than 1080p ({MAX_PIXELS:,} pixels a "
+                        "frame), the largest size this tool edits; give a smaller size")
+    if not 0 <= args.seed <= MAX_SEED:
+        problems.append(f"--seed {args.seed} is out of range; give a number from 0 to 2**63 - 1")
     for flag, device in (("--device", args.device), ("--text-device", args.text_device)):
-        try:
-            kind = torch.device(device).type if device is not None else None
-        except RuntimeError:
-            problems.append(f"{flag} {device!r} is not a device; give cpu or cuda")
-            continue
-        if kind == "cuda" and not torch.cuda.is_available():
-            problems.append(f"{flag} {device}: this machine has no usable CUDA GPU; give cpu")
+        if device is not None and (problem := device_problem(device)):
+            problems.append(f"{flag} {device!r}: {problem}")
     return problems
+
+
+def device_problem(device):
+    """Why `device` cannot run the models (a phrase), or None: cpu, cuda or cuda:N of a GPU this machine has."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        return "not a device; give cpu or cuda"
+    if device.type not in ("cpu", "cuda"):
+        return "not a device the models run on here; give cpu or cuda"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "this machine has no usable CUDA GPU; give cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0; give cuda or cuda:0"
+    return None
 
 
 def not_a_threshold(value, inf_allowed=False):
@@ -238,16 +293,17 @@ def cannot_hold_a_chunk(window):
 
 
 def output_problems(args):
-    if args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() not in ("", ".mp4"):
+    if args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() != ".mp4":
         return [f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name"]
     return []
 
 
 def input_problems(video):
-    if video not in (None, io.STDIO) and not Path(video).is_file() and not io.is_camera(video):
-        state = "is a folder" if Path(video).is_dir() else "does not exist"
-        return [f"the video {video} {state}; give the path of a video file, a camera device or - (standard input)"]
-    return []
+    """A video must be a file, a named pipe (also /dev/fd/N, <(...)), a camera or -."""
+    if video in (None, io.STDIO) or io.is_camera(video) or io.is_pipe(video) or Path(video).is_file():
+        return []
+    state = "is a folder" if Path(video).is_dir() else "does not exist"
+    return [f"the video {video} {state}; give the path of a video file, a camera device or - (standard input)"]
 
 
 def vae_kind(args):
@@ -312,40 +368,54 @@ def output_path(args, kind, several):
     if args.out == io.STDIO:
         return io.STDIO
     out = Path(args.out)
-    return out.with_name(f"{out.stem}_{kind}{out.suffix or '.mp4'}") if several else out
+    return out.with_name(f"{out.stem}_{kind}{out.suffix}") if several else out
 
 
 def check_outputs(args, settings):
-    """{kind: path} of the edit's outputs, refusing to overwrite anything unless
-    --overwrite, and never the input."""
+    """{kind: path} of the edit's outputs, each checked before any work: not the input
+    (by any name), not one another nor --json, not inside the weights folder, absent or
+    (with --overwrite) a regular file, in a folder that can be written."""
     kinds = output_kinds(args, settings.modes)
-    if args.out == io.STDIO:
-        if len(kinds) > 1:
-            raise UsageError("--out - writes one video to standard output; drop --compare and --save-mask, or give "
-                             "--out a file name")
-        return {kinds[0]: io.STDIO}
-    source = Path(args.video).resolve()
-    outputs = {}
-    for kind in kinds:
-        path = outputs[kind] = output_path(args, kind, several=len(kinds) > 1)
-        if path.resolve() == source:
-            raise UsageError(f"the output {path} is the input video; choose another --out")
-        if path.exists() and not args.overwrite:
-            raise UsageError(f"{path} already exists; pass --overwrite or choose another --out")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"cannot create the output folder {path.parent} ({err.strerror}); "
-                             "choose another --out") from None
+    if args.out == io.STDIO and len(kinds) > 1:
+        raise UsageError("--out - writes one video to standard output; drop --compare and --save-mask, or give "
+                         "--out a file name")
+    outputs = {kind: io.STDIO if args.out == io.STDIO else output_path(args, kind, several=len(kinds) > 1)
+               for kind in kinds}
+    named = [(f"the {kind} output", path) for kind, path in outputs.items() if path != io.STDIO]
+    if args.json:
+        named.append(("--json", Path(args.json)))
+    check_paths(named, [args.video], args.weights, args.overwrite)
     return outputs
 
 
-def open_writers(outputs, modes, reader):
+def check_paths(named, inputs, weights, overwrite):
+    """Refuse any of the outputs `named` [(what, path)] that would touch an input, the
+    weights or another output, or that cannot be written (files.py); make their folders."""
+    inputs = [Path(p) for p in inputs if p not in (None, io.STDIO)]
+    for i, (what, path) in enumerate(named):
+        if any(files.same_file(path, source) for source in inputs):
+            raise UsageError(f"{what} {path} is the input video; choose another name")
+        if weights is not None and Path(path).resolve().is_relative_to(Path(weights).resolve()):
+            raise UsageError(f"{what} {path} is inside the weights folder {weights}; choose another name")
+        for other, other_path in named[:i]:
+            if files.same_file(path, other_path):
+                raise UsageError(f"{what} {path} is also {other}; give each output a name of its own")
+        if problem := files.target_problem(path, overwrite):
+            raise UsageError(problem.replace("choose another output", "choose another --out" if what != "--json"
+                                             else "choose another --json"))
+        try:
+            files.prepare_folder(path)
+        except files.OutputError as err:
+            raise UsageError(str(err)) from None
+
+
+def open_writers(outputs, modes, reader, overwrite=False):
     """A VideoWriter per output {kind: path}; each mode's edit carries the source's audio."""
     writers = {}
     try:
         for kind, path in outputs.items():
-            writers[kind] = io.VideoWriter(path, reader.fps, audio_from=reader if kind in modes else None)
+            writers[kind] = io.VideoWriter(path, reader.fps, audio_from=reader if kind in modes else None,
+                                           overwrite=overwrite)
     except BaseException:
         for writer in writers.values():
             writer.discard()
@@ -380,8 +450,8 @@ def render_outputs(edited, outputs, sources, keep, first):
     return frames
 
 
-def write_json(path, stats):
-    Path(path).write_text(json.dumps(stats, indent=2))
+def write_json(path, stats, overwrite=False):
+    files.write_text(path, json.dumps(stats, indent=2), overwrite)
 
 
 # -----------------------------------------------------------------------------
@@ -472,17 +542,35 @@ def print_summary(stats, file=sys.stdout):
 
 
 def guarded(main, argv=None):
-    """main(argv) with bad input reported as one sentence and exit code 2, never a traceback."""
+    """main(argv) with bad input reported as one sentence and exit code 2, never a
+    traceback; Ctrl-C, SIGTERM and SIGHUP stop it as signals.py says."""
     try:
-        return main(argv)
-    except (UsageError, io.VideoError, WeightsError) as err:
+        with signals.handled():
+            return main(argv)
+    except (UsageError, io.VideoError, WeightsError, files.OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except stream.Interrupted as stop:  # Ctrl-C or a closed pipe while editing: the finished chunks are kept
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        print(f"error: {out_of_memory(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if "can't allocate memory" not in str(err):  # the CPU allocator's words
+            raise
+        print(f"error: {out_of_memory(err)}", file=sys.stderr)
+        return 2
+    except stream.Interrupted as stop:  # while editing: the finished chunks are kept
         print(stop, file=sys.stderr)
         if stop.code == 1:  # nobody reads standard output any more: keep Python from complaining at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return stop.code
-    except KeyboardInterrupt:  # before the edit began: outputs are only ever renamed into place when closed
-        print("interrupted before the edit began; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # before the edit began: outputs are only ever moved into place when closed
+        how = f"stopped by {stop}" if isinstance(stop, signals.Terminated) else "interrupted"
+        print(f"{how} before the edit began; nothing was written", file=sys.stderr)
+        return getattr(stop, "code", 130)
+
+
+def out_of_memory(err):
+    where = "GPU" if isinstance(err, torch.OutOfMemoryError) and "CUDA" in str(err) else "host"
+    lower = "a smaller --height/--width, a smaller --m window, --vae tiny" + (", --text-device cpu" if where == "GPU"
+                                                                             else "")
+    return f"ran out of {where} memory; give {lower}, or free memory taken by other programs"

@@ -15,7 +15,11 @@ LIPAR against the `full` edit kept from the first run. A job's stats are written
 beside its video as <name>.json: a rerun skips finished jobs and rebuilds the report.
 """
 
-import argparse
+if __name__ == "__main__":  # Ctrl-C, SIGTERM or SIGHUP while Python loads: one line, nothing written
+    import signals
+    signals.quiet_until_started()
+
+import argparse  # noqa: E402 (the lines above come first)
 import copy
 import csv
 import datetime
@@ -30,6 +34,7 @@ import torch
 
 import cli
 import demo
+import files
 import model as M
 import sample
 import stream
@@ -118,7 +123,13 @@ def read_records(path):
     lines starting with # are skipped) or a .csv (a header row naming the fields;
     empty cells are absent fields). A line that cannot be read gives {"": error}."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise cli.UsageError(f"the manifest {path} is not UTF-8 text (byte {err.start} cannot be read); save it as "
+                             "UTF-8") from None
+    except OSError as err:
+        raise cli.UsageError(f"cannot read the manifest {path} ({err.strerror}); check the path") from None
     records = []
     if path.suffix.lower() == ".csv":
         rows = csv.DictReader(text.splitlines())
@@ -187,6 +198,17 @@ def job_settings(record, base, modes, manifest_folder):
     return (video, out, settings), None
 
 
+RESERVED = {"report", "clips", "sweep"}  # the report's own files and folders in the results folder
+
+
+def safe_name(name):
+    """A job's name as a file name that stays in the results folder: letters, digits,
+    '.', '-' and '_' (anything else, a path separator among them, becomes '_'), not
+    starting with a dot."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in name).lstrip(".")
+    return safe[:100] or "job"
+
+
 def resolve(path, folder):
     """A manifest's paths are relative to the manifest's own folder."""
     path = Path(path).expanduser()
@@ -197,14 +219,14 @@ def read_manifest(path, base, modes, folder):
     """(jobs, failures) of a manifest: a failure is {"line", "error"} for a line that
     cannot be run; the other jobs still run. Names are unique (a second clip.mp4
     becomes clip_2)."""
-    jobs, failures, taken = [], [], set()
+    jobs, failures, taken = [], [], set(RESERVED)
     for line, record in read_records(path):
         job, error = job_settings(record, base, modes, Path(path).parent)
         if error:
             failures.append({"line": line, "error": error})
             continue
         video, out, settings = job
-        name = stem = str(record.get("name") or Path(video).stem)
+        name = stem = safe_name(str(record.get("name") or Path(video).stem))
         for n in itertools.count(2):
             if name not in taken:
                 break
@@ -254,13 +276,10 @@ def job_outputs(job):
             for mode in job.settings.modes}
 
 
-def check_job_outputs(job, overwrite):
-    for path in job_outputs(job).values():
-        if Path(path).resolve() == Path(job.video).resolve():
-            raise cli.UsageError(f"the output {path} is the input video; choose another out")
-        if Path(path).exists() and not overwrite:
-            raise cli.UsageError(f"{path} already exists; pass --overwrite or choose another out")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+def check_job_outputs(job, args):
+    """The job's videos and stats, checked as sample.py checks its outputs (cli.check_paths)."""
+    named = [(f"the {mode} output", path) for mode, path in job_outputs(job).items()]
+    cli.check_paths(named + [("the stats", stats_path(job))], [job.video], args.weights, args.overwrite)
 
 
 def stats_path(job):
@@ -283,19 +302,20 @@ def stats_outputs(stats):
     return list(stats.get("outputs", {}).values()) + [p["output"] for p in stats.get("sweep", [])]
 
 
-def edit(job, settings, outputs, models, context, fidelity):
+def edit(job, settings, outputs, models, context, fidelity, overwrite):
     """One streamed edit of the job's video (sample.edit_video)."""
     clock = stream.Stopwatch(models.device)
     with io.VideoReader(job.video) as reader:
-        return sample.edit_video(reader, models, context, settings, outputs, clock, [], fidelity=fidelity)
+        return sample.edit_video(reader, models, context, settings, outputs, clock, [], fidelity=fidelity,
+                                 overwrite=overwrite)
 
 
 def run_job(job, args, models, context):
     """One job's edit (and its sweep); returns its stats, also written to <out>.json."""
     sweep = args.eval and (args.sweep_theta or args.sweep_m)
     fidelity = Fidelity(reference=[] if sweep else None) if args.eval else None
-    check_job_outputs(job, args.overwrite)
-    stats = edit(job, job.settings, job_outputs(job), models, context, fidelity)
+    check_job_outputs(job, args)
+    stats = edit(job, job.settings, job_outputs(job), models, context, fidelity, args.overwrite)
     stats["name"], stats["line"], stats["job"], stats["sweep"] = job.name, job.line, signature(job, args), []
     if sweep:
         out = Path(job.out)
@@ -304,15 +324,12 @@ def run_job(job, args, models, context):
             window = None if m == "all" else tuple(m)
             point = replace(job.settings, modes=["lipar"], theta=theta, window=window)
             output = out.parent / "sweep" / f"{out.stem}_theta{theta:g}_m{cli.window_text(m).replace(',', '-')}.mp4"
-            if output.exists() and not args.overwrite:
-                raise cli.UsageError(f"{output} already exists; pass --overwrite or choose another --out")
-            output.parent.mkdir(parents=True, exist_ok=True)
-            result = edit(job, point, {"lipar": output}, models, context, Fidelity(reference=fidelity.reference))
+            cli.check_paths([("the sweep's output", output)], [job.video], args.weights, args.overwrite)
+            result = edit(job, point, {"lipar": output}, models, context, Fidelity(reference=fidelity.reference),
+                          args.overwrite)
             stats["sweep"].append({"theta": theta, "m": cli.window_json(window), "output": str(output),
                                    **result["modes"]["lipar"]})
-    partial = stats_path(job).with_name(f".{stats_path(job).name}.partial")
-    partial.write_text(json.dumps(stats, indent=2))
-    partial.replace(stats_path(job))  # whole or absent: a rerun trusts it
+    files.write_text(stats_path(job), json.dumps(stats, indent=2), args.overwrite)  # whole or absent: a rerun trusts it
     return stats
 
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import cli
+import files
 
 
 def clip_row(stats):
@@ -86,9 +87,9 @@ def write_report(folder, stats, failures, args, setup):
               "modes": modes, "overall": overall(rows, modes), "clips": rows, "sweep": sweep_table(rows),
               "failed": failures}
     report["plots"] = plots(folder, rows, report["sweep"])
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    files.write_text(folder / "report.json", json.dumps(report, indent=2), overwrite=True)  # rebuilt on every run
     path = folder / "report.md"
-    path.write_text(report_markdown(report))
+    files.write_text(path, report_markdown(report), overwrite=True)
     return path
 
 
@@ -163,7 +164,8 @@ def plots(folder, rows, sweep):
     def save(fig, name, title):
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=80)
+        with files.writing(folder / name, overwrite=True) as partial:
+            fig.savefig(partial, dpi=80, format="png")
         plt.close(fig)
         written[name] = title
 

@@ -25,7 +25,11 @@ CUDA graphs (graphs.py), TAPE (tape.py) and the threads (stream.py) around it.
 With no arguments it runs a demo on a generated clip.
 """
 
-import sys
+if __name__ == "__main__":  # Ctrl-C, SIGTERM or SIGHUP while Python loads: one line, nothing written
+    import signals
+    signals.quiet_until_started()
+
+import sys  # noqa: E402 (the lines above come first)
 import tempfile
 from collections import deque
 from contextlib import nullcontext
@@ -194,11 +198,17 @@ def edit_chunks(pieces, vae, editors, masks=None, clock=None):
         yield finish(waiting.popleft())
 
 
-def encode_prompts(text_encoder_loader, prompts, device, dtype):
+def encode_prompts(text_encoder_loader, prompts, device, dtype, notes=None):
     """Step 4: {prompt: context [1, 512, 4096]} for every distinct prompt, with one load of
-    the text encoder (11 GB for umT5-XXL), freed before the DiT arrives."""
+    the text encoder (11 GB for umT5-XXL), freed before the DiT arrives. A prompt longer
+    than the encoder reads is noted in `notes` (a list), if given."""
     text_encoder = text_encoder_loader()
     contexts = {prompt: text_encoder.encode([prompt]).to(device, dtype) for prompt in dict.fromkeys(prompts)}
+    for prompt in contexts:
+        count, length = text_encoder.tokenizer.token_count(prompt), text_encoder.tokenizer.text_len
+        if notes is not None and count > length:
+            notes.append(f"the prompt is {count} tokens long; the text encoder reads its first {length - 1} "
+                         f"(and the end mark): shorten it to keep the rest")
     del text_encoder
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -271,10 +281,11 @@ def make_editors(models, context, grid_hw, settings):
             for mode in settings.modes}
 
 
-def edit_video(reader, models, context, settings, outputs, clock, notes, masks=None, fidelity=None):
+def edit_video(reader, models, context, settings, outputs, clock, notes, masks=None, fidelity=None, overwrite=False):
     """Steps 1-8 on an open video.VideoReader, chunk by chunk as it is read, writing
     `outputs` {kind: path or "-"}: each mode's edit (with the source's audio), and where
-    named the side-by-side "compare" and the "mask" preview. Returns the stats (cli.edit_stats).
+    named the side-by-side "compare" and the "mask" preview (over existing files only
+    with overwrite). Returns the stats (cli.edit_stats).
 
     masks: what computes the mask (default: a lipar.MaskStream of the settings, when a
     mode prunes or a preview is asked for); fidelity: a metrics.Fidelity (default: one
@@ -291,7 +302,7 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
     runner = models.runner()
     graphs_before = dict(runner.stats) if runner else None
     editors = make_editors(models, context, grid, settings)
-    writers = cli.open_writers(outputs, settings.modes, reader)
+    writers = cli.open_writers(outputs, settings.modes, reader, overwrite)
     kept = []
 
     def render(chunk, count, sources, first):  # the frames each output gets from one chunk
@@ -310,6 +321,9 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
     notes += notes_out
     if reader.error:
         notes.append(f"{reader.error}; edited the frames read before it")
+    elif reader.frame_count and reader.frames_read < reader.frame_count:
+        notes.append(f"{reader.name} ended after {reader.frames_read} of the {reader.frame_count} frames its "
+                     f"container states (cut short?); edited the {reader.frames_read} frames read")
     graph_stats = None if runner is None else {k: runner.stats[k] - graphs_before[k] for k in graphs_before}
     tape_ratios = editors["tape"].forward.ratios if "tape" in editors else None
     return cli.edit_stats(reader, settings, dit.cfg.frames_per_chunk, models, clock, timeline,
@@ -327,7 +341,7 @@ def main(argv=None):
         print(W.check_weights(args.weights))
         return 0
     if args.convert_checkpoint:
-        print(W.convert_checkpoint(*args.convert_checkpoint))
+        print(W.convert_checkpoint(*args.convert_checkpoint, overwrite=args.overwrite))
         return 0
     demo_run = args.video is None
     models = Models(cli.weights_folder(args, demo_run), args.device, cli.model_dtype(args),
@@ -343,14 +357,14 @@ def main(argv=None):
     clock = stream.Stopwatch(args.device)
     with io.VideoReader(args.video) as reader, M.fusion(args.compile):  # the input is checked before loading
         with clock("text"):  # step 4, first: the text encoder is freed before the DiT arrives
-            context = encode_prompts(models.text_encoder, [args.prompt], torch.device(args.device),
-                                     models.dtype)[args.prompt]
+            context = encode_prompts(models.text_encoder, [args.prompt], torch.device(args.device), models.dtype,
+                                     notes)[args.prompt]
         with clock("load"):  # weights from disk
             models.vae(), models.dit()
-        stats = edit_video(reader, models, context, settings, outputs, clock, notes)
+        stats = edit_video(reader, models, context, settings, outputs, clock, notes, overwrite=args.overwrite)
     cli.print_summary(stats, report)
     if args.json:
-        cli.write_json(args.json, stats)
+        cli.write_json(args.json, stats, args.overwrite)
     return 0
 
 

@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 import video as io
+from files import OutputError
+from signals import Terminated
 
 
 class Stopwatch:
@@ -108,9 +110,10 @@ def source_pieces(reader, vae, frames_per_chunk, height, width, notes):
     until the output reaches every source frame; the caller trims the rest.
     """
     size, frames, times, pieces = vae.chunk_frames(frames_per_chunk, True), [], [], 0
+    reader.fit = (height, width)  # a huge source is shrunk as it is decoded: a piece stays small
     for pixels, seconds in reader:
-        if reader.frames_read == 1 and pixels.shape[:2] != (height, width):
-            notes.append(f"resized {pixels.shape[1]}x{pixels.shape[0]} to {width}x{height} (centre crop)")
+        if reader.frames_read == 1 and reader.size != (height, width):
+            notes.append(f"resized {reader.size[1]}x{reader.size[0]} to {width}x{height} (centre crop)")
         frames.append(pixels)
         times.append(seconds)
         if len(frames) == size:
@@ -213,7 +216,8 @@ class WriterThread:
 
 
 class Interrupted(Exception):
-    """Ctrl-C or a closed pipe part-way: the message says what was written; `code` is the exit code."""
+    """Ctrl-C, a stopping signal or a closed pipe part-way: the message says what was
+    written; `code` is the exit code."""
 
     def __init__(self, message, code):
         super().__init__(message)
@@ -221,7 +225,8 @@ class Interrupted(Exception):
 
 
 def close_interrupted(writers, stop):
-    """Close every output on Ctrl-C or a closed pipe, keeping what was finished: one sentence."""
+    """Close every output on Ctrl-C, a stopping signal or a closed pipe, keeping what was
+    finished: one sentence."""
     kept, frames = [], 0
     for writer in writers.values():
         frames = max(frames, writer.frames_written)
@@ -231,9 +236,11 @@ def close_interrupted(writers, stop):
         try:
             writer.close()
             kept.append(writer.name)
-        except (BrokenPipeError, io.VideoError):
+        except (BrokenPipeError, io.VideoError, OutputError):
             writer.discard()
-    if isinstance(stop, KeyboardInterrupt):
+    if isinstance(stop, Terminated):
+        why = f"stopped by {stop}"
+    elif isinstance(stop, KeyboardInterrupt):
         why = "interrupted"
     else:
         why = f"standard output was closed by its reader after {frames} edited frames"
@@ -290,12 +297,12 @@ def run(reader, pieces, size, pipeline, render, writers, clock, keep_sources=Fal
             notes = [note for writer in writers.values() if (note := writer.close())]
         progress.close()
         return notes, timeline
-    except (KeyboardInterrupt, BrokenPipeError) as stop:
+    except (KeyboardInterrupt, BrokenPipeError) as stop:  # Ctrl-C, SIGTERM, SIGHUP (signals.py); a closed pipe
         chunks.close()
         background.drain()
         progress.close()
-        raise Interrupted(close_interrupted(writers, stop), 130 if isinstance(stop, KeyboardInterrupt) else 1) \
-            from None
+        code = getattr(stop, "code", 130) if isinstance(stop, KeyboardInterrupt) else 1
+        raise Interrupted(close_interrupted(writers, stop), code) from None
     except BaseException:
         chunks.close()
         background.drain()

@@ -20,6 +20,8 @@ import av
 import torch
 import torch.nn.functional as F
 
+import files
+
 STDIO = "-"
 # Audio codecs an mp4 can hold as they are; anything else is re-encoded to AAC.
 MP4_AUDIO_CODECS = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
@@ -33,6 +35,14 @@ def is_camera(path):
     """A character device such as /dev/video0 (PyAV opens it with Video4Linux2)."""
     try:
         return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def is_pipe(path):
+    """A named pipe, or what /dev/fd/N and a shell's <(...) name: read as a stream."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
     except OSError:
         return False
 
@@ -52,6 +62,8 @@ class VideoReader:
         self.name = "standard input" if str(source) == STDIO else str(source)
         self.error = None  # a sentence, when the input ended in a read error after some frames
         self.frames_read = 0
+        self.size = None  # (height, width) of the source's frames, upright, once the first is read
+        self.fit = None   # (height, width) the frames are needed at, if known: see _rgb
         self._queues = []
         self._start = None
         if str(source) == STDIO:
@@ -63,7 +75,7 @@ class VideoReader:
             if path.is_dir():
                 raise VideoError(f"{path} is a folder, not a video file; pass the path of a video file")
             camera = is_camera(path)
-            if not camera and path.stat().st_size == 0:
+            if path.is_file() and path.stat().st_size == 0:
                 raise VideoError(f"{path} is empty (0 bytes); pass a complete video file")
             target, options = str(path), ({"format": "v4l2"} if camera else {})
         try:
@@ -106,10 +118,12 @@ class VideoReader:
                             queue.append(packet)
                     continue
                 for frame in packet.decode():
-                    pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))
                     # Phones store portrait clips as landscape frames plus a display rotation
                     # (counter-clockwise degrees); applying it gives the picture a player shows.
-                    pixels = torch.rot90(pixels, round(frame.rotation / 90), dims=(0, 1)).contiguous()
+                    turns = round(frame.rotation / 90)
+                    if self.size is None:
+                        self.size = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)
+                    pixels = torch.rot90(torch.from_numpy(self._rgb(frame, turns)), turns, dims=(0, 1)).contiguous()
                     if self._start is None:
                         self._start = frame.time
                     self.frames_read += 1
@@ -123,6 +137,19 @@ class VideoReader:
             self.error = f"{self.name} ended in a read error after {self.frames_read} frames ({reason})"
         if not self.frames_read:
             raise VideoError(f"{self.name} holds no decodable video frame; pass a video with at least one frame")
+
+    def _rgb(self, frame, turns):
+        """The frame as uint8 RGB [H, W, 3]; with `fit` set, a frame more than twice that
+        size on both sides is first shrunk while it is decoded (area average, same
+        aspect), so that no frame is held far above the size it is needed at."""
+        if self.fit is not None:
+            height, width = self.fit[::-1] if turns % 2 else self.fit
+            scale = max(2 * height / frame.height, 2 * width / frame.width)
+            if scale < 1:
+                return frame.reformat(width=max(1, round(frame.width * scale)),
+                                      height=max(1, round(frame.height * scale)), format="rgb24",
+                                      interpolation="AREA").to_ndarray()
+        return frame.to_ndarray(format="rgb24")
 
     def read_audio(self):
         """Queue the rest of the source's audio without decoding its video (write_video)."""
@@ -210,10 +237,11 @@ def pad_frames(frames):
 class VideoWriter:
     """An H.264 (yuv420p) mp4 written as frames arrive, with the audio of a VideoReader.
 
-    A file is written to a hidden `.<name>.partial` beside the target and renamed into
-    place by close(): an error part-way (discard()) leaves nothing under the output's
-    name, and an interrupted edit closed with close() leaves a valid, playable file of
-    every frame written so far. "-" writes a fragmented mp4 (playable while it is
+    A file is written to a temporary file of its own beside the target (files.py) and
+    moved into place by close(), only if the target is still absent (or, with
+    overwrite, a regular file): an error part-way (discard()) leaves nothing under the
+    output's name, and an interrupted edit closed with close() leaves a valid,
+    playable file of every frame written so far. "-" writes a fragmented mp4 (playable while it is
     still being written) to standard output.
 
     Frames carry the times of the source frames they come from, so a variable frame
@@ -223,7 +251,7 @@ class VideoWriter:
     left out from there on, and close() returns a sentence saying so (else None).
     """
 
-    def __init__(self, target, fps, audio_from=None):
+    def __init__(self, target, fps, audio_from=None, overwrite=False):
         self.target, self.rate = str(target), Fraction(fps).limit_denominator(1001)  # 29.97.. -> 30000/1001
         self.to_stdout = self.target == STDIO
         if self.to_stdout:
@@ -232,9 +260,10 @@ class VideoWriter:
                                      options={"movflags": "frag_keyframe+empty_moov+default_base_moof"})
         else:
             path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.partial = path.with_name(f".{path.name}.partial")
+            self.overwrite = overwrite
             try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.partial = files.partial_path(path)
                 self.container = av.open(str(self.partial), "w", format="mp4")
             except (av.FFmpegError, OSError) as err:
                 raise VideoError(f"cannot write {path} ({getattr(err, 'strerror', None) or err}); check the folder "
@@ -329,7 +358,7 @@ class VideoWriter:
                 self._carry_audio(final=True)
             self.container.close()
             if self.partial is not None:
-                os.replace(self.partial, self.target)
+                files.publish(self.partial, self.target, self.overwrite)
         except (av.FFmpegError, OSError) as err:
             self.discard()
             if isinstance(err, OSError) and err.errno == errno.EPIPE:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import files
 from model import CausalWanModel, DiTConfig
 from text_encoder import T5Config, TextEncoder, Tokenizer, UMT5Encoder
 from tiny_vae import TGrow, TinyVAE, TinyVAEConfig
@@ -23,6 +24,19 @@ class WeightsError(Exception):
     """A weight file is missing, unreadable or does not match the model."""
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_json(path, what):
+    """A JSON file beside the weights, or one WeightsError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise WeightsError(f"{path} ({what}) cannot be read as JSON ({err}); download it again") from None
+
+
 def read_safetensors(path, shapes_only=False):
     """Read a .safetensors file, or a folder holding one or several shards.
 
@@ -30,61 +44,76 @@ def read_safetensors(path, shapes_only=False):
     config the parsed config.json beside the weights (or None). A folder may hold
     a single *.safetensors file or shards listed in a *.index.json, as the
     diffusers repos' transformer/, vae/ and text_encoder/ folders do. With
-    shapes_only the tensors are empty `meta` tensors read from the file headers:
-    enough to check names and shapes of a multi-GB checkpoint in a second.
+    shapes_only the tensors are empty `meta` tensors (of the stored dtype) read from
+    the file headers: enough to check names and shapes of a multi-GB checkpoint in a second.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise WeightsError(f"{path} is a link that leads nowhere (or to itself); point it at the weights")
     if not path.exists():
         raise WeightsError(f"weights not found: {path} does not exist (see weights.md for what to download)")
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if indexes:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-            files = sorted({path / name for name in weight_map.values()})
+            weight_map = read_json(indexes[0], "the index of the shards").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise WeightsError(f"{indexes[0]} has no weight_map of tensor names to shard files; download it "
+                                   "again")
+            shards = sorted({path / str(name) for name in weight_map.values()})
         else:
-            files = sorted(path.glob("*.safetensors"))
-        if not files:
+            shards = sorted(path.glob("*.safetensors"))
+        if not shards:
             raise WeightsError(f"no .safetensors file in {path} (see weights.md for the expected layout)")
-        if len(files) > 1 and not indexes:
+        if len(shards) > 1 and not indexes:
             raise WeightsError(f"{path} holds several .safetensors files but no *.index.json; point to one file instead")
     else:
         if path.suffix in (".pt", ".pth", ".bin"):
             raise WeightsError(f"{path} is a pickled checkpoint; convert it once to safetensors as weights.md shows")
-        files = [path]
+        shards = [path]
     tensors = {}
-    for file in files:
-        if not file.exists():
-            raise WeightsError(f"shard {file.name} listed in the index of {folder} is missing")
+    for shard in shards:
+        if shard.is_symlink() and not shard.exists():
+            raise WeightsError(f"{shard} is a link that leads nowhere (or to itself); point it at the shard")
+        if not shard.exists():
+            raise WeightsError(f"shard {shard.name} listed in the index of {folder} is missing")
         try:
             if shapes_only:
-                with safe_open(str(file), "pt") as f:
-                    tensors.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
+                with safe_open(str(shard), "pt") as f:
+                    for k in f.keys():
+                        stored = f.get_slice(k)
+                        tensors[k] = torch.empty(stored.get_shape(), device="meta",
+                                                 dtype=SAFETENSORS_DTYPES.get(stored.get_dtype(), torch.uint8))
             else:
-                tensors.update(load_file(str(file)))
+                tensors.update(load_file(str(shard)))
         except Exception as err:  # safetensors raises several types; name the file once
-            raise WeightsError(f"{file} is not a readable safetensors file ({err})") from None
+            raise WeightsError(f"{shard} is not a readable safetensors file ({err})") from None
     config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    config = read_json(config_file, "the model's configuration") if config_file.exists() else None
+    if config is not None and not isinstance(config, dict):
+        raise WeightsError(f"{config_file} is not a JSON object of settings; download it again")
     return tensors, config
 
 
 def check_tensors(module, tensors, layout, what):
-    """Raise one WeightsError listing the missing, unexpected and mis-shaped tensors."""
-    expected = {name: p.shape for name, p in module.state_dict(keep_vars=True).items()}
+    """Raise one WeightsError listing the missing, unexpected, mis-shaped and mis-typed tensors
+    (a number where the model holds a weight must be a floating-point one)."""
+    expected = {name: p for name, p in module.state_dict(keep_vars=True).items()}
     missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected]
-    misshaped = [f"{n} {tuple(tensors[n].shape)} != {tuple(s)}"
-                 for n, s in expected.items() if n in tensors and tensors[n].shape != s]
-    if missing or unexpected or misshaped:
+    misshaped = [f"{n} {tuple(tensors[n].shape)} != {tuple(p.shape)}"
+                 for n, p in expected.items() if n in tensors and tensors[n].shape != p.shape]
+    mistyped = [f"{n} {str(tensors[n].dtype).removeprefix('torch.')}" for n, p in expected.items()
+                if n in tensors and p.is_floating_point() and not tensors[n].is_floating_point()]
+    if missing or unexpected or misshaped or mistyped:
         def first(items):
             return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
         problems = [f"{label} {len(items)}: {first(items)}"
-                    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                    if items]
+                    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                                         ("not floating-point", mistyped)) if items]
         raise WeightsError(f"{what} weights ({layout} layout detected) do not match the model: " + "; ".join(problems))
 
 
@@ -435,20 +464,62 @@ def check_weights(weights):
             f"which --vae tiny needs: see weights.md)")
 
 
-def convert_checkpoint(source, target):
-    """One-time conversion of Self-Forcing's pickled self_forcing_dmd.pt to safetensors.
+def convert_checkpoint(source, target, overwrite=False):
+    """One-time conversion of Self-Forcing's pickled self_forcing_dmd.pt (or taew2_1.pth)
+    to safetensors.
 
-    The .pt is read with weights_only=True (tensors and plain containers only, no
-    code); we keep the EMA generator, which is what the authors sample with.
+    The .pt is read with weights_only=True (tensors and plain containers only: no code
+    runs); we keep the EMA generator, which is what the authors sample with. Every
+    problem with the source or the target is one WeightsError; the target is written
+    whole or not at all (files.py).
     """
+    import pickle
+
     from safetensors.torch import save_file
 
-    target = Path(target)
-    if target.exists():
-        raise WeightsError(f"{target} already exists; remove it or choose another path")
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-    state = checkpoint.get("generator_ema", checkpoint.get("generator", checkpoint))
-    tensors = {k.removeprefix("model."): v.contiguous() for k, v in state.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(target))
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        state = "is a folder" if source.is_dir() else "does not exist"
+        raise WeightsError(f"the checkpoint {source} {state}; give the path of the .pt or .pth file")
+    if target.suffix != ".safetensors":
+        raise WeightsError(f"{target}: the converted file is a safetensors file; give it a .safetensors name")
+    if files.same_file(source, target):
+        raise WeightsError(f"{target} is the checkpoint itself; choose another path")
+    if problem := files.target_problem(target, overwrite):
+        raise WeightsError(problem)
+    try:
+        files.prepare_folder(target)  # before reading a multi-GB checkpoint
+    except files.OutputError as err:
+        raise WeightsError(str(err)) from None
+    for mmap in (True, False):  # mmap reads only zip checkpoints; older (legacy) ones are read whole
+        try:
+            checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except pickle.UnpicklingError as err:
+            if "Weights only load failed" in str(err):
+                raise WeightsError(f"{source} holds objects other than tensors and plain containers, which are "
+                                   "refused unread (no code from a checkpoint ever runs); give the checkpoint as "
+                                   "its authors published it") from None
+            failure = err
+        except Exception as err:  # torch.load's errors on a file that is no checkpoint vary by what it holds
+            if mmap and "mmap" in str(err):
+                continue
+            failure = err
+        if isinstance(failure, OSError):
+            raise WeightsError(f"cannot read {source} ({failure.strerror or failure}); check its permissions") \
+                from None
+        raise WeightsError(f"{source} is not a PyTorch checkpoint (torch.load cannot read it); give the .pt or "
+                           ".pth file as downloaded, or download it again") from None
+    state = checkpoint.get("generator_ema", checkpoint.get("generator", checkpoint)) \
+        if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{source} holds no state dict of tensors (found {type(state).__name__}"
+                           + (" with other values" if isinstance(state, dict) else "") + "); give the checkpoint "
+                           "whose weights to convert")
+    tensors = {str(k).removeprefix("model."): v.contiguous() for k, v in state.items()}
+    try:
+        with files.writing(target, overwrite) as partial:
+            save_file(tensors, str(partial))
+    except files.OutputError as err:
+        raise WeightsError(str(err)) from None
     return f"wrote {len(tensors)} tensors to {target}"

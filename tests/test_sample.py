@@ -299,9 +299,9 @@ def test_bad_flags_are_refused_before_any_work(flags, named, clip, weights, tmp_
 
 @pytest.mark.parametrize("flags,named", [
     (["--mode", "full", "--m", "1,6"], "--m sets the M-degree window"),
-    (["--mode", "full", "--theta", "0.2"], "--theta set LIPAR's mask, which --mode full does not compute"),
+    (["--mode", "full", "--theta", "0.2"], "--theta sets LIPAR's mask, which --mode full does not compute"),
     (["--mode", "tape", "--theta2", "0.5", "--mask-lookahead", "0"], "--mask-lookahead, --theta2 set LIPAR's mask"),
-    (["--tape-alpha", "0.3"], "--tape-alpha only apply to --mode tape"),
+    (["--tape-alpha", "0.3"], "--tape-alpha only applies to --mode tape"),
     (["--mode", "naive", "--tape-ratio", "0.2", "--tape-every", "5"], "--tape-every, --tape-ratio only apply"),
     (["--compare", "--mode", "tape"], "--compare runs full and lipar side by side; drop --mode tape"),
     (["--prune-ratio", "0.3"], "unrecognized arguments: --prune-ratio"),

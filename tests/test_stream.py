@@ -98,7 +98,8 @@ def test_a_short_clip_streams_to_exactly_the_latents_of_the_whole_clip_path(vae,
     latents = torch.cat([models.vae().encode(io.to_model(piece), cache=encoder)
                          for piece in padded.split([first, 12, 12])], dim=2)
     keep = lipar.prune_mask(latents[0].transpose(0, 1))
-    assert 0.1 < lipar.prune_ratio(keep) < 0.9  # the mask has work to do
+    after_first = keep[1:]  # frame 0 is always kept (Eq. 1 needs a previous frame)
+    assert after_first.any() and not after_first.all()  # the mask has work to do: some kept, some pruned
     context = sample.encode_prompts(models.text_encoder, [demo.DEFAULT_PROMPT], "cpu", torch.float32)[demo.DEFAULT_PROMPT]
     whole = sample.edit_latents(models.dit(), latents, context, keep, "lipar", (1, 6), seed=0, progress=False)
     assert torch.equal(streamed, whole)
