@@ -31,6 +31,9 @@ def target_problem(path, overwrite):
         info = path.lstat()
     except FileNotFoundError:
         info = None
+    except NotADirectoryError:
+        blocking = next(parent for parent in reversed(path.parents) if parent.exists() and not parent.is_dir())
+        return f"cannot create the output folder {blocking}: a file of that name is in the way; choose another output"
     except OSError as err:
         return f"cannot look at {path} ({err.strerror}); choose another output"
     if info is not None:

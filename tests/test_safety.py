@@ -26,7 +26,6 @@ import evaluate
 import files
 import sample
 import video as io
-import weights as W
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--height", "64", "--width", "112", "--device", "cpu", "--vae", "tiny"]
@@ -282,8 +281,10 @@ def test_bounds_are_checked_with_the_flags(flags, named, clip, weights, tmp_path
 
 
 def test_an_8192_square_source_edits_in_bounded_host_memory(weights, tmp_path):
-    """One smooth 8192x8192 frame (a small file; 805 MB as float32 RGB): frames are shrunk
-    as they are decoded, so the process stays far below a chunk at source size."""
+    """One smooth 8192x8192 frame (a small file; 805 MB as float32 RGB, 201 MB as uint8):
+    frames are shrunk as they are decoded, so the whole process peaks below what one
+    source-size float32 frame would add to it (0.6 GiB here: Python, torch and the
+    decoder's own 8192x8192 picture)."""
     source = tmp_path / "huge.mp4"
     with av.open(str(source), "w") as container:
         stream = container.add_stream("libx264", rate=24)
@@ -302,7 +303,7 @@ def test_an_8192_square_source_edits_in_bounded_host_memory(weights, tmp_path):
                             text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["frames"] == 1 and stats["peak_host_memory_gib"] < 2.0, stats["peak_host_memory_gib"]
+    assert stats["frames"] == 1 and stats["peak_host_memory_gib"] < 1.25, stats["peak_host_memory_gib"]
 
 
 @pytest.mark.parametrize("error, where", [
@@ -385,7 +386,7 @@ def test_an_unwritable_target_folder_is_refused_before_the_checkpoint_is_read(tm
     (tmp_path / "file").write_text("a file where the folder would go")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("read before the target was checked"))
     code, printed = convert([source, tmp_path / "file" / "dit.safetensors"], capsys)
-    assert code == 2 and "(Not a directory); choose another output" in printed.err
+    assert code == 2 and f"cannot create the output folder {tmp_path / 'file'}: a file of that name" in printed.err
 
 
 # -----------------------------------------------------------------------------
