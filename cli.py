@@ -68,6 +68,7 @@ class EditSettings:
     theta2: float = 0.3              # Eq. 5-6 substitute bound
     mask_lookahead: int = 1          # latent frames the mask's medians and dilation see ahead
     tape: T.TapeConfig = field(default_factory=T.TapeConfig)
+    recipe: lipar.Recipe = field(default_factory=lipar.Recipe)  # the authors' releases' choices, or ours
 
 
 MAX_SIDE, MAX_PIXELS = 2048, 1920 * 1088  # the largest model size taken: 1080p (the model's own is 832x480)
@@ -77,7 +78,8 @@ MAX_SEED = 2**63 - 1
 # Flags that only mean something in some modes default to None, so that one given
 # where it has no effect is refused rather than silently ignored.
 MODE_FLAGS = {"theta": 0.149, "theta2": 0.3, "mask_lookahead": 1, "m": (1, 6),
-              "tape_ratio": 0.3, "tape_alpha": 0.5, "tape_delta": 0.1, "tape_every": 10}
+              "tape_ratio": 0.3, "tape_alpha": 0.5, "tape_delta": 0.1, "tape_every": 10,
+              "tape_selections": None}
 
 
 def parse_window(text):
@@ -104,6 +106,10 @@ def add_edit_flags(p):
     """The flags of one edit, shared by sample.py and evaluate.py."""
     p.add_argument("--prompt", default=demo.DEFAULT_PROMPT, help="what the edited video should show")
     p.add_argument("--weights", default="weights", help="folder laid out as weights.md says")
+    p.add_argument("--recipe", choices=list(lipar.RECIPES), default="ours",
+                   help="paper: every choice of the authors' first release, which the paper's numbers come from; "
+                        "authors: their later code's; ours: theirs plus Eq. 5-6 once more after the cleanup (README, "
+                        "'Recipes')")
     p.add_argument("--vae", choices=["wan", "tiny"], default=None,
                    help="wan: the Wan 2.1 VAE; tiny: TAEHV (taew2_1), about 20x cheaper, a little less faithful "
                         "(default: wan when weights/vae exists, else tiny when weights/tiny_vae does)")
@@ -116,10 +122,17 @@ def add_edit_flags(p):
                    help="M-degree window 'SINK,RECENT' in latent frames, or 'all' for the whole cache (default 1,6)")
     p.add_argument("--tape-ratio", type=float,
                    help="tape: the share of tokens skipped between selections, the mean over the steps (default 0.3)")
-    p.add_argument("--tape-alpha", type=float, help="tape: temporal smoothing weight α of the scores (default 0.5)")
+    p.add_argument("--tape-alpha", type=float,
+                   help="tape: smoothing weight α of the current frame's scores, s̃ = α·s + (1 − α)·s̃_prev: "
+                        "smaller leans on the previous frame (default 0.5)")
     p.add_argument("--tape-delta", type=float,
                    help="tape: HighLow budget, the ratio runs from R + δ at the first step to R − δ (default 0.1)")
-    p.add_argument("--tape-every", type=int, help="tape: blocks from one selection to the next (default 10)")
+    p.add_argument("--tape-every", type=int,
+                   help="tape: blocks from one selection to the next (default 10: TAPE's 'every 10 layers', 3 "
+                        "selections of Wan's 30 blocks)")
+    p.add_argument("--tape-selections", type=int,
+                   help="tape: the selections instead, spread evenly over the blocks (5: TAPE's chosen count; "
+                        "instead of --tape-every)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="model height, a multiple of 16 (default 480)")
     p.add_argument("--width", type=int, default=None, help="model width, a multiple of 16 (default 832)")
@@ -201,7 +214,8 @@ def edit_settings(args, modes, mask_preview=False):
                             width=args.width, seed=args.seed, window=None if values["m"] == "all" else values["m"],
                             theta=values["theta"], theta2=values["theta2"], mask_lookahead=values["mask_lookahead"],
                             tape=T.TapeConfig(values["tape_ratio"], values["tape_alpha"], values["tape_delta"],
-                                                 values["tape_every"]))
+                                                 values["tape_every"], values["tape_selections"]),
+                            recipe=lipar.RECIPES[args.recipe])
     return settings, problems
 
 
@@ -243,6 +257,10 @@ def value_problems(args, values):
         problems.append(f"--tape-delta {values['tape_delta']} is out of range; give a number from 0 to 0.5")
     if values["tape_every"] < 1:
         problems.append(f"--tape-every {values['tape_every']} is not a block count; give 1 or more")
+    if values["tape_selections"] is not None and values["tape_selections"] < 1:
+        problems.append(f"--tape-selections {values['tape_selections']} is not a count; give 1 or more")
+    if getattr(args, "tape_every", None) is not None and values["tape_selections"] is not None:
+        problems.append("--tape-every and --tape-selections both set the reselections; give one of them")
     if cannot_hold_a_chunk(values["m"]):
         problems.append(f"--m {window_text(values['m'])} cannot hold a chunk; give SINK >= 0 and RECENT >= 3 "
                         "latent frames (e.g. 1,6) or 'all'")
@@ -468,7 +486,8 @@ def edit_stats(reader, settings, frames_per_chunk, models, clock, timeline, keep
              "frames": count, "fps": reader.fps, "height": settings.height, "width": settings.width,
              "latent_frames": 1 + (io.padded_length(count) - 1) // 4, "theta": settings.theta,
              "theta2": settings.theta2, "mask_lookahead": settings.mask_lookahead, "m": window_json(settings.window),
-             "seed": settings.seed, "device": str(clock.device), "dtype": str(models.dtype).removeprefix("torch."),
+             "seed": settings.seed, "recipe": {"name": settings.recipe.name} | settings.recipe.choices(),
+             "device": str(clock.device), "dtype": str(models.dtype).removeprefix("torch."),
              "notes": notes, "modes": {}, "stream": timeline.stats()}
     shared = sum(clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "write"))
     for mode in settings.modes:
@@ -506,6 +525,7 @@ def print_summary(stats, file=sys.stdout):
     print(f"{stats['frames']} frames at {stats['width']}x{stats['height']}, {stats['latent_frames']} latent frames, "
           f"{stats['device']} {stats['dtype']}, {'tiny' if stats['vae'] == 'tiny' else 'Wan'} VAE"
           f"{' (random weights)' if stats['random_weights'] else ''}")
+    print(f"recipe: {recipe_text(stats['recipe'])}")
     for mode, s in stats["modes"].items():
         sec = s["seconds"]
         chunks = " ".join(f"{r:.0%}" for r in s["prune_ratio_per_chunk"])
@@ -539,6 +559,13 @@ def print_summary(stats, file=sys.stdout):
     print(f"peak host memory: {stats['peak_host_memory_gib']:.2f} GiB")
     for kind, path in stats["outputs"].items():
         print(f"wrote {kind}: {path}")
+
+
+def recipe_text(recipe):
+    """A recipe as the summary and the report name it: 'paper (steps 400,300,250, ...)'."""
+    return (f"{recipe['name']} (steps {','.join(map(str, recipe['steps']))}, restoration {recipe['restoration']}, "
+            f"dilation {recipe['dilation']}, {'' if recipe['bound_after_cleanup'] else 'no '}Eq. 5-6 after the "
+            f"cleanup, positions {recipe['positions']})")
 
 
 def guarded(main, argv=None):

@@ -27,7 +27,7 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ import video as io
 from metrics import Fidelity
 from report import write_report
 
-FIELDS = ("video", "prompt", "name", "out", "seed", "mode", "modes", "theta", "theta2", "m", "mask_lookahead",
+FIELDS = ("video", "video_path", "prompt", "name", "out", "seed", "mode", "modes", "theta", "theta2", "m", "mask_lookahead",
           "tape_ratio")
 DEMO_CLIPS = ("ball", "ball_backwards", "still")
 
@@ -59,10 +59,13 @@ class Job:
 def parser():
     p = cli.Parser(description="Edit many videos with the models loaded once; with --eval, the "
                                 "paper's evaluation (fidelity to full, speed, a report).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--manifest", help="a .jsonl or .csv of jobs (video, prompt, optional name, out, seed, mode, "
-                   "modes, theta, theta2, m, mask_lookahead, tape_ratio; README: Reproduce the paper's table); "
-                   "without one, --eval runs on the embedded demo clips")
+                   formatter_class=cli.HelpFormatter)
+    p.add_argument("--manifest", help="a .jsonl (or .json: JSON lines or one array) or .csv of jobs (video or "
+                   "video_path, prompt, optional name, out, seed, mode, modes, theta, theta2, m, mask_lookahead, "
+                   "tape_ratio; README: Reproduce the paper's table); without one, --eval runs on the embedded "
+                   "demo clips")
+    p.add_argument("--root", help="the folder the manifest's relative video paths start from (default: the "
+                   "manifest's folder; the authors' davis_prompt.json: their repository's root)")
     p.add_argument("--out", help="the results folder (default results/<manifest name>, or results/eval_demo)")
     p.add_argument("--mode", choices=cli.MODES, help="the mode of a batch without --eval (default lipar)")
     p.add_argument("--eval", action="store_true",
@@ -84,12 +87,17 @@ def parse(argv=None):
     problems = []
     if args.manifest:
         path = Path(args.manifest)
-        if path.suffix.lower() not in (".jsonl", ".csv"):
-            problems.append(f"--manifest {path}: give a .jsonl (one JSON object a line) or a .csv with a header row")
+        if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+            problems.append(f"--manifest {path}: give a .jsonl or .json (JSON objects, one a line, or an array of "
+                            "them) or a .csv with a header row")
         elif not path.is_file():
             problems.append(f"the manifest {path} does not exist; check the path")
     elif not args.eval:
         problems.append("give a --manifest of jobs, or --eval to evaluate on the embedded demo clips")
+    if args.root is not None and not Path(args.root).is_dir():
+        problems.append(f"--root {args.root} is not a folder; give the folder the manifest's video paths start from")
+    if args.root is not None and not args.manifest:
+        problems.append("--root places a manifest's videos; give --manifest or drop --root")
     if args.out == io.STDIO or (args.out and Path(args.out).suffix):
         problems.append(f"--out {args.out}: evaluate.py writes a results folder; give a folder")
     if args.eval:
@@ -131,6 +139,14 @@ def read_records(path):
     except OSError as err:
         raise cli.UsageError(f"cannot read the manifest {path} ({err.strerror}); check the path") from None
     records = []
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one array of objects
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise cli.UsageError(f"the manifest {path} is not JSON ({err.msg} at line {err.lineno}); write one "
+                                 "array of jobs or one job a line") from None
+        return [(i, e if isinstance(e, dict) else {"": "it is not a JSON object; write {\"video\": ..., "
+                                                       "\"prompt\": ...}"}) for i, e in enumerate(entries, 1)]
     if path.suffix.lower() == ".csv":
         rows = csv.DictReader(text.splitlines())
         for row in rows:
@@ -153,12 +169,17 @@ def read_records(path):
     return records
 
 
-def job_settings(record, base, modes, manifest_folder):
+def job_settings(record, base, modes, manifest_folder, root=None):
     """(video, out or None, EditSettings) of one manifest record, or (None, what is
     wrong): the record's fields override the command's flags in `base`, and are checked
-    as those flags are."""
+    as those flags are. A relative video path starts from `root`, else from the
+    manifest's folder; `video_path` (the authors' key) stands for `video`."""
     if "" in record:
         return None, record[""]
+    if "video_path" in record:
+        if "video" in record:
+            return None, "both video and video_path; give one of them"
+        record = {("video" if k == "video_path" else k): v for k, v in record.items()}
     unknown = [k for k in record if k not in FIELDS]
     if unknown:
         return None, f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}"
@@ -188,7 +209,7 @@ def job_settings(record, base, modes, manifest_folder):
             return None, (f"modes {record['modes']!r}: give modes from {', '.join(cli.MODES)}, "
                           "full among them (the reference the others are measured against)")
         modes = list(dict.fromkeys(listed))
-    video = str(resolve(record["video"], manifest_folder))
+    video = str(resolve(record["video"], Path(root) if root else manifest_folder))
     settings, problems = cli.edit_settings(args, modes)
     problems += cli.input_problems(video)
     if problems:
@@ -217,11 +238,11 @@ def resolve(path, folder):
 
 def read_manifest(path, base, modes, folder):
     """(jobs, failures) of a manifest: a failure is {"line", "error"} for a line that
-    cannot be run; the other jobs still run. Names are unique (a second clip.mp4
-    becomes clip_2)."""
+    cannot be run; the other jobs still run. Names are unique (a clip's second prompt,
+    or a second clip.mp4, becomes clip_2)."""
     jobs, failures, taken = [], [], set(RESERVED)
     for line, record in read_records(path):
-        job, error = job_settings(record, base, modes, Path(path).parent)
+        job, error = job_settings(record, base, modes, Path(path).parent, getattr(base, "root", None))
         if error:
             failures.append({"line": line, "error": error})
             continue
@@ -264,7 +285,8 @@ def signature(job, args):
     s = job.settings
     return {"video": job.video, "prompt": s.prompt, "seed": s.seed, "theta": s.theta, "theta2": s.theta2,
             "m": cli.window_json(s.window), "mask_lookahead": s.mask_lookahead, "modes": s.modes, "vae": s.vae,
-            "tape": [s.tape.ratio, s.tape.alpha, s.tape.delta, s.tape.every], "height": s.height, "width": s.width,
+            "recipe": s.recipe.name,
+            "tape": asdict(s.tape), "height": s.height, "width": s.width,
             "sweep_theta": args.sweep_theta, "sweep_m": [cli.window_json(m) for m in args.sweep_m or []]}
 
 
@@ -419,7 +441,8 @@ def main(argv=None):
         all_failures += part_failures
     if rank == 0:
         setup = {"device": args.device, "dtype": str(models.dtype).removeprefix("torch."), "vae": settings.vae,
-                 "random_weights": models.random, "height": args.height, "width": args.width}
+                 "random_weights": models.random, "height": args.height, "width": args.width,
+                 "recipe": {"name": settings.recipe.name} | settings.recipe.choices()}
         summarize(folder, jobs, merged, all_failures, args, world, setup)
     finish_distributed(world)
     # the exit code is rank 0's: torchrun stops every process when one ends in failure,

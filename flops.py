@@ -37,7 +37,7 @@ def tape_flops(latent_frames, n, cfg, tape_cfg, window, steps=3, frames_per_chun
     kept tokens, attending to the cached frames and the kept ones), and a full memory step."""
     d, fpc = cfg.dim, frames_per_chunk
     per_token_linear = linear_flops_per_token(cfg)
-    selections = len(range(0, cfg.num_layers, tape_cfg.every))
+    selections = len(tape_cfg.selection_blocks(cfg.num_layers))
     skipping = cfg.num_layers - selections
     sink, recent = (0, latent_frames) if window is None else window
     linear = attention = cross = 0

@@ -19,10 +19,55 @@ latent frame to the next.  One boolean mask on the DiT token grid [L, H/16, W/16
 Everything here is plain torch and runs on the tensors' own device.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from model import apply_rope, complete_chunk
+
+
+# ---- Recipes: the authors' two releases, and ours ----
+#
+# The paper's numbers come from the authors' first release (DennisMenn/lipar at
+# df28874); their later code ("Streaming LIPAR") changed five choices, and this
+# project follows the later one plus one guarantee of its own. A recipe names every
+# choice at once (README, "Recipes"):
+#
+#   choice                     paper (df28874)      authors (their head)   ours (default)
+#   editing steps              400, 300, 250        400, 350, 250          400, 350, 250
+#   restoration                chained              from the memory        from the memory
+#   dilation, time window      t-1 .. t+1           t .. t+1               t .. t+1
+#   Eq. 5-6 after the cleanup  no                   no                     yes
+#   positions past frame 20    absolute             rolled back            rolled back
+
+@dataclass(frozen=True)
+class Recipe:
+    """steps: the editing steps on Self-Forcing's 1000-step table; chained: a pruned
+    latent is restored from the frame before it in its chunk (frame 0 from the memory)
+    instead of every frame from the memory; dilation_frames: the dilation's time
+    window, 2 (t-1+a .. t+a) or 3 (t-2+a .. t+a) latent frames; bound_after_cleanup:
+    Eq. 5-6 once more on the cleaned mask; rolled_positions: past latent frame 20 a
+    chunk is placed at frames 18..20 (model.KVCache), else at its absolute index."""
+    name: str = "ours"
+    steps: tuple = (400, 350, 250)
+    chained: bool = False
+    dilation_frames: int = 2
+    bound_after_cleanup: bool = True
+    rolled_positions: bool = True
+
+    def choices(self):
+        """Each choice in words, for the summary and the stats."""
+        return {"steps": list(self.steps), "restoration": "chained" if self.chained else "from the memory",
+                "dilation": "t-1..t+1" if self.dilation_frames == 3 else "t..t+1",
+                "bound_after_cleanup": self.bound_after_cleanup,
+                "positions": "rolled back past frame 20" if self.rolled_positions else "absolute"}
+
+
+RECIPES = {"ours": Recipe(),
+           "authors": Recipe("authors", bound_after_cleanup=False),
+           "paper": Recipe("paper", steps=(400, 300, 250), chained=True, dilation_frames=3,
+                           bound_after_cleanup=False, rolled_positions=False)}
 
 # ---- Latent inter-frame pruning (Eq. 1, 5-6) ----
 #
@@ -122,13 +167,15 @@ def open_close(mask):
 
 
 def dilate(window):
-    """Dilation over 5x5 tokens and two frames: bool [2, h, w] -> [h, w].
+    """Dilation over 5x5 tokens and the frames of its window: bool [n, h, w] -> [h, w].
 
-    A token is kept when any token within 2 rows and columns is kept in either frame
-    of its window, t-1+a .. t+a: kept regions get a 2-token safety margin, and either
-    start one frame early (a = 1, the authors': their (3, 5, 5) box with its last
-    time slice zeroed, which in scipy's convention drops the past frame) or persist
-    one frame after motion stops (a = 0).  Frames outside the clip are empty.
+    A token is kept when any token within 2 rows and columns is kept in any frame of
+    its window, t-1+a .. t+a (n = 2): kept regions get a 2-token safety margin, and
+    either start one frame early (a = 1, the authors' later code: their (3, 5, 5) box
+    with its last time slice zeroed, which in scipy's convention drops the past
+    frame) or persist one frame after motion stops (a = 0). Their first release
+    (Recipe "paper") keeps the whole box, t-1 .. t+1 (n = 3, a = 1). Frames outside
+    the clip are empty.
     """
     either = window.any(dim=0).float()
     return F.max_pool2d(either[None, None], 5, stride=1, padding=2)[0, 0] > 0.5
@@ -221,10 +268,13 @@ class MaskStream:
     chunk_frames: latent frames per sampler chunk; the memory advances once per chunk.
     lookahead: how far the medians and the dilation see ahead in time, 1 (the
     authors') or 0 (strictly causal); see the picture above.
+    dilation_frames, bound_after_cleanup: as a Recipe says.
     """
 
-    def __init__(self, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
+    def __init__(self, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1, dilation_frames=2,
+                 bound_after_cleanup=True):
         self.theta, self.lookahead = theta, lookahead
+        self.dilation_frames, self.bound_after_cleanup = dilation_frames, bound_after_cleanup
         self.patches = Frames()
         self.distance = Frames(first=1)  # Eq. 1, for frames 1..L-1
         self.median = Frames(first=1)
@@ -289,14 +339,14 @@ class MaskStream:
             t = f.next
             if t == 0:
                 keep = k.held[0]
-            elif (w := c.window(t - 1 + a, t + a + 1, pad="zero")) is not None:
+            elif (w := c.window(t - self.dilation_frames + 1 + a, t + a + 1, pad="zero")) is not None:
                 keep = dilate(w)
             else:
                 break
             # The cleanup can drop tokens the first bound kept (median, opening) and keeps
             # extra ones, which moves the memory of later chunks; walking the chunks again
             # on the cleaned mask restores the guarantee and only adds the tokens it needs.
-            f.add(self.final_bound(t, P.held[t], keep))
+            f.add(self.final_bound(t, P.held[t], keep) if self.bound_after_cleanup else keep)
 
 
 def over_frames(series, op, past, ahead, pad="edge"):
@@ -321,7 +371,8 @@ def substitute_bound(patches, keep, theta2, chunk_frames=3):
     return torch.stack([bound(t, patches[t], keep[t]) for t in range(len(keep))])
 
 
-def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
+def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1, dilation_frames=2,
+               bound_after_cleanup=True):
     """Token keep-mask [L, H/16, W/16] (bool, True = compute) for a whole clip's
     normalised latents [L, 16, H/8, W/8]: the paper's sequence of operations, one
     stage after the other over the whole clip (the picture at the top of this section).
@@ -338,8 +389,10 @@ def prune_mask(latents, theta=0.149, theta2=0.3, chunk_frames=3, lookahead=1):
     # cleanup, on frames >= 1 only (frame 0 is kept by fiat, not by motion)
     cleaned = over_frames(keep[1:].float(), median3, past=2 - a, ahead=a) > 0.5  # median
     cleaned = open_close(cleaned)                                        # opening, then closing
-    cleaned = over_frames(cleaned, dilate, past=1 - a, ahead=a, pad="zero")    # (2, 5, 5) dilation
+    cleaned = over_frames(cleaned, dilate, past=dilation_frames - 1 - a, ahead=a, pad="zero")  # (2 or 3, 5, 5)
     keep = torch.cat([keep[:1], cleaned])
+    if not bound_after_cleanup:
+        return keep
     return substitute_bound(patches, keep, theta2, chunk_frames)         # Eq. 5-6 again, on the final mask
 
 
@@ -480,12 +533,20 @@ def recovered_attention(q, k_kept, v_kept, plan, memory_k, memory_v, past_k, pas
 # ---- Restoration ----
 
 
-def restore(x0, keep, memory_x0):
-    """Full-size x0 of a chunk: computed where kept, the memory latent where pruned.
+def restore(x0, keep, memory_x0, chained=False):
+    """Full-size x0 of a chunk: computed where kept, a substitute where pruned.
 
     x0 [B, C, F, H, W] (pruned positions hold no prediction); keep [F, H/2, W/2];
     memory_x0 [B, C, H, W]: the previous chunk's last frame of x0 (in the first
-    chunk: the chunk's own frame 0, which is always kept).
+    chunk: the chunk's own frame 0, which is always kept). The substitute is the
+    memory in every frame, or with `chained` (the paper's release) the restored frame
+    before it: frame 0 from the memory, frame i from frame i-1.
     """
     keep_pixels = keep.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # token grid → latent grid
-    return torch.where(keep_pixels[None, None], x0, memory_x0[:, :, None])
+    if not chained:
+        return torch.where(keep_pixels[None, None], x0, memory_x0[:, :, None])
+    frames, previous = [], memory_x0
+    for f in range(x0.shape[2]):
+        previous = torch.where(keep_pixels[f], x0[:, :, f], previous)
+        frames.append(previous)
+    return torch.stack(frames, dim=2)

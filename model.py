@@ -156,8 +156,11 @@ def rope_axis_dims(head_dim):
     return (head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6))
 
 
+MAX_POSITIONS = 1024  # Wan's RoPE table
+
+
 @functools.lru_cache(maxsize=None)
-def rope_tables(head_dim, theta, device, dtype, max_position=1024):
+def rope_tables(head_dim, theta, device, dtype, max_position=MAX_POSITIONS):
     """Per axis (frame, row, col): cos and sin [max_position, d/2] of position × frequency.
 
     Formed once in float64 and rounded once: position × frequency reaches ~10³ rad,
@@ -472,11 +475,14 @@ class KVCache:
     the sink stays at its own position). No position ever passes 20, so a stream
     can run for ever, far past the 1,024 positions of Wan's RoPE table.
 
+    With rolled_positions=False (the authors' first release) every frame keeps its
+    absolute index as its position, up to the 1,024 of the RoPE table.
+
     For LIPAR it also keeps the memory: each layer's pre-RoPE keys/values of the last
     frame of the previous chunk, from which pruned tokens are recovered (Eq. 3–4).
     """
 
-    def __init__(self, model, context, grid_hw, window=None):
+    def __init__(self, model, context, grid_hw, window=None, rolled_positions=True):
         cfg = model.cfg
         param = model.head.head.weight
         self.tokens_per_frame = n = grid_hw[0] * grid_hw[1]
@@ -485,6 +491,7 @@ class KVCache:
             raise ValueError(f"the attention window must cover the current chunk: m_recent={self.recent} "
                              f"< {cfg.frames_per_chunk} frames per chunk")
         self.trained_frames, self.head_dim, self.rope_theta = cfg.trained_frames, cfg.head_dim, cfg.rope_theta
+        self.rolled_positions = rolled_positions
         self.num_slots = self.sink + self.recent
         shape = (cfg.num_layers, context.shape[0], self.num_slots * n, cfg.num_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=param.device, dtype=param.dtype)
@@ -541,7 +548,9 @@ class KVCache:
         """
         n = self.tokens_per_frame
         device = self.k.device
-        shift = max(0, start_frame + frames - self.trained_frames)
+        if not self.rolled_positions and start_frame + frames > MAX_POSITIONS:
+            raise ValueError(f"absolute positions end at latent frame {MAX_POSITIONS - 1} (RoPE's table)")
+        shift = max(0, start_frame + frames - self.trained_frames) if self.rolled_positions else 0
         if shift != self.shift:  # a new chunk past frame 20: positions roll (see the class)
             self._roll_positions(shift)
         # slots formed on the device: a host list copied over would stall the CPU on the GPU

@@ -4,6 +4,7 @@ stats of each job's edit (evaluate.py)."""
 
 import json
 import math
+from pathlib import Path
 
 import cli
 import files
@@ -58,6 +59,18 @@ def overall(rows, modes):
     return out
 
 
+def per_video(rows, modes):
+    """Per source video that several jobs edit (one clip, several prompts, as the
+    authors' list has three per clip): its jobs' names and `overall` over them; {}
+    when every video has one job."""
+    videos = {}
+    for r in rows:
+        videos.setdefault(r["video"], []).append(r)
+    if all(len(jobs) == 1 for jobs in videos.values()):
+        return {}
+    return {video: {"jobs": [r["name"] for r in jobs], "modes": overall(jobs, modes)} for video, jobs in videos.items()}
+
+
 def sweep_table(rows):
     """Per (θ, m) over all clips: mean prune ratio, DiT speedup, mean fidelity."""
     points = {}
@@ -84,8 +97,8 @@ def write_report(folder, stats, failures, args, setup):
     rows = [clip_row(s) for s in stats]
     modes = list(dict.fromkeys(m for r in rows for m in r["modes"]))
     report = {"manifest": str(args.manifest) if args.manifest else "embedded demo clips", "setup": setup,
-              "modes": modes, "overall": overall(rows, modes), "clips": rows, "sweep": sweep_table(rows),
-              "failed": failures}
+              "modes": modes, "overall": overall(rows, modes), "videos": per_video(rows, modes), "clips": rows,
+              "sweep": sweep_table(rows), "failed": failures}
     report["plots"] = plots(folder, rows, report["sweep"])
     files.write_text(folder / "report.json", json.dumps(report, indent=2), overwrite=True)  # rebuilt on every run
     path = folder / "report.md"
@@ -104,7 +117,8 @@ def report_markdown(report):
              f"{'tiny' if setup['vae'] == 'tiny' else 'Wan'} VAE"
              + (", **random weights** (the speed is real, the fidelity numbers only show the format)"
                 if setup["random_weights"] else "") + ". Every mode ran from the same noise; fidelity is to `full`. "
-             "The first clip's DiT time includes capturing the CUDA graphs, when they are used.", ""]
+             "The first clip's DiT time includes capturing the CUDA graphs, when they are used.", "",
+             f"Recipe: {cli.recipe_text(setup['recipe'])}.", ""]
     lines += tables_markdown(report) if report["clips"] else ["No job was edited: see the failures below."]
     if report["failed"]:
         lines += ["", "## Jobs that failed", ""] + [f"- line {f['line']}: {f['error']}" for f in report["failed"]]
@@ -128,15 +142,25 @@ def tables_markdown(report):
         lines.append(f"| {mode} | {o['prune_ratio']:.1%} | {o['dit_fps']:.1f} | {fmt(o['dit_speedup'], '.2f')}x "
                      f"| {o['end_to_end_fps']:.1f} | {fmt(f.get('psnr_db'), '.2f')} | {fmt(f.get('ssim'), '.4f')} "
                      f"| {fmt(f.get('latent_rel_error'), '.4f')} |")
-    lines += ["", "## Per clip", "",
-              "| clip | frames | mode | pruned | per chunk | DiT frames/s | DiT speedup | end-to-end frames/s "
-              "| peak GPU GiB | PSNR dB | SSIM | latent rel. error |", "|" + " --- |" * 12]
+    if report["videos"]:
+        lines += ["", "## Per video (its prompts together)", "",
+                  "| video | jobs | mode | pruned | DiT speedup | PSNR dB | SSIM | latent rel. error |", "|" + " --- |" * 8]
+        for video, v in report["videos"].items():
+            for mode, o in v["modes"].items():
+                f = o["fidelity_to_full"] or {}
+                lines.append(f"| {Path(video).stem} | {len(v['jobs'])} | {mode} | {o['prune_ratio']:.1%} "
+                             f"| {fmt(o['dit_speedup'], '.2f')}x | {fmt(f.get('psnr_db'), '.2f')} "
+                             f"| {fmt(f.get('ssim'), '.4f')} | {fmt(f.get('latent_rel_error'), '.4f')} |")
+    lines += ["", "## Per clip and prompt", "",
+              "| clip | prompt | frames | mode | pruned | per chunk | DiT frames/s | DiT speedup | end-to-end frames/s "
+              "| peak GPU GiB | PSNR dB | SSIM | latent rel. error |", "|" + " --- |" * 13]
     for r in report["clips"]:
+        prompt = r["prompt"] if len(r["prompt"]) <= 40 else r["prompt"][:39] + "…"
         for mode, m in r["modes"].items():
             f = m["fidelity_to_full"] or {}
             chunks = " ".join(f"{c:.0%}" for c in m["prune_ratio_per_chunk"])
-            lines.append(f"| {r['name']} | {r['frames']} | {mode} | {m['prune_ratio']:.1%} | {chunks} "
-                         f"| {m['dit_fps']:.1f} | {fmt(m['dit_speedup'], '.2f')}x | {m['end_to_end_fps']:.1f} "
+            lines.append(f"| {r['name']} | {prompt.replace('|', '/')} | {r['frames']} | {mode} | {m['prune_ratio']:.1%} "
+                         f"| {chunks} | {m['dit_fps']:.1f} | {fmt(m['dit_speedup'], '.2f')}x | {m['end_to_end_fps']:.1f} "
                          f"| {fmt(r['peak_gpu_memory_gib'], '.2f')} | {fmt(f.get('psnr_db'), '.2f')} "
                          f"| {fmt(f.get('ssim'), '.4f')} | {fmt(f.get('latent_rel_error'), '.4f')} |")
     if report["sweep"]:

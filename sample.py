@@ -51,7 +51,7 @@ import weights as W
 from metrics import Fidelity
 from vae import CausalCache
 
-EDIT_STEPS = (400, 350, 250)  # the authors' editing steps on Self-Forcing's 1000-step table
+EDIT_STEPS = lipar.Recipe().steps  # (400, 350, 250): the editing steps on Self-Forcing's 1000-step table
 SHIFT = 5.0
 
 
@@ -89,15 +89,17 @@ class ChunkEditor:
     with one seed see identical noise. forward: what runs the DiT on a chunk, with
     model.CausalWanModel.forward_chunk's arguments (default: that method; graphs.py's
     replayed CUDA graphs and tape.py's pruning plug in here); cache: its KV cache
-    (default: a new model.KVCache).
+    (default: a new model.KVCache); recipe: a lipar.Recipe (the steps, the
+    restoration, the positions).
     """
 
-    def __init__(self, dit, context, grid_hw, mode, window, seed, forward=None, cache=None):
-        self.mode, self.schedule = mode, editing_schedule()
+    def __init__(self, dit, context, grid_hw, mode, window, seed, forward=None, cache=None, recipe=lipar.Recipe()):
+        self.mode, self.schedule, self.chained = mode, editing_schedule(recipe.steps), recipe.chained
         self.device, self.dtype = context.device, dit.head.head.weight.dtype
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.prunes = mode in lipar.MODES and mode != "full"
-        self.cache = cache or M.KVCache(dit, context, grid_hw, None if mode == "full" else window)
+        self.cache = cache or M.KVCache(dit, context, grid_hw, None if mode == "full" else window,
+                                        recipe.rolled_positions)
         self.forward = forward or dit.forward_chunk
         self.start = 0          # the chunk's first latent frame
         self.memory_x0 = None   # the previous chunk's last frame of x0: the substitute of pruned latents
@@ -117,8 +119,8 @@ class ChunkEditor:
         for i, (t, sigma) in enumerate(self.schedule):  # step 6
             v = self.forward(x.to(self.dtype), torch.full((1, 1), t, device=device), self.cache, s, plan=plan)
             x0 = x - sigma * v.float()
-            if plan is not None:  # restoration: pruned latents take the memory's value
-                x0 = lipar.restore(x0, keep, x0[:, :, 0] if self.memory_x0 is None else self.memory_x0)
+            if plan is not None:  # restoration: pruned latents take the memory's value (or the frame before's)
+                x0 = lipar.restore(x0, keep, x0[:, :, 0] if self.memory_x0 is None else self.memory_x0, self.chained)
             if i + 1 < len(self.schedule):
                 next_sigma = self.schedule[i + 1][1]
                 x = (1 - next_sigma) * x0 + next_sigma * self.noise(x0)
@@ -130,12 +132,13 @@ class ChunkEditor:
 
 
 @torch.no_grad()
-def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True, forward=None, cache=None):
+def edit_latents(dit, latents, context, keep, mode, window, seed, progress=True, forward=None, cache=None,
+                 recipe=lipar.Recipe()):
     """Steps 5–7 over a whole clip's latents [1, 16, L, h, w] with its mask keep [L, h/2, w/2]:
     the edited latents (float32). edit_chunks edits the same chunks as a stream goes."""
     fpc = dit.cfg.frames_per_chunk
     editor = ChunkEditor(dit, context, (latents.shape[3] // 2, latents.shape[4] // 2), mode, window, seed,
-                         forward, cache)
+                         forward, cache, recipe)
     chunks = tqdm(range(0, latents.shape[2], fpc), desc=f"DiT {mode}", unit="chunk", disable=not progress,
                   leave=False)
     return torch.cat([editor(latents[:, :, s:s + fpc], keep[s:s + fpc]) for s in chunks], dim=2)
@@ -262,22 +265,25 @@ class Models:
         return W.load_text_encoder(self.weights / "text_encoder", self.weights / "tokenizer", self.text_device, dtype)
 
 
-def plugs(dit, runner, context, grid_hw, mode, window, tape_cfg=None):
+def plugs(dit, runner, context, grid_hw, mode, window, tape_cfg=None, rolled_positions=True):
     """(forward, cache) of a ChunkEditor in `mode` on the fastest path it has: TAPE's
     forward (tape.py, op by op: its selections are made as it goes), else the replayed
     CUDA graphs of a graphs.GraphRunner when there is one, else the model's own."""
     if mode == "tape":
         return tape.TapeForward(dit, tape_cfg), None
     if runner is not None:
-        return runner.forward_chunk, runner.kv_cache(context, grid_hw, None if mode == "full" else window, owner=mode)
+        return runner.forward_chunk, runner.kv_cache(context, grid_hw, None if mode == "full" else window, mode,
+                                                     rolled_positions)
     return None, None
 
 
 def make_editors(models, context, grid_hw, settings):
     """A ChunkEditor for each mode of `settings` (cli.EditSettings), side by side."""
     dit, runner = models.dit(), models.runner()
+    recipe = settings.recipe
     return {mode: ChunkEditor(dit, context, grid_hw, mode, settings.window, settings.seed,
-                              *plugs(dit, runner, context, grid_hw, mode, settings.window, settings.tape))
+                              *plugs(dit, runner, context, grid_hw, mode, settings.window, settings.tape,
+                                     recipe.rolled_positions), recipe)
             for mode in settings.modes}
 
 
@@ -298,7 +304,8 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
     if fidelity is None and "full" in settings.modes and len(settings.modes) > 1:
         fidelity = Fidelity()
     if masks is None and ("mask" in outputs or set(settings.modes) & set(lipar.MODES[1:])):
-        masks = lipar.MaskStream(settings.theta, settings.theta2, dit.cfg.frames_per_chunk, settings.mask_lookahead)
+        masks = lipar.MaskStream(settings.theta, settings.theta2, dit.cfg.frames_per_chunk, settings.mask_lookahead,
+                                 settings.recipe.dilation_frames, settings.recipe.bound_after_cleanup)
     runner = models.runner()
     graphs_before = dict(runner.stats) if runner else None
     editors = make_editors(models, context, grid, settings)
@@ -314,14 +321,15 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
                 fidelity.add(chunk.latents, edited)
         return cli.render_outputs(edited, outputs, sources, chunk.keep, first)
 
-    pieces = stream.source_pieces(reader, vae, dit.cfg.frames_per_chunk, settings.height, settings.width, notes)
+    most = None if settings.recipe.rolled_positions else 4 * (M.MAX_POSITIONS // 3 * 3) - 3  # 4089 frames
+    pieces = stream.source_pieces(reader, vae, dit.cfg.frames_per_chunk, settings.height, settings.width, notes, most)
     notes_out, timeline = stream.run(reader, pieces, (settings.height, settings.width),
                                      lambda video: edit_chunks(video, vae, editors, masks, clock), render, writers,
                                      clock, keep_sources=bool(set(outputs) & {"compare", "mask"}))
     notes += notes_out
     if reader.error:
         notes.append(f"{reader.error}; edited the frames read before it")
-    elif reader.frame_count and reader.frames_read < reader.frame_count:
+    elif reader.frame_count and reader.frames_read < reader.frame_count and reader.frames_read != most:
         notes.append(f"{reader.name} ended after {reader.frames_read} of the {reader.frame_count} frames its "
                      f"container states (cut short?); edited the {reader.frames_read} frames read")
     graph_stats = None if runner is None else {k: runner.stats[k] - graphs_before[k] for k in graphs_before}

@@ -98,7 +98,7 @@ def host_memory_gib(field="VmHWM"):
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def source_pieces(reader, vae, frames_per_chunk, height, width, notes):
+def source_pieces(reader, vae, frames_per_chunk, height, width, notes, max_frames=None):
     """Step 1 as a stream: the source's frames in the pieces the VAE takes for one chunk
     of the DiT (F latent frames) each. For the Wan VAE 1 + 4(F − 1) frames first
     (frame 0 is coded alone), then 4F; for the tiny VAE 4F every time. Yields
@@ -107,7 +107,8 @@ def source_pieces(reader, vae, frames_per_chunk, height, width, notes):
     Edited frames come out 1 + 4(F − 1) for the first chunk and 4F for each later one,
     whichever the VAE (the tiny one decodes 3 frames late and drops its first 3). At
     the end the last piece, and where needed one more, repeat the source's last frame
-    until the output reaches every source frame; the caller trims the rest.
+    until the output reaches every source frame; the caller trims the rest. With
+    max_frames, reading stops there (with a note).
     """
     size, frames, times, pieces = vae.chunk_frames(frames_per_chunk, True), [], [], 0
     reader.fit = (height, width)  # a huge source is shrunk as it is decoded: a piece stays small
@@ -120,6 +121,10 @@ def source_pieces(reader, vae, frames_per_chunk, height, width, notes):
             yield torch.stack(frames), times
             frames, times, pieces = [], [], pieces + 1
             size = vae.chunk_frames(frames_per_chunk, False)
+        if reader.frames_read == max_frames:
+            notes.append(f"stopped reading after {max_frames} frames: absolute time positions (--recipe paper) "
+                         "end at the 1,024 of RoPE's table; the default recipe edits any length")
+            break
     count = padded = reader.frames_read
     # p pieces give 4Fp - 3 edited frames, whichever the VAE
     while frames or 4 * frames_per_chunk * pieces - 3 < count:

@@ -16,9 +16,15 @@ the method's three parts; each choice is marked as ours and documented in the RE
   heads and over queries. The plain path averages over every query; the fast path
   over a fixed, evenly spaced subsample of `score_queries` queries (tests give the
   rank correlation between the two);
-- temporal smoothing: s̃_f = α s̃_{f−1} + (1 − α) s_f at each spatial location, over
-  the chunk's frames in order, starting from the previous chunk's last frame (our
-  α = 0.5);
+- temporal smoothing, as TAPE's paper states it: s̃_f = α s_f + (1 − α) s̃_{f−1} at
+  each spatial location, over the chunk's frames in order, starting from the previous
+  chunk's last frame: a smaller α leans more on the previous frame (steadier
+  background, less flicker), a larger one trusts the current frame (our α = 0.5, the
+  middle of the five values of the paper's sensitivity table);
+- reselection: the paper reselects "every 10 layers", and chose 5 reselections over
+  HunyuanVideo's 60 blocks; on Wan's 30 blocks the first rule gives 3 selections,
+  the second every 6 blocks. We follow the stated rule (every 10 blocks); a count
+  (`selections`) gives the other reading;
 - HighLow budget over the denoising steps: linear from r + δ to r − δ (our δ = 0.1),
   so its mean is the target r; here the three editing steps take r + δ, r, r − δ.
 
@@ -41,14 +47,24 @@ from model import attention, rope_angles, rotate_keys
 @dataclass
 class TapeConfig:
     """ratio: the target prune ratio r (the mean over the denoising steps); alpha: the
-    smoothing weight α; delta: the HighLow half-range δ; every: blocks from one
-    selection to the next; score_queries: the queries the fast importance averages
-    over (None: all of them, exact). Defaults are ours (see above)."""
+    smoothing weight α on the current frame; delta: the HighLow half-range δ; every:
+    blocks from one selection to the next, or selections: how many selections the
+    blocks hold, evenly spaced (when given, it sets the spacing); score_queries: the
+    queries the fast importance averages over (None: all of them, exact). Defaults
+    are ours (see above)."""
     ratio: float = 0.3
     alpha: float = 0.5
     delta: float = 0.1
     every: int = 10
+    selections: int | None = None
     score_queries: int | None = 256
+
+    def selection_blocks(self, blocks):
+        """The selection blocks of a model of `blocks` blocks: 0, every, 2·every, ... or
+        `selections` of them spread evenly from block 0."""
+        if self.selections is None:
+            return set(range(0, blocks, self.every))
+        return {k * blocks // self.selections for k in range(self.selections)}
 
 
 def highlow_ratios(ratio, steps, delta):
@@ -60,12 +76,12 @@ def highlow_ratios(ratio, steps, delta):
 
 
 def smooth_scores(scores, previous, alpha):
-    """scores [F, N] (one row a frame) → s̃ with s̃_f = α s̃_{f−1} + (1 − α) s_f; frame
+    """scores [F, N] (one row a frame) → s̃ with s̃_f = α s_f + (1 − α) s̃_{f−1}; frame
     0 blends with `previous` [N] (the previous chunk's last smoothed frame) or, with
-    none, is its own score."""
+    none, is its own score. α = 1: no smoothing."""
     out, last = [], previous
     for frame in scores:
-        last = frame if last is None else alpha * last + (1 - alpha) * frame
+        last = frame if last is None else alpha * frame + (1 - alpha) * last
         out.append(last)
     return torch.stack(out)
 
@@ -135,10 +151,10 @@ def forward_chunk(dit, x, t, cache, start_frame, ratio, state, cfg, kept_log=Non
     rope = rope_angles(step.positions, dit.cfg.head_dim, dit.cfg.rope_theta)
     keys_values = cache.keys_values(step, rope)
     e, e0 = dit.embed_time(t)
-    impl = dit.attn_impl
+    impl, selecting = dit.attn_impl, cfg.selection_blocks(len(dit.blocks))
     kept = rows = None
     for i, block in enumerate(dit.blocks):
-        if i % cfg.every == 0:  # a selection block: every token, then re-rank
+        if i in selecting:  # a selection block: every token, then re-rank
             q, k, v = block.before_attention(tokens, e0, rope)
             k_all, v_all, key_mask = keys_values(i)(k, v)
             tokens = block.after_attention(tokens, attention(q, k_all, v_all, key_mask, impl), e0,

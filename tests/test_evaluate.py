@@ -184,7 +184,8 @@ def test_manifest_eval_report_loads_once_and_rerun_skips(clips, weights, tmp_pat
     assert sweep_default["prune_ratio"] == by_name["ball"]["prune_ratio"]
     assert sweep_default["fidelity_to_full"] == pytest.approx(by_name["ball"]["fidelity_to_full"])
     md = (out / "report.md").read_text()
-    assert "| ball | 17 | lipar |" in md and "line 2:" in md and "## Sweep" in md
+    assert "| ball | a red ball | 17 | lipar |" in md and "line 2:" in md and "## Sweep" in md
+    assert "Recipe: ours (steps 400,350,250" in md and report["videos"] == {}  # one job per video
     for name in report["plots"]:
         assert name in md and (out / name).read_bytes()[:4] == b"\x89PNG"
     assert set(report["plots"]) == {"prune_ratio_per_frame.png", "speedup_vs_prune_ratio.png",

@@ -39,14 +39,26 @@ def test_highlow_budget_hand_cases():
 
 
 def test_temporal_smoothing_hand_case():
+    """TAPE's s̃_f = α s_f + (1 − α) s̃_{f−1}: α weights the current frame."""
     scores = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     # α = 0.5: frame 0 is its own score; each later frame is half the previous smoothed frame
     expected = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.25, 0.25]])
     assert torch.equal(tape.smooth_scores(scores, None, 0.5), expected)
+    # α = 0.25 leans on the past: frame 1 = 0.25·[0, 1] + 0.75·[1, 0]
+    assert torch.equal(tape.smooth_scores(scores, None, 0.25)[1], torch.tensor([0.75, 0.25]))
     # across a chunk boundary frame 0 blends with the previous chunk's last smoothed frame
     previous = torch.tensor([0.0, 4.0])
-    assert torch.allclose(tape.smooth_scores(scores, previous, 0.25)[0], torch.tensor([0.75, 1.0]))
-    assert torch.equal(tape.smooth_scores(scores, previous, 0.0), scores)  # α = 0: no smoothing
+    assert torch.equal(tape.smooth_scores(scores, previous, 0.25)[0], torch.tensor([0.25, 3.0]))
+    assert torch.equal(tape.smooth_scores(scores, previous, 1.0), scores)  # α = 1: no smoothing
+    assert torch.equal(tape.smooth_scores(scores, previous, 0.0)[2], previous)  # α = 0: the past only
+
+
+def test_reselection_as_a_spacing_or_a_count():
+    assert tape.TapeConfig(every=10).selection_blocks(30) == {0, 10, 20}  # the paper's "every 10 layers"
+    assert tape.TapeConfig(selections=5).selection_blocks(30) == {0, 6, 12, 18, 24}  # its chosen count
+    assert tape.TapeConfig(selections=4).selection_blocks(30) == {0, 7, 15, 22}
+    for count in range(1, 31):
+        assert len(tape.TapeConfig(selections=count).selection_blocks(30)) == count
 
 
 def test_same_count_kept_in_every_frame():
