@@ -211,7 +211,10 @@ def job_settings(record, base, modes, manifest_folder, root=None):
         modes = list(dict.fromkeys(listed))
     video = str(resolve(record["video"], Path(root) if root else manifest_folder))
     settings, problems = cli.edit_settings(args, modes)
-    problems += cli.input_problems(video)
+    if (missing_video := cli.input_problems(video)) and not Path(record["video"]).expanduser().is_absolute():
+        missing_video = [missing_video[0] + f" (a relative path starts from {'--root' if root else 'the manifest'}'s "
+                         "folder; --root sets another)"]
+    problems += missing_video
     if problems:
         return None, problems[0]
     settings.height, settings.width = base.height, base.width

@@ -259,6 +259,18 @@ def test_restoration_fills_pruned_positions_from_memory():
                 assert torch.equal(restored[:, :, f, i, j], expected)
 
 
+
+def test_chained_restoration_takes_the_frame_before():
+    """The paper release's restoration: a token kept in frame 1 of a chunk and pruned in
+    frame 2 takes frame 1's x0; pruned in frames 0, 1 and 2 it takes the memory in all
+    three; kept in frame 0 only, frames 1 and 2 both take frame 0's."""
+    x0 = torch.arange(3.0)[None, None, :, None, None].expand(1, 1, 3, 2, 6).clone() + 10  # frame f holds 10 + f
+    memory = torch.full((1, 1, 2, 6), -1.0)
+    keep = torch.tensor([[[False, True, True]], [[False, False, True]], [[False, False, False]]])  # [F=3, 1, 3]
+    restored = lipar.restore(x0, keep, memory, chained=True)[0, 0, :, 0, ::2]  # one latent pixel per token
+    assert restored.tolist() == [[-1, 10, 10], [-1, 10, 11], [-1, 10, 11]]
+    assert lipar.restore(x0, keep, memory)[0, 0, :, 0, ::2].tolist() == [[-1, 10, 10], [-1, -1, 11], [-1, -1, -1]]
+
 # ================================================================ the pruning mask (Eq. 1, 5-6)
 
 @pytest.mark.parametrize("clip", ["square", "drift", "realistic"])

@@ -92,13 +92,14 @@ def memory_walk_violations(z, keep, theta2, chunk_frames=3):
     return bad
 
 
-def authors_mask(z, theta=THETA, theta2=THETA2):
+def authors_mask(z, theta=THETA, theta2=THETA2, full_box=False):
     """The authors' rlt_prune (DennisMenn/lipar, src/utils/rlt_prune.py) re-derived in
     float64 numpy/scipy, step for step: Eq. 1 distances, their median_blur (two edge
     frames padded before the clip, scipy's centred median, the first two outputs
     dropped), their causal Gaussian, the threshold, their bound_diff walk, the
     median again, OpenCV's 3x3 opening then closing, their dilation (a (3, 5, 5)
-    box with time slice 2 zeroed) and frame 0 kept. No substitute bound afterwards."""
+    box with time slice 2 zeroed; with full_box the whole box, as their first release
+    df28874 has it) and frame 0 kept. No substitute bound afterwards."""
     p = np_patches(z)
     d = np_robust_l1(p[1:], p[:-1])
 
@@ -130,7 +131,8 @@ def authors_mask(z, theta=THETA, theta2=THETA2):
         frame = ndimage.binary_erosion(ndimage.binary_dilation(frame, square, border_value=0), square, border_value=1)
         opened_closed.append(frame)
     structure = np.ones((3, 5, 5), bool)
-    structure[2] = False
+    if not full_box:
+        structure[2] = False
     m = ndimage.binary_dilation(np.stack(opened_closed), structure)
     return torch.from_numpy(np.concatenate([np.ones((1, h, w), bool), m]))
 

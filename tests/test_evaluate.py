@@ -240,8 +240,39 @@ def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):
     assert "full among them" in failures[0]["error"] and "not JSON" in failures[1]["error"]
 
 
+def test_the_authors_evaluation_list_runs_as_published(clips, weights, tmp_path, capsys):
+    """A davis_prompt.json in the authors' layout (JSON lines of video_path and prompt,
+    paths from their repository's root, several prompts per clip; made-up lines here)
+    runs unchanged with --root: unique job names, a row per clip and prompt, and a
+    table per video over its prompts."""
+    repo = tmp_path / "lipar_repo"
+    (repo / "data" / "davis_eval_proc").mkdir(parents=True)
+    for name in ("ball", "still"):
+        (repo / "data" / "davis_eval_proc" / f"{name}.mp4").write_bytes((clips / f"{name}.mp4").read_bytes())
+    lines = [("ball", "a ball of wool"), ("ball", "a glass marble"), ("ball", "an orange"), ("still", "a snowy table")]
+    manifest = repo / "data" / "davis_prompt.json"
+    manifest.write_text("".join(json.dumps({"video_path": f"data/davis_eval_proc/{clip}.mp4", "prompt": prompt}) + "\n"
+                                for clip, prompt in lines))
+    base = evaluate.parser().parse_args(["--manifest", str(manifest)])
+    jobs, failures = evaluate.read_manifest(manifest, base, ["full", "lipar"], tmp_path / "out")
+    assert jobs == [] and "relative path starts from the manifest's folder; --root sets another" in failures[0]["error"]
+    out = tmp_path / "results"
+    assert run_eval(manifest, weights, out, "--root", str(repo)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(c["name"], c["prompt"]) for c in report["clips"]] == [
+        ("ball", "a ball of wool"), ("ball_2", "a glass marble"), ("ball_3", "an orange"), ("still", "a snowy table")]
+    videos = report["videos"]
+    assert [v["jobs"] for v in videos.values()] == [["ball", "ball_2", "ball_3"], ["still"]]
+    ball = videos[str(repo / "data" / "davis_eval_proc" / "ball.mp4")]["modes"]["lipar"]
+    assert ball["prune_ratio"] == pytest.approx(sum(c["modes"]["lipar"]["prune_ratio"] for c in report["clips"][:3]) / 3)
+    md = (out / "report.md").read_text()
+    assert "## Per video (its prompts together)" in md and "| ball | 3 | lipar |" in md
+    assert "| ball_2 | a glass marble | 17 | lipar |" in md
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--manifest", "jobs.txt"], ".jsonl"),
+    (["--manifest", "jobs.json", "--root", "nowhere"], "--root nowhere is not a folder"),
     (["--manifest", "nowhere.jsonl"], "does not exist"),
     (["--eval", "--eval-modes", "lipar", "naive"], "needs full"),
     (["--sweep-theta", "0.1"], "add --eval"),

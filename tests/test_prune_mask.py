@@ -270,3 +270,34 @@ def test_mask_stream_holds_a_few_frames_whatever_the_length():
         held = max(len(s.held) for s in (stream.patches, stream.distance, stream.median, stream.bounded,
                                          stream.cleaned, stream.final))
         assert held <= 7, (t, held)
+
+
+# ---------------------------------------------------------------- the recipes' masks
+
+@pytest.mark.parametrize("recipe", ["authors", "paper"])
+def test_the_authors_releases_masks_equal_their_code_re_derived(recipe):
+    """--recipe authors / paper: no substitute bound after the cleanup, and the paper
+    release's whole (3, 5, 5) dilation box (t-1 .. t+1): bit-equal to the authors'
+    steps re-derived in numpy/scipy (tests/clips.py), whole clip and streamed."""
+    from tests.clips import authors_mask, drifting_clip
+    r = lipar.RECIPES[recipe]
+    options = {"dilation_frames": r.dilation_frames, "bound_after_cleanup": r.bound_after_cleanup}
+    for z in (drifting_clip(7, L=17, amax=0.25), drifting_clip(2, L=14, amax=0.4)):
+        whole = lipar.prune_mask(z, **options)
+        assert torch.equal(whole, authors_mask(z, full_box=recipe == "paper"))
+        stream = lipar.MaskStream(**options)
+        streamed = torch.cat([stream.push(z[:5]), stream.push(z[5:6]), stream.push(z[6:]), stream.finish()])
+        assert torch.equal(streamed, whole)
+    assert not torch.equal(authors_mask(z, full_box=True), authors_mask(z))  # the two boxes differ on this clip
+
+
+def test_the_three_frame_dilation_hand_case():
+    """One kept token in cleaned frame 4 (frames 1..): the 2-frame window t..t+1 keeps
+    its 5x5 neighbourhood in frames 3 and 4, the paper's t-1..t+1 in frames 3, 4 and 5."""
+    cleaned = torch.zeros(6, 7, 7, dtype=torch.bool)
+    cleaned[3, 3, 3] = True  # frame 4 (cleaned frames start at frame 1)
+    two = lipar.over_frames(cleaned, lipar.dilate, past=0, ahead=1, pad="zero")
+    three = lipar.over_frames(cleaned, lipar.dilate, past=1, ahead=1, pad="zero")
+    assert [f + 1 for f in range(6) if two[f].any()] == [3, 4]
+    assert [f + 1 for f in range(6) if three[f].any()] == [3, 4, 5]
+    assert three[3, 1:6, 1:6].all() and three[3].sum() == 25

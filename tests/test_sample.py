@@ -29,6 +29,28 @@ def test_schedule_matches_spec():
         assert abs(t - t_spec) < 0.005 and abs(sigma - sigma_spec) < 5e-5
 
 
+def test_the_paper_release_steps_and_every_recipe_in_the_stats(clip, weights, tmp_path, monkeypatch, capsys):
+    """--recipe paper: steps 400, 300, 250 on the shift-5 table (σ(0.3) = 1.5 / 2.2),
+    named with every other choice in the summary and the JSON; its edit differs from
+    the default's, and --recipe authors (no bound after the cleanup) runs too."""
+    t, sigma = sample.editing_schedule(lipar.RECIPES["paper"].steps)[1]
+    assert sigma == pytest.approx(1.5 / 2.2, abs=1e-12) and t == pytest.approx(681.82, abs=0.005)
+    monkeypatch.chdir(tmp_path)
+    edits = {}
+    for recipe in ("paper", "authors", "ours"):
+        assert run_cli(["--video", str(clip), "--out", f"{recipe}.mp4", "--json", f"{recipe}.json", "--recipe",
+                        recipe], weights) == 0
+        edits[recipe] = io.read_video(tmp_path / f"{recipe}.mp4")[0]
+    printed = capsys.readouterr().out
+    assert ("recipe: paper (steps 400,300,250, restoration chained, dilation t-1..t+1, no Eq. 5-6 after the cleanup, "
+            "positions absolute)") in printed
+    stats = json.loads((tmp_path / "paper.json").read_text())
+    assert stats["recipe"] == {"name": "paper", "steps": [400, 300, 250], "restoration": "chained",
+                               "dilation": "t-1..t+1", "bound_after_cleanup": False, "positions": "absolute"}
+    assert json.loads((tmp_path / "ours.json").read_text())["recipe"]["bound_after_cleanup"] is True
+    assert not torch.equal(edits["paper"], edits["ours"])
+
+
 def write_clip(path, frames):
     io.write_video(path, frames, 24.0)
     return path

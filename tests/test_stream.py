@@ -185,7 +185,7 @@ def test_stream_flags_are_checked(weights, tmp_path, monkeypatch, capsys):
 # ---- positions past the training horizon and past RoPE's table ----
 
 
-def stream_chunks(dit, chunks, window, trained_frames=None):
+def stream_chunks(dit, chunks, window, trained_frames=None, rolled_positions=True):
     """forward_chunk over `chunks` identical-looking chunks (the same latents each time):
     3 denoising steps and the memory step, as the sampler runs them. Returns the last
     denoising step's output of every chunk."""
@@ -194,7 +194,7 @@ def stream_chunks(dit, chunks, window, trained_frames=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 3, 4, 4, generator=g, dtype=torch.float64)
     context = torch.randn(1, 5, dit.cfg.text_dim, generator=g, dtype=torch.float64)
-    cache = M.KVCache(dit, context, (2, 2), window)
+    cache = M.KVCache(dit, context, (2, 2), window, rolled_positions)
     outputs = []
     for c in range(chunks):
         for t in (769.0, 729.0, 625.0):
@@ -213,6 +213,35 @@ def test_rolled_positions_change_nothing_without_a_sink():
     true_positions, _ = stream_chunks(tiny_dit().double(), 12, (0, 21), trained_frames=1000)
     for a, b in zip(rolled, true_positions):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_absolute_positions_never_roll_and_end_at_the_rope_table():
+    """--recipe paper: past frame 20 a chunk keeps its own index as its position, as a
+    cache whose trained range never ends would place it (the same operations: bit-equal);
+    past RoPE's 1,024 positions the cache refuses, and sample.py stops reading before."""
+    absolute, cache = stream_chunks(tiny_dit().double(), 9, (1, 6), rolled_positions=False)
+    assert cache.shift == 0 and cache.position_of(24) == 24
+    never_rolled, _ = stream_chunks(tiny_dit().double(), 9, (1, 6), trained_frames=1000)
+    rolled, _ = stream_chunks(tiny_dit().double(), 9, (1, 6))
+    assert all(torch.equal(a, b) for a, b in zip(absolute, never_rolled))
+    assert not torch.allclose(absolute[8], rolled[8])  # chunk 8 (frames 24-26) sits elsewhere when rolled
+    with pytest.raises(ValueError, match="absolute positions end at latent frame 1023"):
+        cache.claim(1022, 3)
+
+
+def test_the_paper_recipe_stops_reading_where_its_positions_end(weights, tmp_path, monkeypatch):
+    """With RoPE's table cut to 6 positions the paper recipe edits the first 2 chunks
+    (21 frames) of a 33-frame clip, and says why; the default recipe edits all 33."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(M, "MAX_POSITIONS", 6)
+    io.write_video(tmp_path / "clip.mp4", moving_clip(33), 24.0)
+    for recipe, frames in (("paper", 21), ("ours", 33)):
+        assert run_cli(["--video", "clip.mp4", "--out", f"{recipe}.mp4", "--recipe", recipe, "--vae", "tiny",
+                        "--json", f"{recipe}.json"], weights) == 0
+        stats = json.loads((tmp_path / f"{recipe}.json").read_text())
+        assert stats["frames"] == frames and len(io.read_video(tmp_path / f"{recipe}.mp4")[0]) == frames
+        stopped = [n for n in stats["notes"] if n.startswith("stopped reading after 21 frames")]
+        assert len(stopped) == (recipe == "paper") and not any("cut short" in n for n in stats["notes"])
 
 
 def test_a_stream_past_1024_latent_frames_behaves_as_inside_the_trained_range():
