@@ -98,6 +98,7 @@ class GraphRunner:
         self.capture = model.head.head.weight.is_cuda
         self.caches = {}
         self.inputs = {}   # graph key -> StaticInputs
+        self.launched = set()  # graph keys run once eagerly
         self.graphs = {}   # graph key -> (CUDAGraph, static output)
         self.pool = None   # one memory pool for every graph
         self.stats = {"eager": 0, "captures": 0, "replays": 0, "capture_s": 0.0}
@@ -121,21 +122,28 @@ class GraphRunner:
         key = (id(cache), tuple(x.shape), tuple(t.shape), kept_size, step.visible, step.key_mask is not None,
                step.source is not None and step.memory_step, step.source is not None, self.model.attn_impl)
         inputs = self.inputs.get(key)
-        first_call = inputs is None
-        if first_call:
+        if inputs is None:
             inputs = self.inputs[key] = StaticInputs(x, t, step, kept_size, self.model.cfg.patch_size)
         inputs.fill(x, t, step)
-        if first_call or not self.capture:
+        return self.launch(key, lambda: inputs.run(self.model, cache))
+
+    def launch(self, key, run):
+        """run() (a function of static buffers only, the same each time for one key) for
+        the graph `key`: eager the first time, captured the second, replayed after.
+        Returns its output, a tensor or a tuple of them, copied out of the pool."""
+        if key not in self.launched or not self.capture:
+            self.launched.add(key)
             self.stats["eager"] += 1
-            return inputs.run(self.model, cache)
+            return run()
         if key not in self.graphs:
-            self.graphs[key] = self._capture(cache, inputs)
+            self.graphs[key] = self._capture(run)
         graph, out = self.graphs[key]
         graph.replay()
         self.stats["replays"] += 1
-        return out.clone()  # the pool is shared: another graph's replay may reuse this memory
+        # the pool is shared: another graph's replay may reuse this memory
+        return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
-    def _capture(self, cache, inputs):
+    def _capture(self, run):
         start = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
@@ -143,7 +151,7 @@ class GraphRunner:
         with torch.cuda.stream(stream):
             graph.capture_begin(pool=self.pool)
             try:
-                out = inputs.run(self.model, cache)
+                out = run()
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
@@ -156,6 +164,7 @@ class GraphRunner:
         """Drop every graph, buffer and cache (their memory returns to the allocator)."""
         self.caches.clear()
         self.inputs.clear()
+        self.launched.clear()
         self.graphs.clear()
         self.pool = None
 

@@ -266,11 +266,12 @@ class Models:
 
 
 def plugs(dit, runner, context, grid_hw, mode, window, tape_cfg=None, rolled_positions=True):
-    """(forward, cache) of a ChunkEditor in `mode` on the fastest path it has: TAPE's
-    forward (tape.py, op by op: its selections are made as it goes), else the replayed
-    CUDA graphs of a graphs.GraphRunner when there is one, else the model's own."""
+    """(forward, cache) of a ChunkEditor in `mode` on the fastest path it has: the
+    replayed CUDA graphs of a graphs.GraphRunner when there is one (TAPE's forward,
+    tape.py, replays its own through it), else the model's own (or TAPE's) op by op."""
     if mode == "tape":
-        return tape.TapeForward(dit, tape_cfg), None
+        cache = None if runner is None else runner.kv_cache(context, grid_hw, window, mode, rolled_positions)
+        return tape.TapeForward(dit, tape_cfg, runner=runner), cache
     if runner is not None:
         return runner.forward_chunk, runner.kv_cache(context, grid_hw, None if mode == "full" else window, mode,
                                                      rolled_positions)

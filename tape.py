@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from graphs import StaticInputs
 from model import attention, rope_angles, rotate_keys
 
 
@@ -111,19 +112,49 @@ def keep_top(scores, ratio):
 class TapeForward:
     """TAPE as the forward a sample.ChunkEditor runs (model.CausalWanModel.forward_chunk's
     arguments): the denoising steps of a chunk skip tokens at their HighLow ratios, the
-    memory step runs in full and closes the chunk's scores (see above)."""
+    memory step runs in full and closes the chunk's scores (see above). With a
+    graphs.GraphRunner (and its KV cache) every step replays a CUDA graph, as LIPAR's
+    do: a step's kept count is fixed by its ratio, so its shapes are too."""
 
-    def __init__(self, dit, cfg, steps=3):
-        self.dit, self.cfg, self.state, self.step = dit, cfg, TapeState(), 0
+    def __init__(self, dit, cfg, steps=3, runner=None):
+        self.dit, self.cfg, self.state, self.step, self.runner = dit, cfg, TapeState(), 0, runner
         self.ratios = highlow_ratios(cfg.ratio, steps, cfg.delta)
+        self.buffers = {}  # graph key -> (graphs.StaticInputs, {block: the previous chunk's scores [N]})
 
     def __call__(self, x, t, cache, start_frame, memory_step=False, plan=None):
         if memory_step:
             self.state.commit()
             self.step = 0
-            return self.dit.forward_chunk(x, t, cache, start_frame, memory_step=True)
+            forward = self.dit.forward_chunk if self.runner is None else self.runner.forward_chunk
+            return forward(x, t, cache, start_frame, memory_step=True)
         ratio, self.step = self.ratios[self.step], self.step + 1
-        return forward_chunk(self.dit, x, t, cache, start_frame, ratio, self.state, self.cfg)
+        if self.runner is None:
+            return forward_chunk(self.dit, x, t, cache, start_frame, ratio, self.state, self.cfg)
+        return self.replayed(x, t, cache, start_frame, ratio)
+
+    def replayed(self, x, t, cache, start_frame, ratio):
+        """One denoising step through the runner: the step's bookkeeping (slots, positions)
+        eagerly, then run_step on static buffers."""
+        step = self.dit.chunk_step(x, cache, start_frame)
+        previous = self.state.last_frame
+        key = ("tape", id(cache), tuple(x.shape), ratio, step.visible, tuple(sorted(previous)))
+        if key not in self.buffers:
+            self.buffers[key] = (StaticInputs(x, t, step, None, self.dit.cfg.patch_size),
+                                 {i: torch.empty_like(p) for i, p in previous.items()})
+        inputs, last_frame = self.buffers[key]
+        inputs.fill(x, t, step)
+        for i, p in previous.items():
+            last_frame[i].copy_(p)
+
+        def run():
+            state = TapeState()
+            state.last_frame = last_frame
+            v = run_step(self.dit, inputs.x, inputs.t, cache, inputs.step, ratio, state, self.cfg)
+            return (v, *(state.pending[i] for i in sorted(state.pending)))
+        v, *pending = self.runner.launch(key, run)
+        blocks = sorted(self.cfg.selection_blocks(len(self.dit.blocks))) if ratio > 0 else []
+        self.state.pending = dict(zip(blocks, pending))
+        return v
 
 
 class TapeState:
@@ -145,7 +176,13 @@ def forward_chunk(dit, x, t, cache, start_frame, ratio, state, cfg, kept_log=Non
     TapeState; cfg: a TapeConfig (alpha, every, score_queries). kept_log, a list,
     receives (block, kept indices) for each selection (the tests read it). The memory
     step is model.forward_chunk itself."""
-    step = dit.chunk_step(x, cache, start_frame)
+    return run_step(dit, x, t, cache, dit.chunk_step(x, cache, start_frame), ratio, state, cfg, kept_log)
+
+
+def run_step(dit, x, t, cache, step, ratio, state, cfg, kept_log=None):
+    """forward_chunk after the chunk's model.ChunkStep is made: every shape here follows
+    from the step and the ratio, and nothing waits for the GPU, so a CUDA graph can
+    record it (TapeForward.replayed)."""
     tokens, grid = dit.patchify(x)
     frames, n = grid[0], grid[1] * grid[2]
     rope = rope_angles(step.positions, dit.cfg.head_dim, dit.cfg.rope_theta)
@@ -190,10 +227,11 @@ def write_kept(cache, layer, step, kept, k, v, rope_kept):
 
 
 def attended_rows(step, kept):
-    """The cache rows [P] a skipping block's queries read: the cached frames' and the
-    chunk's kept tokens' (a skipped token holds a stale key, or none, in this block).
-    Gathered rather than masked: SDPA's flash kernel takes no mask."""
-    mask = torch.ones(step.visible, dtype=torch.bool, device=kept.device)
-    mask[step.slots] = False
-    mask[step.slots[kept]] = True
-    return mask.nonzero().squeeze(1)
+    """The cache rows [P] a skipping block's queries read, ascending: the cached frames'
+    and the chunk's kept tokens' (a skipped token holds a stale key, or none, in this
+    block). Gathered rather than masked (SDPA's flash kernel takes no mask); found by a
+    stable sort of the chunk's rows to the end, whose count is known, not by nonzero(),
+    which would wait for the GPU."""
+    in_chunk = torch.zeros(step.visible, dtype=torch.uint8, device=kept.device).index_fill_(0, step.slots, 1)
+    cached = in_chunk.sort(stable=True).indices[: step.visible - step.slots.numel()]
+    return torch.cat([cached, step.slots[kept]]).sort().values

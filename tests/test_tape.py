@@ -177,3 +177,32 @@ def test_a_skipping_block_is_the_block_on_the_kept_tokens_alone():
                          context_kvs[1], "sdpa")
     expected = dit.unpatchify(dit.head(whole.index_copy(1, kept, some), e), grid)
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_rows_a_skipping_block_reads_hand_case():
+    """attended_rows (found by a sort, not nonzero()) against a set written out by hand:
+    8 visible rows, the chunk in rows 2, 3, 6, 7 (a ring's slots), kept tokens 1 and 2."""
+    step = M.ChunkStep(positions=None, kept=None, slots=torch.tensor([2, 3, 6, 7]), source=None, visible=8,
+                       absent_keys=False, memory_step=False)
+    rows = tape.attended_rows(step, torch.tensor([1, 2]))
+    assert rows.tolist() == [0, 1, 3, 4, 5, 6]
+
+
+def test_the_graph_runners_tape_path_equals_tape_op_by_op():
+    """TapeForward through a graphs.GraphRunner (on the CPU it replays nothing, but runs on
+    the same static buffers a graph would: its inputs copied in, its scores copied out)
+    gives TAPE's op-by-op edit bit for bit, over three chunks at HighLow ratios."""
+    import graphs
+
+    dit = tiny_dit()
+    context = context_for(dit)
+    latents = torch.randn(1, 16, 9, 8, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cfg = tape.TapeConfig(0.4, every=2)
+    op_by_op = sample.ChunkEditor(dit, context, GRID, "tape", (1, 3), 0, forward=tape.TapeForward(dit, cfg))
+    runner = graphs.GraphRunner(dit)
+    forward, cache = sample.plugs(dit, runner, context, GRID, "tape", (1, 3), cfg)
+    assert forward.runner is runner and cache is not None
+    replayed = sample.ChunkEditor(dit, context, GRID, "tape", (1, 3), 0, forward=forward, cache=cache)
+    for s in (0, 3, 6):
+        assert torch.equal(replayed(latents[:, :, s:s + 3]), op_by_op(latents[:, :, s:s + 3]))
+    assert runner.stats["eager"] > 0 and len(forward.buffers) >= 3  # one set of buffers per step's shape
