@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cli
 import files
+import summary
 
 
 def clip_row(stats):
@@ -118,7 +119,7 @@ def report_markdown(report):
              + (", **random weights** (the speed is real, the fidelity numbers only show the format)"
                 if setup["random_weights"] else "") + ". Every mode ran from the same noise; fidelity is to `full`. "
              "The first clip's DiT time includes capturing the CUDA graphs, when they are used.", "",
-             f"Recipe: {cli.recipe_text(setup['recipe'])}.", ""]
+             f"Recipe: {summary.recipe_text(setup['recipe'])}.", ""]
     lines += tables_markdown(report) if report["clips"] else ["No job was edited: see the failures below."]
     if report["failed"]:
         lines += ["", "## Jobs that failed", ""] + [f"- line {f['line']}: {f['error']}" for f in report["failed"]]

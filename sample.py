@@ -45,6 +45,7 @@ import graphs
 import lipar
 import model as M
 import stream
+import summary
 import tape
 import video as io
 import weights as W
@@ -292,7 +293,7 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
     """Steps 1-8 on an open video.VideoReader, chunk by chunk as it is read, writing
     `outputs` {kind: path or "-"}: each mode's edit (with the source's audio), and where
     named the side-by-side "compare" and the "mask" preview (over existing files only
-    with overwrite). Returns the stats (cli.edit_stats).
+    with overwrite). Returns the stats (summary.edit_stats).
 
     masks: what computes the mask (default: a lipar.MaskStream of the settings, when a
     mode prunes or a preview is asked for); fidelity: a metrics.Fidelity (default: one
@@ -335,7 +336,7 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
                      f"container states (cut short?); edited the {reader.frames_read} frames read")
     graph_stats = None if runner is None else {k: runner.stats[k] - graphs_before[k] for k in graphs_before}
     tape_ratios = editors["tape"].forward.ratios if "tape" in editors else None
-    return cli.edit_stats(reader, settings, dit.cfg.frames_per_chunk, models, clock, timeline,
+    return summary.edit_stats(reader, settings, dit.cfg.frames_per_chunk, models, clock, timeline,
                           torch.cat(kept) if kept else None, fidelity.stats() if fidelity is not None else {},
                           graph_stats, tape_ratios, writers, notes)
 
@@ -371,7 +372,7 @@ def main(argv=None):
         with clock("load"):  # weights from disk
             models.vae(), models.dit()
         stats = edit_video(reader, models, context, settings, outputs, clock, notes, overwrite=args.overwrite)
-    cli.print_summary(stats, report)
+    summary.print_summary(stats, report)
     if args.json:
         cli.write_json(args.json, stats, args.overwrite)
     return 0
