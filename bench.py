@@ -435,7 +435,7 @@ def batch_bench(clips=8):
           flush=True)
 
 
-def tape_bench(timer, ratios=(0.2, 0.35, 0.5)):
+def tape_bench(timer, ratios=(0.2, 0.35, 0.5), smoke=False):
     """TAPE beside LIPAR at matched prune ratios, in one process at real shapes: 81
     frames (21 latent frames) of the bench's generated clip latents, bf16, the DiT not
     compiled, every mode both op by op and in replayed CUDA graphs (TAPE's through
@@ -444,14 +444,17 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5)):
     after frame 0 (a fixed coherent mask), TAPE skips `ratio` on average over the steps.
     Fidelity to `full` (metrics.Fidelity): latents, and frames decoded by the Wan VAE.
     Random weights: the times are real, the fidelity only says how far each method
-    moves a random model. Prints as it goes."""
+    moves a random model. Prints as it goes. smoke: tiny float32 models on the CPU (the
+    harness and the agreement check, no meaningful times)."""
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
-        vae = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval()
-    cfg, L, h, w = dit.cfg, 21, 30, 52
-    context = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
-    latents = realistic_latents(L, 2 * h, 2 * w).transpose(0, 1)[None].cuda()
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    dit_cfg, vae_cfg = (M.DiTConfig.tiny(), V.VAEConfig.tiny()) if smoke else (M.DiTConfig(), V.VAEConfig())
+    with torch.device(device):
+        dit = random_(M.CausalWanModel(dit_cfg)).to(dtype).eval().requires_grad_(False)
+        vae = random_(V.WanVAE(vae_cfg), 0.05).to(dtype).eval()
+    cfg, (L, h, w) = dit.cfg, ((6, 4, 7) if smoke else (21, 30, 52))
+    context = torch.randn(1, 512, cfg.text_dim, device=device, dtype=dtype)
+    latents = realistic_latents(L, 2 * h, 2 * w).transpose(0, 1)[None].to(device)
     runner = graphs.GraphRunner(dit)
     edits, frames, rows = {}, {}, []
 
@@ -461,7 +464,7 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5)):
         eager, in_graphs = timer(edit), timer(lambda: edit(True))
         with torch.no_grad():
             edits[name], replayed = edit(), edit(True)
-            frames[name] = io.from_model(vae.decode(edits[name].to(torch.bfloat16)))
+            frames[name] = io.from_model(vae.decode(edits[name].to(dtype)))
         agreement = ((replayed - edits[name]).norm() / edits[name].norm()).item()
         assert agreement < 1e-2, f"{name}: the graph path is {agreement:.1e} from the op-by-op one"
         if mode == "tape":
@@ -472,9 +475,9 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5)):
         print(f"{name}: {eager:.0f} ms op by op, {in_graphs:.0f} ms in graphs (relative difference "
               f"{agreement:.1e}), {flops / 1e12:.1f} TFLOP", flush=True)
 
-    run("full", "full", 0.0, coherent_mask(L, h, w, 0.0).cuda())
+    run("full", "full", 0.0, coherent_mask(L, h, w, 0.0).to(device))
     for ratio in ratios:
-        keep = coherent_mask(L, h, w, ratio).cuda()
+        keep = coherent_mask(L, h, w, ratio).to(device)
         for mode in ("lipar", "naive"):
             run(f"{mode} {ratio:.0%}", mode, ratio, keep)
         run(f"tape {ratio:.0%}", "tape", ratio, keep, tape.TapeConfig(ratio))
@@ -691,7 +694,9 @@ def main(argv=None):
         if args.markdown:
             with open(args.markdown, "w") as f:
                 f.write("\n".join(lines) + "\n")
-        return results
+    if smoke:
+        tape_bench(timer, smoke=True)
+    return results
 
 
 if __name__ == "__main__":
