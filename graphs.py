@@ -97,7 +97,7 @@ class GraphRunner:
         self.bucket = bucket
         self.capture = model.head.head.weight.is_cuda
         self.caches = {}
-        self.inputs = {}   # graph key -> StaticInputs
+        self.inputs = {}   # graph key -> its static buffers (StaticInputs, or TAPE's: tape.py)
         self.launched = set()  # graph keys run once eagerly
         self.graphs = {}   # graph key -> (CUDAGraph, static output)
         self.pool = None   # one memory pool for every graph
@@ -121,11 +121,17 @@ class GraphRunner:
         kept_size = None if step.kept is None else bucket_size(step.kept.numel(), step.positions.shape[0], self.bucket)
         key = (id(cache), tuple(x.shape), tuple(t.shape), kept_size, step.visible, step.key_mask is not None,
                step.source is not None and step.memory_step, step.source is not None, self.model.attn_impl)
-        inputs = self.inputs.get(key)
-        if inputs is None:
-            inputs = self.inputs[key] = StaticInputs(x, t, step, kept_size, self.model.cfg.patch_size)
+        inputs = self.buffers(key, lambda: StaticInputs(x, t, step, kept_size, self.model.cfg.patch_size))
         inputs.fill(x, t, step)
         return self.launch(key, lambda: inputs.run(self.model, cache))
+
+    def buffers(self, key, make):
+        """The static buffers of graph `key`, made by make() the first time. They live as
+        long as the runner, as its graphs do: a graph replays on the addresses it was
+        captured with, whichever caller launches it."""
+        if key not in self.inputs:
+            self.inputs[key] = make()
+        return self.inputs[key]
 
     def launch(self, key, run):
         """run() (a function of static buffers only, the same each time for one key) for

@@ -119,7 +119,6 @@ class TapeForward:
     def __init__(self, dit, cfg, steps=3, runner=None):
         self.dit, self.cfg, self.state, self.step, self.runner = dit, cfg, TapeState(), 0, runner
         self.ratios = highlow_ratios(cfg.ratio, steps, cfg.delta)
-        self.buffers = {}  # graph key -> (graphs.StaticInputs, {block: the previous chunk's scores [N]})
 
     def __call__(self, x, t, cache, start_frame, memory_step=False, plan=None):
         if memory_step:
@@ -134,14 +133,13 @@ class TapeForward:
 
     def replayed(self, x, t, cache, start_frame, ratio):
         """One denoising step through the runner: the step's bookkeeping (slots, positions)
-        eagerly, then run_step on static buffers."""
+        eagerly, then run_step on static buffers (the runner keeps them, per graph key: the
+        step's inputs and the previous chunk's scores of each selection block)."""
         step = self.dit.chunk_step(x, cache, start_frame)
         previous = self.state.last_frame
         key = ("tape", id(cache), tuple(x.shape), ratio, step.visible, tuple(sorted(previous)))
-        if key not in self.buffers:
-            self.buffers[key] = (StaticInputs(x, t, step, None, self.dit.cfg.patch_size),
-                                 {i: torch.empty_like(p) for i, p in previous.items()})
-        inputs, last_frame = self.buffers[key]
+        inputs, last_frame = self.runner.buffers(key, lambda: (StaticInputs(x, t, step, None, self.dit.cfg.patch_size),
+                                                               {i: torch.empty_like(p) for i, p in previous.items()}))
         inputs.fill(x, t, step)
         for i, p in previous.items():
             last_frame[i].copy_(p)

@@ -205,4 +205,11 @@ def test_the_graph_runners_tape_path_equals_tape_op_by_op():
     replayed = sample.ChunkEditor(dit, context, GRID, "tape", (1, 3), 0, forward=forward, cache=cache)
     for s in (0, 3, 6):
         assert torch.equal(replayed(latents[:, :, s:s + 3]), op_by_op(latents[:, :, s:s + 3]))
-    assert runner.stats["eager"] > 0 and len(forward.buffers) >= 3  # one set of buffers per step's shape
+    tape_buffers = [key for key in runner.inputs if key[0] == "tape"]
+    assert runner.stats["eager"] > 0 and len(tape_buffers) >= 3  # one set of buffers per step's shape
+    again = sample.ChunkEditor(dit, context, GRID, "tape", (1, 3), 0, *sample.plugs(dit, runner, context, GRID, "tape",
+                                                                                    (1, 3), cfg))
+    first = again(latents[:, :, :3])  # a second clip: a new TapeForward finds the runner's buffers
+    assert [key for key in runner.inputs if key[0] == "tape"] == tape_buffers
+    assert torch.equal(first, sample.ChunkEditor(dit, context, GRID, "tape", (1, 3), 0,
+                                                 forward=tape.TapeForward(dit, cfg))(latents[:, :, :3]))
