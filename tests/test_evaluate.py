@@ -234,10 +234,16 @@ def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):
     assert "missing.mp4 does not exist" in errors[6] and "'sharp'" in errors[7]
 
     jsonl = tmp_path / "jobs.jsonl"
-    jsonl.write_text('{"video": "ball.mp4", "prompt": "p", "modes": "lipar naive"}\n\n# a comment\n{oops\n[1]\n')
+    jsonl.write_text('{"video": "ball.mp4", "prompt": "p", "modes": "lipar naive"}\n\n# a comment\n{oops\n[1]\n'
+                     '{"video": "ball.mp4", "video_path": "ball.mp4", "prompt": "p"}\n')
     jobs, failures = evaluate.read_manifest(jsonl, base, ["lipar"], tmp_path / "out")
-    assert jobs == [] and [f["line"] for f in failures] == [1, 4, 5]
+    assert jobs == [] and [f["line"] for f in failures] == [1, 4, 5, 6]
     assert "full among them" in failures[0]["error"] and "not JSON" in failures[1]["error"]
+    assert failures[3]["error"] == "both video and video_path; give one of them"
+    array = tmp_path / "jobs.json"  # a .json may also hold one array of jobs
+    array.write_text(json.dumps([{"video_path": "ball.mp4", "prompt": "p"}, "not a job"]))
+    jobs, failures = evaluate.read_manifest(array, base, ["lipar"], tmp_path / "out")
+    assert [(j.line, j.video) for j in jobs] == [(1, str(tmp_path / "ball.mp4"))] and [f["line"] for f in failures] == [2]
 
 
 def test_the_authors_evaluation_list_runs_as_published(clips, weights, tmp_path, capsys):

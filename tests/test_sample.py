@@ -310,6 +310,9 @@ def test_short_clip_odd_size_and_existing_output(weights, tmp_path, monkeypatch,
     (["--mode", "tape", "--tape-ratio", "1.2"], "--tape-ratio 1.2"),
     (["--mode", "tape", "--tape-alpha", "nan"], "--tape-alpha nan"),
     (["--mode", "tape", "--tape-every", "0"], "--tape-every 0"),
+    (["--mode", "tape", "--tape-selections", "0"], "--tape-selections 0 is not a count"),
+    (["--mode", "tape", "--tape-selections", "5", "--tape-every", "6"], "--tape-every and --tape-selections both"),
+    (["--recipe", "paper2"], "argument --recipe: invalid choice: 'paper2'"),
 ])
 def test_bad_flags_are_refused_before_any_work(flags, named, clip, weights, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -324,6 +327,7 @@ def test_bad_flags_are_refused_before_any_work(flags, named, clip, weights, tmp_
     (["--mode", "full", "--theta", "0.2"], "--theta sets LIPAR's mask, which --mode full does not compute"),
     (["--mode", "tape", "--theta2", "0.5", "--mask-lookahead", "0"], "--mask-lookahead, --theta2 set LIPAR's mask"),
     (["--tape-alpha", "0.3"], "--tape-alpha only applies to --mode tape"),
+    (["--tape-selections", "5"], "--tape-selections only applies to --mode tape"),
     (["--mode", "naive", "--tape-ratio", "0.2", "--tape-every", "5"], "--tape-every, --tape-ratio only apply"),
     (["--compare", "--mode", "tape"], "--compare runs full and lipar side by side; drop --mode tape"),
     (["--prune-ratio", "0.3"], "unrecognized arguments: --prune-ratio"),
