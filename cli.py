@@ -19,6 +19,7 @@ import torch
 import demo
 import files
 import lipar
+import prompts
 import signals
 import stream
 import tape as T
@@ -68,6 +69,7 @@ class EditSettings:
     mask_lookahead: int = 1          # latent frames the mask's medians and dilation see ahead
     tape: T.TapeConfig = field(default_factory=T.TapeConfig)
     recipe: lipar.Recipe = field(default_factory=lipar.Recipe)  # the authors' releases' choices, or ours
+    prompt_at: list = field(default_factory=list)  # [(video frame, prompt)]: prompt changes (prompts.py)
 
 
 MAX_SIDE, MAX_PIXELS = 2048, 1920 * 1088  # the largest model size taken: 1080p (the model's own is 832x480)
@@ -89,6 +91,13 @@ def parse_window(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--m takes 'SINK,RECENT' (e.g. 1,6) or 'all', not {text!r}") from None
     return sink, recent
+
+
+def prompt_change(text):
+    try:
+        return prompts.parse_prompt_at(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def window_text(window):
@@ -158,6 +167,9 @@ def parser():
                    help="lipar: the method (the default); full: the Self-Forcing baseline; naive / noisy_dup: "
                         "ablations; tape: TAPE's attention-importance pruning, for comparison (README)")
     add_edit_flags(p)
+    p.add_argument("--prompt-at", action="append", type=prompt_change, metavar="FRAME:PROMPT",
+                   help="change the prompt from this video frame on (at the chunk boundary at or after it; the KV "
+                        "cache is re-cached under the new prompt, no cut); repeat for several changes")
     p.add_argument("--compare", action="store_true",
                    help="run full and lipar from the same noise; write a side-by-side video and their PSNR")
     p.add_argument("--save-mask", action="store_true", help="write the input with pruned patches greyed out")
@@ -214,7 +226,10 @@ def edit_settings(args, modes, mask_preview=False):
                             theta=values["theta"], theta2=values["theta2"], mask_lookahead=values["mask_lookahead"],
                             tape=T.TapeConfig(values["tape_ratio"], values["tape_alpha"], values["tape_delta"],
                                                  values["tape_every"], values["tape_selections"]),
-                            recipe=lipar.RECIPES[args.recipe])
+                            recipe=lipar.RECIPES[args.recipe], prompt_at=sorted(getattr(args, "prompt_at", None) or []))
+    frames = [frame for frame, _ in settings.prompt_at]
+    if len(set(frames)) < len(frames):
+        problems.append("two --prompt-at changes at one frame; give each frame one prompt")
     return settings, problems
 
 

@@ -44,6 +44,7 @@ import demo
 import graphs
 import lipar
 import model as M
+import prompts
 import stream
 import summary
 import tape
@@ -279,17 +280,19 @@ def plugs(dit, runner, context, grid_hw, mode, window, tape_cfg=None, rolled_pos
     return None, None
 
 
-def make_editors(models, context, grid_hw, settings):
-    """A ChunkEditor for each mode of `settings` (cli.EditSettings), side by side."""
+def make_editors(models, context, grid_hw, settings, schedule=()):
+    """A ChunkEditor for each mode of `settings` (cli.EditSettings), side by side; with a
+    schedule [(frame, prompt, context)] each changes its prompt as it says (prompts.py)."""
     dit, runner = models.dit(), models.runner()
     recipe = settings.recipe
-    return {mode: ChunkEditor(dit, context, grid_hw, mode, settings.window, settings.seed,
-                              *plugs(dit, runner, context, grid_hw, mode, settings.window, settings.tape,
-                                     recipe.rolled_positions), recipe)
-            for mode in settings.modes}
+    editors = {mode: ChunkEditor(dit, context, grid_hw, mode, settings.window, settings.seed,
+                                 *plugs(dit, runner, context, grid_hw, mode, settings.window, settings.tape,
+                                        recipe.rolled_positions), recipe) for mode in settings.modes}
+    return {mode: prompts.ScheduledEditor(e, dit, schedule) for mode, e in editors.items()} if schedule else editors
 
 
-def edit_video(reader, models, context, settings, outputs, clock, notes, masks=None, fidelity=None, overwrite=False):
+def edit_video(reader, models, context, settings, outputs, clock, notes, masks=None, fidelity=None, overwrite=False,
+               schedule=()):
     """Steps 1-8 on an open video.VideoReader, chunk by chunk as it is read, writing
     `outputs` {kind: path or "-"}: each mode's edit (with the source's audio), and where
     named the side-by-side "compare" and the "mask" preview (over existing files only
@@ -297,7 +300,7 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
 
     masks: what computes the mask (default: a lipar.MaskStream of the settings, when a
     mode prunes or a preview is asked for); fidelity: a metrics.Fidelity (default: one
-    when `full` runs beside another mode)."""
+    when `full` runs beside another mode); schedule: prompt changes, as make_editors takes them."""
     vae, dit = models.vae(), models.dit()
     grid = (settings.height // 16, settings.width // 16)
     if clock.cuda and M.fusing():
@@ -310,7 +313,7 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
                                  settings.recipe.dilation_frames, settings.recipe.bound_after_cleanup)
     runner = models.runner()
     graphs_before = dict(runner.stats) if runner else None
-    editors = make_editors(models, context, grid, settings)
+    editors = make_editors(models, context, grid, settings, schedule)
     writers = cli.open_writers(outputs, settings.modes, reader, overwrite)
     kept = []
 
@@ -336,9 +339,11 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
                      f"container states (cut short?); edited the {reader.frames_read} frames read")
     graph_stats = None if runner is None else {k: runner.stats[k] - graphs_before[k] for k in graphs_before}
     tape_ratios = editors["tape"].forward.ratios if "tape" in editors else None
+    switches = next(iter(editors.values())).switches if schedule else []
+    notes += next(iter(editors.values())).never_took_effect() if schedule else []
     return summary.edit_stats(reader, settings, dit.cfg.frames_per_chunk, models, clock, timeline,
-                          torch.cat(kept) if kept else None, fidelity.stats() if fidelity is not None else {},
-                          graph_stats, tape_ratios, writers, notes)
+                              torch.cat(kept) if kept else None, fidelity.stats() if fidelity is not None else {},
+                              graph_stats, tape_ratios, writers, notes, switches)
 
 
 # -----------------------------------------------------------------------------
@@ -367,11 +372,12 @@ def main(argv=None):
     clock = stream.Stopwatch(args.device)
     with io.VideoReader(args.video) as reader, M.fusion(args.compile):  # the input is checked before loading
         with clock("text"):  # step 4, first: the text encoder is freed before the DiT arrives
-            context = encode_prompts(models.text_encoder, [args.prompt], torch.device(args.device), models.dtype,
-                                     notes)[args.prompt]
+            contexts = encode_prompts(models.text_encoder, [args.prompt, *(p for _, p in settings.prompt_at)],
+                                      torch.device(args.device), models.dtype, notes)
         with clock("load"):  # weights from disk
             models.vae(), models.dit()
-        stats = edit_video(reader, models, context, settings, outputs, clock, notes, overwrite=args.overwrite)
+        stats = edit_video(reader, models, contexts[args.prompt], settings, outputs, clock, notes,
+                           overwrite=args.overwrite, schedule=[(f, p, contexts[p]) for f, p in settings.prompt_at])
     summary.print_summary(stats, report)
     if args.json:
         cli.write_json(args.json, stats, args.overwrite)

@@ -16,10 +16,11 @@ import stream
 import video as io
 
 def edit_stats(reader, settings, frames_per_chunk, models, clock, timeline, keep, fidelities, graph_stats,
-               tape_ratios, writers, notes):
+               tape_ratios, writers, notes, switches=()):
     """Every number of one edit: per mode the prune ratio (overall, per chunk and per
     latent frame), seconds per stage, frames/s, fidelity to `full`; the stream's
-    timeline; peak memory; the outputs written."""
+    timeline; peak memory; the outputs written; the prompts and the video frame each
+    took effect at (`switches` [(frame, prompt)]: the changes made, prompts.py)."""
     count = reader.frames_read
     stats = {"video": reader.name, "prompt": settings.prompt, "random_weights": models.random, "vae": settings.vae,
              "frames": count, "fps": reader.fps, "height": settings.height, "width": settings.width,
@@ -27,6 +28,8 @@ def edit_stats(reader, settings, frames_per_chunk, models, clock, timeline, keep
              "theta2": settings.theta2, "mask_lookahead": settings.mask_lookahead, "m": cli.window_json(settings.window),
              "seed": settings.seed, "recipe": {"name": settings.recipe.name} | settings.recipe.choices(),
              "device": str(clock.device), "dtype": str(models.dtype).removeprefix("torch."),
+             "prompts": [{"from_frame": 0, "prompt": settings.prompt}]
+             + [{"from_frame": frame, "prompt": prompt} for frame, prompt in switches],
              "notes": notes, "modes": {}, "stream": timeline.stats()}
     shared = sum(clock.seconds.get(stage, 0.0) for stage in ("read", "encode", "mask", "write"))
     for mode in settings.modes:
@@ -65,6 +68,8 @@ def print_summary(stats, file=sys.stdout):
           f"{stats['device']} {stats['dtype']}, {'tiny' if stats['vae'] == 'tiny' else 'Wan'} VAE"
           f"{' (random weights)' if stats['random_weights'] else ''}")
     print(f"recipe: {recipe_text(stats['recipe'])}")
+    for change in stats["prompts"][1:]:
+        print(f"prompt from frame {change['from_frame']}: {change['prompt']!r} (the cache re-cached under it)")
     for mode, s in stats["modes"].items():
         sec = s["seconds"]
         chunks = " ".join(f"{r:.0%}" for r in s["prune_ratio_per_chunk"])

@@ -124,12 +124,16 @@ class TapeForward:
         if memory_step:
             self.state.commit()
             self.step = 0
-            forward = self.dit.forward_chunk if self.runner is None else self.runner.forward_chunk
-            return forward(x, t, cache, start_frame, memory_step=True)
+            return self.memory_step(x, t, cache, start_frame)
         ratio, self.step = self.ratios[self.step], self.step + 1
         if self.runner is None:
             return forward_chunk(self.dit, x, t, cache, start_frame, ratio, self.state, self.cfg)
         return self.replayed(x, t, cache, start_frame, ratio)
+
+    def memory_step(self, x, t, cache, start_frame):
+        """The memory step alone, on every token (prompts.py re-caches with it)."""
+        forward = self.dit.forward_chunk if self.runner is None else self.runner.forward_chunk
+        return forward(x, t, cache, start_frame, memory_step=True)
 
     def replayed(self, x, t, cache, start_frame, ratio):
         """One denoising step through the runner: the step's bookkeeping (slots, positions)

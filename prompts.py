@@ -1,0 +1,101 @@
+"""
+A prompt that changes mid-stream, without a cut: KV re-caching (as LongLive does it).
+
+The authors' live demo restarts from an empty cache when the prompt changes, and the
+picture jumps. Here a change lands at a chunk boundary: the cross-attention
+keys/values are rebuilt from the new prompt's context, and the chunks whose frames
+the KV cache window holds (the first chunk, for the sink, and the latest ones, for
+the recent frames) are run through the memory step (t = 0) again, in order, on their
+stored clean x0 under the new prompt. Their self-attention keys/values then follow
+the new text while the picture they came from stays the same. LIPAR's memory (the
+clean keys/values of the last frame, which pruned tokens duplicate) is a cache entry
+too and is rebuilt with it: each chunk is replayed with its own mask's recovery plan.
+
+For a clip still inside the window this replays the whole history: the cache equals
+what the same clean latents would have written under the new prompt from the start
+(and a switch to the same prompt changes nothing, bit for bit; tests/test_prompts.py).
+Past the window, the latest chunks attend to the first one where they had attended
+to frames that have since left the window. Only the chunks the window holds are
+kept: the memory this takes is bounded by the window, however long the stream.
+"""
+
+from collections import deque
+
+import torch
+
+import lipar
+
+
+def parse_prompt_at(text):
+    """--prompt-at FRAME:TEXT -> (frame, prompt); ValueError with a sentence otherwise."""
+    frame, sep, prompt = text.partition(":")
+    if not sep or not frame.strip().isdigit() or not prompt.strip():
+        raise ValueError(f"{text!r} is not FRAME:PROMPT; give e.g. 48:'a snowy street' (the video frame the new "
+                         "prompt starts at)")
+    if int(frame) == 0:
+        raise ValueError("frame 0 takes --prompt; give a later frame")
+    return int(frame), prompt.strip()
+
+
+def first_video_frame(latent_frame):
+    """The first video frame a chunk starting at `latent_frame` edits: 0, then 4k - 3
+    (the VAE's causal stride 4; frame 0 is coded alone)."""
+    return 0 if latent_frame == 0 else 4 * latent_frame - 3
+
+
+class ScheduledEditor:
+    """A sample.ChunkEditor whose prompt changes at chunk boundaries. schedule:
+    [(video frame, prompt, context)] in order; each takes effect at the first chunk
+    that starts at or after its frame. `switches` records [(frame, prompt)] as they
+    happen, `overridden` the changes a later one replaced before the same boundary.
+    Every other attribute is the editor's."""
+
+    def never_took_effect(self):
+        """Sentences for the notes: the changes that were overridden or came after the end."""
+        late = [(f, p) for f, p, _ in self.schedule]
+        return ([f"--prompt-at {f}:{p!r} was replaced by a later change before the same chunk boundary"
+                 for f, p in self.overridden]
+                + [f"--prompt-at {f}:{p!r} never took effect: the video ended before frame {f}" for f, p in late])
+
+    def __init__(self, editor, dit, schedule):
+        self.editor, self.dit, self.schedule = editor, dit, deque(schedule)
+        sink, recent = editor.cache.sink, editor.cache.recent
+        fpc = dit.cfg.frames_per_chunk
+        self.sink_chunks = -(-sink // fpc)             # chunks holding sink frames, kept for ever
+        self.held = deque(maxlen=-(-recent // fpc))    # the latest chunks: those holding the recent frames
+        self.first = []                                    # the sink's chunks: (start, x0, plan)
+        self.switches, self.overridden = [], []
+
+    def __getattr__(self, name):
+        return getattr(self.editor, name)
+
+    def __call__(self, latents, keep=None):
+        start = self.editor.start
+        frame = first_video_frame(start)
+        due = []
+        while self.schedule and self.schedule[0][0] <= frame:
+            due.append(self.schedule.popleft())
+        if due:  # two changes before one boundary: the later one wins
+            self.overridden += [(f, p) for f, p, _ in due[:-1]]
+            _, prompt, context = due[-1]
+            self.recache(context)
+            self.switches.append((frame, prompt))
+        x0 = self.editor(latents, keep)
+        plan = lipar.recovery_plan(keep, self.editor.mode, has_memory=start > 0) if self.editor.prunes else None
+        (self.first if len(self.first) < self.sink_chunks else self.held).append((start, x0, plan))
+        return x0
+
+    @torch.no_grad()
+    def recache(self, context):
+        """The cache under `context`: cross-attention rebuilt, the held chunks' memory steps
+        replayed in order (the module docstring says what that gives)."""
+        editor, cache = self.editor, self.editor.cache
+        cache.reset(self.dit, context)
+        zero = torch.zeros(1, 1, device=editor.device)
+        # TAPE's forward closes its scores on a memory step; its bare memory step does not
+        memory_step = getattr(editor.forward, "memory_step", None)
+        for start, x0, plan in [*self.first, *self.held]:
+            if memory_step is not None:
+                memory_step(x0.to(editor.dtype), zero, cache, start)
+            else:
+                editor.forward(x0.to(editor.dtype), zero, cache, start, memory_step=True, plan=plan)

@@ -1,0 +1,168 @@
+"""A prompt that changes mid-stream (prompts.py): the switch lands at a chunk boundary,
+the cache is re-cached under the new prompt from the stored clean latents, a switch
+to the same prompt changes nothing, every mode switches, and the command line says
+where each prompt took effect. Tiny float64 models: the replays are the same
+operations as the history they stand for, so the comparisons are bit for bit."""
+
+import json
+
+import pytest
+import torch
+
+import demo
+import lipar
+import model as M
+import prompts
+import sample
+import tape
+import video as io
+from tests.test_graphs import tiny_dit
+from tests.test_sample import moving_clip, run_cli
+
+GRID = (4, 6)  # token grid of a frame: latents of 8x12
+MODES = ["full", "lipar", "naive", "noisy_dup"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return demo.write_random_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "ball.mp4"
+    io.write_video(path, moving_clip(), 24.0)
+    return path
+
+
+def context(dit, seed):
+    return torch.randn(1, 7, dit.cfg.text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def clip_latents(chunks, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 16, 3 * chunks, 8, 12, generator=g, dtype=torch.float64)
+    keep = torch.rand(3 * chunks, *GRID, generator=g) < 0.6
+    keep[0] = True
+    return latents, keep
+
+
+def editors(dit, mode, schedule):
+    """(plain ChunkEditor, ScheduledEditor) from the same seed and first prompt."""
+    window = None if mode == "full" else (1, 6)
+    plain = sample.ChunkEditor(dit, context(dit, 1), GRID, mode, window, seed=0)
+    scheduled = prompts.ScheduledEditor(sample.ChunkEditor(dit, context(dit, 1), GRID, mode, window, seed=0), dit,
+                                        schedule)
+    return plain, scheduled
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_switch_to_the_same_prompt_changes_nothing(mode):
+    """Inside the window the re-cache replays the whole history: bit for bit the cache and
+    the edits the unswitched editor gets."""
+    dit = tiny_dit().double()
+    latents, keep = clip_latents(3)
+    plain, scheduled = editors(dit, mode, [(9, "same", context(dit, 1))])
+    for s in (0, 3, 6):
+        assert torch.equal(scheduled(latents[:, :, s:s + 3], keep[s:s + 3]), plain(latents[:, :, s:s + 3], keep[s:s + 3]))
+    assert scheduled.switches == [(9, "same")]
+    for name in ("k", "v", "memory_k", "memory_v"):
+        assert torch.equal(getattr(scheduled.cache, name), getattr(plain.cache, name)), name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_after_a_switch_the_cache_is_what_the_clean_latents_write_under_the_new_prompt(mode):
+    """Switch before chunk 2 (video frame 21): the cache equals a fresh cache under the new
+    prompt into which the two edited chunks' clean x0 were written by their memory steps
+    (each with its mask's recovery plan); the edit of chunk 2 then differs from the
+    unswitched one."""
+    dit = tiny_dit().double()
+    latents, keep = clip_latents(3)
+    new = context(dit, 2)
+    plain, scheduled = editors(dit, mode, [(21, "new", new)])
+    x0 = [scheduled(latents[:, :, s:s + 3], keep[s:s + 3]) for s in (0, 3)]
+    for s in (0, 3):
+        plain(latents[:, :, s:s + 3], keep[s:s + 3])
+    scheduled.recache(new)  # what the next call does first, done here to look at the cache
+    reference = M.KVCache(dit, new, GRID, None if mode == "full" else (1, 6))
+    for c, s in enumerate((0, 3)):
+        plan = None if mode == "full" else lipar.recovery_plan(keep[s:s + 3], mode, has_memory=s > 0)
+        dit.forward_chunk(x0[c], torch.zeros(1, 1, dtype=torch.float64), reference, s, memory_step=True, plan=plan)
+    for name in ("k", "v", "memory_k", "memory_v"):
+        assert torch.equal(getattr(scheduled.cache, name), getattr(reference, name)), name
+    for (k, v), (ref_k, ref_v) in zip(scheduled.cache.context_kvs, reference.context_kvs):
+        assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
+    edited = scheduled(latents[:, :, 6:9], keep[6:9])
+    assert scheduled.switches == [(21, "new")]
+    assert not torch.allclose(edited, plain(latents[:, :, 6:9], keep[6:9]), atol=1e-6)
+
+
+def test_a_change_inside_a_chunk_waits_for_its_boundary():
+    """Frame 10 falls in chunk 1 (video frames 9-20): the prompt changes at frame 21, and
+    chunk 1 is edited under the old one, bit for bit."""
+    dit = tiny_dit().double()
+    latents, keep = clip_latents(3)
+    plain, scheduled = editors(dit, "lipar", [(10, "new", context(dit, 2))])
+    for s in (0, 3):
+        assert torch.equal(scheduled(latents[:, :, s:s + 3], keep[s:s + 3]), plain(latents[:, :, s:s + 3], keep[s:s + 3]))
+    assert scheduled.switches == []
+    scheduled(latents[:, :, 6:9], keep[6:9])
+    assert scheduled.switches == [(21, "new")] and prompts.first_video_frame(6) == 21
+
+
+def test_only_the_window_s_chunks_are_kept_and_replayed(monkeypatch):
+    """Window (1, 6) over 6 chunks: the first chunk (the sink) and the latest two are held,
+    whatever the length; a switch replays those three, in order."""
+    dit = tiny_dit().double()
+    latents, keep = clip_latents(6)
+    _, scheduled = editors(dit, "lipar", [(4 * 15 - 3, "new", context(dit, 2))])
+    for s in range(0, 15, 3):
+        scheduled(latents[:, :, s:s + 3], keep[s:s + 3])
+    assert [c[0] for c in scheduled.first] == [0] and [c[0] for c in scheduled.held] == [9, 12]
+    replayed = []
+    forward = scheduled.editor.forward
+
+    def spy(x, t, cache, start, memory_step=False, plan=None):
+        replayed.append((start, memory_step))
+        return forward(x, t, cache, start, memory_step=memory_step, plan=plan)
+    monkeypatch.setattr(scheduled.editor, "forward", spy)
+    scheduled.recache(context(dit, 2))
+    assert replayed == [(0, True), (9, True), (12, True)]
+
+
+def test_tape_keeps_its_scores_across_a_re_cache():
+    """TAPE's memory step closes a chunk's scores; the re-cache uses its bare memory step,
+    so the previous chunk's smoothed scores survive the switch."""
+    dit = tiny_dit().double()
+    latents, keep = clip_latents(2)
+    forward = tape.TapeForward(dit, tape.TapeConfig(0.5, every=2))
+    editor = sample.ChunkEditor(dit, context(dit, 1), GRID, "tape", (1, 6), 0, forward=forward)
+    scheduled = prompts.ScheduledEditor(editor, dit, [])
+    scheduled(latents[:, :, :3])
+    before = {i: s.clone() for i, s in forward.state.last_frame.items()}
+    scheduled.recache(context(dit, 2))
+    assert before and all(torch.equal(forward.state.last_frame[i], s) for i, s in before.items())
+
+
+@pytest.mark.parametrize("text, named", [
+    ("21", "is not FRAME:PROMPT"), ("x:a ball", "is not FRAME:PROMPT"), ("21:  ", "is not FRAME:PROMPT"),
+    ("-3:a ball", "is not FRAME:PROMPT"), ("0:a ball", "frame 0 takes --prompt"),
+])
+def test_bad_prompt_changes_are_one_sentence(text, named):
+    with pytest.raises(ValueError, match=named):
+        prompts.parse_prompt_at(text)
+    assert prompts.parse_prompt_at("48: a snowy street ") == (48, "a snowy street")
+
+
+def test_the_command_line_says_where_each_prompt_took_effect(clip, weights, tmp_path, monkeypatch, capsys):
+    """17 frames (chunks from frames 0 and 9): a change at frame 5 lands at 9, one at 30
+    never does (noted); two changes at one frame are refused."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["--video", str(clip), "--out", "e.mp4", "--json", "s.json", "--prompt-at", "5:a blue ball",
+                    "--prompt-at", "30:a green ball"], weights) == 0
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert [p["from_frame"] for p in stats["prompts"]] == [0, 9] and stats["prompts"][1]["prompt"] == "a blue ball"
+    assert "--prompt-at 30:'a green ball' never took effect: the video ended before frame 30" in stats["notes"]
+    assert "prompt from frame 9: 'a blue ball'" in capsys.readouterr().out
+    assert run_cli(["--video", str(clip), "--out", "f.mp4", "--prompt-at", "5:a", "--prompt-at", "5:b"], weights) == 2
+    assert "two --prompt-at changes at one frame" in capsys.readouterr().err
