@@ -155,11 +155,12 @@ def test_bad_prompt_changes_are_one_sentence(text, named):
 
 
 def test_the_command_line_says_where_each_prompt_took_effect(clip, weights, tmp_path, monkeypatch, capsys):
-    """17 frames (chunks from frames 0 and 9): a change at frame 5 lands at 9, one at 30
-    never does (noted); two changes at one frame are refused."""
+    """17 frames (chunks from frames 0 and 9; 24 frames once padded for the tiny VAE's
+    pieces): a change at frame 5 lands at 9, one at 30 never does (noted); two changes
+    at one frame are refused."""
     monkeypatch.chdir(tmp_path)
     assert run_cli(["--video", str(clip), "--out", "e.mp4", "--json", "s.json", "--prompt-at", "5:a blue ball",
-                    "--prompt-at", "30:a green ball"], weights) == 0
+                    "--prompt-at", "30:a green ball", "--vae", "tiny"], weights) == 0
     stats = json.loads((tmp_path / "s.json").read_text())
     assert [p["from_frame"] for p in stats["prompts"]] == [0, 9] and stats["prompts"][1]["prompt"] == "a blue ball"
     assert "--prompt-at 30:'a green ball' never took effect: the video ended before frame 30" in stats["notes"]
