@@ -30,6 +30,7 @@ import lipar
 import model as M
 import sample
 import stream
+import prompts
 import tape
 import vae as V
 import video as io
@@ -494,6 +495,47 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5), smoke=False):
               + (f"{s['psnr_db']:.2f} | {s['ssim']:.4f} | {s['latent_rel_error']:.4f} |" if s else "– | – | – |"))
 
 
+def recache_bench(timer, smoke=False):
+    """A prompt change's cost (prompts.py) beside the chunk work it interrupts, at real
+    shapes: random bf16 DiT, 832x480, the M-degree window (1, 6) for LIPAR (35 %, a
+    fixed coherent mask) and the whole causal cache for full, both in CUDA graphs. Five
+    chunks are edited, then timed: one re-cache under another prompt (the held chunks'
+    memory steps), one DiT forward of the next chunk (a denoising step), and that
+    chunk's whole edit (3 steps and its memory step). smoke: tiny models on the CPU."""
+    torch.manual_seed(0)
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    with torch.device(device):
+        dit = random_(M.CausalWanModel(M.DiTConfig.tiny() if smoke else M.DiTConfig())).to(dtype).eval()
+    dit.requires_grad_(False)
+    L, h, w = (18, 4, 7) if smoke else (18, 30, 52)
+    contexts = [torch.randn(1, 512, dit.cfg.text_dim, device=device, dtype=dtype) for _ in range(2)]
+    latents = realistic_latents(L, 2 * h, 2 * w).transpose(0, 1)[None].to(device)
+    keep = coherent_mask(L, h, w, 0.35).to(device)
+    runner = None if smoke else graphs.GraphRunner(dit)
+    lines = ["| mode | held chunks | re-cache ms | one DiT forward ms | re-cache / forward | chunk edit ms |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for mode in ("lipar", "full"):
+        window = None if mode == "full" else (1, 6)
+        forward, cache = sample.plugs(dit, runner, contexts[0], (h, w), mode, window)
+        editor = prompts.ScheduledEditor(sample.ChunkEditor(dit, contexts[0], (h, w), mode, window, 0, forward, cache),
+                                         dit, [])
+        with torch.no_grad():
+            for s in range(0, 15, 3):
+                editor(latents[:, :, s:s + 3], keep[s:s + 3])
+            x, part = latents[:, :, 15:18].to(dtype), keep[15:18]
+            plan = lipar.recovery_plan(part, mode) if mode != "full" else None
+            t = torch.full((1, 1), sample.editing_schedule()[0][0], device=device)
+            step = lambda: editor.forward(x, t, editor.cache, 15, plan=plan)  # noqa: E731
+            recache_ms = timer(lambda: editor.recache(contexts[1]))
+            forward_ms = timer(step)
+            chunk_ms = timer(lambda: [step() for _ in range(3)]
+                             + [editor.forward(x, t * 0, editor.cache, 15, memory_step=True, plan=plan)])
+        held = len(editor.first) + len(editor.held)
+        lines.append(f"| {mode} | {held} | {recache_ms:.1f} | {forward_ms:.1f} | {recache_ms / forward_ms:.2f} "
+                     f"| {chunk_ms:.1f} |")
+    print("\n".join(lines), flush=True)
+
+
 def random_(module, std=0.02):
     with torch.no_grad():
         for p in module.parameters():
@@ -521,6 +563,8 @@ def main(argv=None):
                    help="only time evaluate.py --manifest of 8 clips against 8 separate sample.py calls, then exit")
     p.add_argument("--tape", action="store_true",
                    help="only time TAPE beside LIPAR and naive pruning at 20/35/50 %% (speed, FLOPs, fidelity), then exit")
+    p.add_argument("--recache", action="store_true",
+                   help="only time a prompt change's re-cache beside a chunk's forward and edit, then exit")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
@@ -544,6 +588,9 @@ def main(argv=None):
         return None
     if args.tape and not smoke:
         tape_bench(timer)
+        return None
+    if args.recache:
+        recache_bench(timer, smoke)
         return None
     if args.batch and not smoke:
         batch_bench()
