@@ -40,8 +40,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
-                and "default" not in text:
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not hidden and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -141,10 +141,11 @@ def add_edit_flags(p):
     p.add_argument("--tape-selections", type=int,
                    help="tape: the selections instead, spread evenly over the blocks (5: TAPE's chosen count; "
                         "instead of --tape-every)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the noise's seed, 0 to 2**63 - 1: one seed, one edit")
     p.add_argument("--height", type=int, default=None, help="model height, a multiple of 16 (default 480)")
     p.add_argument("--width", type=int, default=None, help="model width, a multiple of 16 (default 832)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="model precision (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--text-device", default=None, help="where the text encoder runs (default: --device)")
