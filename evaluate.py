@@ -37,6 +37,7 @@ import demo
 import files
 import model as M
 import sample
+import signals
 import stream
 import video as io
 from metrics import Fidelity
@@ -340,6 +341,15 @@ def run_job(job, args, models, context):
     sweep = args.eval and (args.sweep_theta or args.sweep_m)
     fidelity = Fidelity(reference=[] if sweep else None) if args.eval else None
     check_job_outputs(job, args)
+    try:
+        return edit_job(job, args, models, context, fidelity, sweep)
+    except stream.Interrupted as stop:  # a job's videos without its stats are no result: a rerun redoes it
+        for path in stop.kept:
+            Path(path).unlink(missing_ok=True)
+        raise
+
+
+def edit_job(job, args, models, context, fidelity, sweep):
     stats = edit(job, job.settings, job_outputs(job), models, context, fidelity, args.overwrite)
     stats["name"], stats["line"], stats["job"], stats["sweep"] = job.name, job.line, signature(job, args), []
     if sweep:
@@ -431,6 +441,13 @@ def main(argv=None):
                 failures.append({"line": job.line, "name": job.name, "error": str(err)})
                 say(f"[{i}/{len(todo)}] {job.name} (line {job.line}) failed: {err}")
                 continue
+            except (stream.Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C, SIGTERM, SIGHUP (signals.py)
+                why = stop.why if isinstance(stop, stream.Interrupted) else \
+                    f"stopped by {stop}" if isinstance(stop, signals.Terminated) else "interrupted"
+                raise stream.Interrupted(
+                    f"{why} during {job.name}: {i - 1} of the {len(todo)} jobs to do finished, each kept with "
+                    f"its stats in {folder}; {job.name}'s partial videos were removed. The same command again edits "
+                    "the rest", getattr(stop, "code", 130), why) from None
             results[job.name] = stats
             say(f"[{i}/{len(todo)}] {job.name}: " + "; ".join(
                 f"{mode} pruned {s['prune_ratio']:.1%}, DiT {s['dit_fps']:.1f} frames/s"

@@ -222,16 +222,17 @@ class WriterThread:
 
 class Interrupted(Exception):
     """Ctrl-C, a stopping signal or a closed pipe part-way: the message says what was
-    written; `code` is the exit code."""
+    written; `code` is the exit code, `why` what stopped it, `kept` the files closed
+    with the finished chunks."""
 
-    def __init__(self, message, code):
+    def __init__(self, message, code, why="interrupted", kept=()):
         super().__init__(message)
-        self.code = code
+        self.code, self.why, self.kept = code, why, list(kept)
 
 
 def close_interrupted(writers, stop):
     """Close every output on Ctrl-C, a stopping signal or a closed pipe, keeping what was
-    finished: one sentence."""
+    finished: (one sentence, why it stopped, the files kept)."""
     kept, frames = [], 0
     for writer in writers.values():
         frames = max(frames, writer.frames_written)
@@ -250,9 +251,9 @@ def close_interrupted(writers, stop):
     else:
         why = f"standard output was closed by its reader after {frames} edited frames"
     if not kept:
-        return f"{why}; nothing was written" if frames == 0 else why
+        return (f"{why}; nothing was written" if frames == 0 else why), why, kept
     return (f"{why}: {', '.join(kept)} {'holds' if len(kept) == 1 else 'hold'} the {frames} edited frames finished "
-            f"so far (every finished chunk, playable)")
+            f"so far (every finished chunk, playable)"), why, kept
 
 
 def run(reader, pieces, size, pipeline, render, writers, clock, keep_sources=False):
@@ -307,7 +308,8 @@ def run(reader, pieces, size, pipeline, render, writers, clock, keep_sources=Fal
         background.drain()
         progress.close()
         code = getattr(stop, "code", 130) if isinstance(stop, KeyboardInterrupt) else 1
-        raise Interrupted(close_interrupted(writers, stop), code) from None
+        message, why, kept = close_interrupted(writers, stop)
+        raise Interrupted(message, code, why, kept) from None
     except BaseException:
         chunks.close()
         background.drain()

@@ -337,3 +337,34 @@ def test_a_manifest_with_no_job_or_none_that_runs(weights, tmp_path, capsys):
                        "--out", str(tmp_path / "r")]) == 1
     md = (tmp_path / "r" / "report.md").read_text()
     assert "No job was edited" in md and "gone.mp4 does not exist" in md and "## Overall" not in md
+
+
+def test_a_stopped_batch_keeps_its_finished_jobs_and_a_rerun_edits_only_the_rest(clips, weights, tmp_path):
+    """SIGTERM (what torchrun sends the other ranks when one dies, or a scheduler at its
+    time limit) during the last of three jobs (a long clip): exit 143 and one line; the
+    finished jobs stay with their stats, the stopped one's partial videos are removed,
+    so the same command again edits that one job alone."""
+    import signal
+
+    io.write_video(tmp_path / "long.mp4", demo.demo_frames(64, 112, 240), 24)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps({"video": str(v), "prompt": "p"}) + "\n"
+                                for v in (clips / "ball.mp4", clips / "still.mp4", tmp_path / "long.mp4")))
+    command = [sys.executable, str(ROOT / "evaluate.py"), "--manifest", str(manifest), "--eval", "--weights",
+               str(weights), "--vae", "tiny", "--device", "cpu", "--out", "r", *SIZE]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = ""
+    while "[2/3] still:" not in seen:
+        char = process.stdout.read(1)
+        assert char, f"evaluate.py ended before its second job was done: {seen}"
+        seen += char
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "frame/s" not in line]
+    assert process.returncode == 143, err
+    assert lines == ["stopped by SIGTERM during long: 2 of the 3 jobs to do finished, each kept with its stats in r; "
+                     "long's partial videos were removed. The same command again edits the rest"], lines
+    assert not list((tmp_path / "r").glob("long*")) and (tmp_path / "r" / "ball.json").exists()
+    rerun = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.count("finished before, skipped") == 2 and "[1/1] long:" in rerun.stdout
