@@ -433,25 +433,27 @@ def main(argv=None):
             todo.append(job)
     contexts = sample.encode_prompts(models.text_encoder, [j.settings.prompt for j in todo], torch.device(args.device),
                                      models.dtype) if todo else {}
-    with M.fusion(args.compile):
-        for i, job in enumerate(todo, 1):
-            try:
-                stats = run_job(job, args, models, contexts[job.settings.prompt])
-            except (cli.UsageError, io.VideoError) as err:
-                failures.append({"line": job.line, "name": job.name, "error": str(err)})
-                say(f"[{i}/{len(todo)}] {job.name} (line {job.line}) failed: {err}")
-                continue
-            except (stream.Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C, SIGTERM, SIGHUP (signals.py)
-                why = stop.why if isinstance(stop, stream.Interrupted) else \
-                    f"stopped by {stop}" if isinstance(stop, signals.Terminated) else "interrupted"
-                raise stream.Interrupted(
-                    f"{why} during {job.name}: {i - 1} of the {len(todo)} jobs to do finished, each kept with "
-                    f"its stats in {folder}; {job.name}'s partial videos were removed. The same command again edits "
-                    "the rest", getattr(stop, "code", 130), why) from None
-            results[job.name] = stats
-            say(f"[{i}/{len(todo)}] {job.name}: " + "; ".join(
-                f"{mode} pruned {s['prune_ratio']:.1%}, DiT {s['dit_fps']:.1f} frames/s"
-                for mode, s in stats["modes"].items()))
+    edited = 0
+    try:
+        with M.fusion(args.compile):
+            for i, job in enumerate(todo, 1):
+                try:
+                    stats = run_job(job, args, models, contexts[job.settings.prompt])
+                except (cli.UsageError, io.VideoError) as err:
+                    failures.append({"line": job.line, "name": job.name, "error": str(err)})
+                    say(f"[{i}/{len(todo)}] {job.name} (line {job.line}) failed: {err}")
+                    continue
+                results[job.name], edited = stats, edited + 1
+                say(f"[{i}/{len(todo)}] {job.name}: " + "; ".join(
+                    f"{mode} pruned {s['prune_ratio']:.1%}, DiT {s['dit_fps']:.1f} frames/s"
+                    for mode, s in stats["modes"].items()))
+    except (stream.Interrupted, KeyboardInterrupt) as stop:  # Ctrl-C, SIGTERM, SIGHUP (signals.py)
+        why = stop.why if isinstance(stop, stream.Interrupted) else \
+            f"stopped by {stop}" if isinstance(stop, signals.Terminated) else "interrupted"
+        raise stream.Interrupted(
+            f"{why}: {edited} of the {len(todo)} jobs to do were edited, each kept with its stats in {folder} (a "
+            "stopped job's partial videos are removed); the same command again edits the rest",
+            getattr(stop, "code", 130), why) from None
     merged, all_failures = {}, []
     # every rank read the whole manifest: its unreadable lines are sent once, by rank 0;
     # the jobs that failed while running (they have a name) by the rank that ran them

@@ -362,8 +362,8 @@ def test_a_stopped_batch_keeps_its_finished_jobs_and_a_rerun_edits_only_the_rest
     _, err = process.communicate(timeout=120)
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "frame/s" not in line]
     assert process.returncode == 143, err
-    assert lines == ["stopped by SIGTERM during long: 2 of the 3 jobs to do finished, each kept with its stats in r; "
-                     "long's partial videos were removed. The same command again edits the rest"], lines
+    assert lines == ["stopped by SIGTERM: 2 of the 3 jobs to do were edited, each kept with its stats in r (a stopped "
+                     "job's partial videos are removed); the same command again edits the rest"], lines
     assert not list((tmp_path / "r").glob("long*")) and (tmp_path / "r" / "ball.json").exists()
     rerun = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
