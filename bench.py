@@ -742,7 +742,7 @@ def main(argv=None):
             with open(args.markdown, "w") as f:
                 f.write("\n".join(lines) + "\n")
     if smoke:
-        tape_bench(timer, smoke=True)
+        tape_bench(timer, ratios=(0.35,), smoke=True)
     return results
 
 
