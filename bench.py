@@ -453,7 +453,7 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5), smoke=False):
     with torch.device(device):
         dit = random_(M.CausalWanModel(dit_cfg)).to(dtype).eval().requires_grad_(False)
         vae = random_(V.WanVAE(vae_cfg), 0.05).to(dtype).eval()
-    cfg, (L, h, w) = dit.cfg, ((6, 4, 7) if smoke else (21, 30, 52))
+    cfg, (L, h, w) = dit.cfg, ((3, 4, 7) if smoke else (21, 30, 52))
     context = torch.randn(1, 512, cfg.text_dim, device=device, dtype=dtype)
     latents = realistic_latents(L, 2 * h, 2 * w).transpose(0, 1)[None].to(device)
     runner = graphs.GraphRunner(dit)

@@ -275,8 +275,7 @@ def test_standard_output_closed_by_its_reader(weights, tmp_path):
     error and exit code 1, without a traceback."""
     clip = clip_with_audio(tmp_path / "in.mkv", moving_clip(57))
     process = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--video", str(clip), "--out", "-",
-                                "--weights", str(weights), *SIZE, "--device", "cpu", "--vae", "tiny"],
-                               stdout=subprocess.PIPE,
+                                "--weights", str(weights), *SIZE, "--device", "cpu"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd=tmp_path)
     assert len(process.stdout.read(2000)) == 2000
     process.stdout.close()
