@@ -33,6 +33,10 @@ second captures, and every later one replays. They are reused across denoising
 steps, chunks and clips, and share one memory pool (replays never overlap, and
 each replay's output is copied out at once). On the CPU nothing is captured, but
 the same padded static buffers are used, so the tests check the bucketing.
+
+`GraphRunner.launch` is the capture-and-replay step on its own: TAPE's denoising steps
+(tape.py), whose kept count is fixed by the step's ratio, replay through it too, with
+their static buffers kept by the runner (`buffers`) as the model's are.
 """
 
 import time
