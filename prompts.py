@@ -14,9 +14,12 @@ too and is rebuilt with it: each chunk is replayed with its own mask's recovery 
 For a clip still inside the window this replays the whole history: the cache equals
 what the same clean latents would have written under the new prompt from the start
 (and a switch to the same prompt changes nothing, bit for bit; tests/test_prompts.py).
-Past the window, the latest chunks attend to the first one where they had attended
-to frames that have since left the window. Only the chunks the window holds are
-kept: the memory this takes is bounded by the window, however long the stream.
+Past the window, the window's frames are written again as a clip of their own: the
+sink frames, then the recent chunks, each attending to those written before it
+(where it had attended to frames that have since left the window); every slot starts
+absent, so no key of the old prompt is ever attended. Only the chunks the window
+holds are kept: the memory this takes is bounded by the window, however long the
+stream.
 """
 
 from collections import deque
@@ -50,20 +53,11 @@ class ScheduledEditor:
     happen, `overridden` the changes a later one replaced before the same boundary.
     Every other attribute is the editor's."""
 
-    def never_took_effect(self):
-        """Sentences for the notes: the changes that were overridden or came after the end."""
-        late = [(f, p) for f, p, _ in self.schedule]
-        return ([f"--prompt-at {f}:{p!r} was replaced by a later change before the same chunk boundary"
-                 for f, p in self.overridden]
-                + [f"--prompt-at {f}:{p!r} never took effect: the video ended before frame {f}" for f, p in late])
-
     def __init__(self, editor, dit, schedule):
         self.editor, self.dit, self.schedule = editor, dit, deque(schedule)
-        sink, recent = editor.cache.sink, editor.cache.recent
-        fpc = dit.cfg.frames_per_chunk
-        self.sink_chunks = -(-sink // fpc)             # chunks holding sink frames, kept for ever
-        self.held = deque(maxlen=-(-recent // fpc))    # the latest chunks: those holding the recent frames
-        self.first = []                                    # the sink's chunks: (start, x0, plan)
+        self.sink, self.fpc = editor.cache.sink, dit.cfg.frames_per_chunk
+        self.first = []                                              # the sink's chunks: (start, x0, keep)
+        self.held = deque(maxlen=-(-editor.cache.recent // self.fpc))  # the latest: those holding the recent frames
         self.switches, self.overridden = [], []
 
     def __getattr__(self, name):
@@ -81,20 +75,38 @@ class ScheduledEditor:
             self.recache(context)
             self.switches.append((frame, prompt))
         x0 = self.editor(latents, keep)
-        plan = lipar.recovery_plan(keep, self.editor.mode, has_memory=start > 0) if self.editor.prunes else None
-        (self.first if len(self.first) < self.sink_chunks else self.held).append((start, x0, plan))
+        (self.first if start < self.sink else self.held).append((start, x0, keep))
         return x0
+
+    def never_took_effect(self):
+        """Sentences for the notes: the changes that were overridden or came after the end."""
+        late = [(f, p) for f, p, _ in self.schedule]
+        return ([f"--prompt-at {f}:{p!r} was replaced by a later change before the same chunk boundary"
+                 for f, p in self.overridden]
+                + [f"--prompt-at {f}:{p!r} never took effect: the video ended before frame {f}" for f, p in late])
 
     @torch.no_grad()
     def recache(self, context):
-        """The cache under `context`: cross-attention rebuilt, the held chunks' memory steps
-        replayed in order (the module docstring says what that gives)."""
+        """The cache under `context`: cross-attention rebuilt, then the window's frames
+        written again by memory steps, in order, each attending to those written before
+        it. Every slot starts absent, so no key of the old prompt is ever attended. When
+        the held chunks follow the first one without a gap, that is the whole history;
+        past the window the first chunk is replayed for its sink frames only, since its
+        other frames have left the window."""
         editor, cache = self.editor, self.editor.cache
         cache.reset(self.dit, context)
+        cache.key_valid.fill_(False)  # nothing written under the new prompt yet
+        cache.slot_has_holes = [True] * cache.num_slots
         zero = torch.zeros(1, 1, device=editor.device)
+        chunks = [*self.first, *self.held]
+        gap = any(later[0] != earlier[0] + self.fpc for earlier, later in zip(chunks, chunks[1:]))
         # TAPE's forward closes its scores on a memory step; its bare memory step does not
         memory_step = getattr(editor.forward, "memory_step", None)
-        for start, x0, plan in [*self.first, *self.held]:
+        for start, x0, keep in chunks:
+            if gap and start < self.sink:
+                frames = self.sink - start
+                x0, keep = x0[:, :, :frames], None if keep is None else keep[:frames]
+            plan = lipar.recovery_plan(keep, editor.mode, has_memory=start > 0) if editor.prunes else None
             if memory_step is not None:
                 memory_step(x0.to(editor.dtype), zero, cache, start)
             else:

@@ -110,12 +110,14 @@ def test_a_change_inside_a_chunk_waits_for_its_boundary():
     assert scheduled.switches == [(21, "new")] and prompts.first_video_frame(6) == 21
 
 
-def test_only_the_window_s_chunks_are_kept_and_replayed(monkeypatch):
-    """Window (1, 6) over 6 chunks: the first chunk (the sink) and the latest two are held,
-    whatever the length; a switch replays those three, in order."""
+def test_past_the_window_only_its_frames_are_replayed_and_no_old_key_is_attended(monkeypatch):
+    """Window (1, 6) over 5 chunks: the first chunk (the sink) and the latest two are held,
+    whatever the length. A switch replays frame 0 alone (frames 1-2 have left the
+    window), then chunks 9 and 12; the cache's old contents never reach the result:
+    filled with large garbage or with zeros before the switch, it ends the same."""
     dit = tiny_dit().double()
-    latents, keep = clip_latents(6)
-    _, scheduled = editors(dit, "lipar", [(4 * 15 - 3, "new", context(dit, 2))])
+    latents, keep = clip_latents(5)
+    _, scheduled = editors(dit, "lipar", [])
     for s in range(0, 15, 3):
         scheduled(latents[:, :, s:s + 3], keep[s:s + 3])
     assert [c[0] for c in scheduled.first] == [0] and [c[0] for c in scheduled.held] == [9, 12]
@@ -123,11 +125,17 @@ def test_only_the_window_s_chunks_are_kept_and_replayed(monkeypatch):
     forward = scheduled.editor.forward
 
     def spy(x, t, cache, start, memory_step=False, plan=None):
-        replayed.append((start, memory_step))
+        replayed.append((start, x.shape[2], memory_step))
         return forward(x, t, cache, start, memory_step=memory_step, plan=plan)
     monkeypatch.setattr(scheduled.editor, "forward", spy)
-    scheduled.recache(context(dit, 2))
-    assert replayed == [(0, True), (9, True), (12, True)]
+    results = []
+    for stale in (1e4, 0.0):
+        scheduled.cache.k.fill_(stale)
+        scheduled.cache.v.fill_(stale)
+        scheduled.recache(context(dit, 2))
+        results.append([getattr(scheduled.cache, name).clone() for name in ("k", "v", "memory_k", "memory_v")])
+    assert replayed[:3] == [(0, 1, True), (9, 3, True), (12, 3, True)]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_tape_keeps_its_scores_across_a_re_cache():
