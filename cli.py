@@ -188,7 +188,7 @@ def parse(argv=None):
     if tool:
         given = [flag for flag, value in (("--video", args.video), ("--out", args.out), ("--json", args.json),
                                           ("--mode", args.mode), ("--compare", args.compare),
-                                          ("--save-mask", args.save_mask),
+                                          ("--save-mask", args.save_mask), ("--prompt-at", args.prompt_at),
                                           ("--convert-checkpoint", args.check_weights and args.convert_checkpoint))
                  if value]
         if given:
