@@ -108,11 +108,6 @@ def test_fidelity_over_chunks_equals_the_whole_clip_and_a_recorded_reference():
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return demo.write_random_weights(tmp_path_factory.mktemp("weights"))
-
-
-@pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """Three good clips (the ball rolling, a still frame, noise) and a broken one."""
     folder = tmp_path_factory.mktemp("clips")

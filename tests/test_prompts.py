@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-import demo
 import lipar
 import model as M
 import prompts
@@ -21,11 +20,6 @@ from tests.test_sample import moving_clip, run_cli
 
 GRID = (4, 6)  # token grid of a frame: latents of 8x12
 MODES = ["full", "lipar", "naive", "noisy_dup"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return demo.write_random_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,6 @@ SMALL = ["--height", "64", "--width", "112", "--device", "cpu", "--vae", "tiny"]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return demo.write_random_weights(tmp_path_factory.mktemp("weights"))
-
-
-@pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("clip") / "ball.mp4"
     io.write_video(path, demo.demo_frames(64, 112, 12), 24.0)  # one chunk of the tiny VAE

@@ -70,12 +70,6 @@ def clip(tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("clip") / "ball.mp4", moving_clip())
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A weights folder as weights.md lays it out, holding the demo's tiny random models."""
-    return demo.write_random_weights(tmp_path_factory.mktemp("weights"))
-
-
 def run_cli(args, weights):
     return cli.guarded(sample.main, [*args, "--weights", str(weights), *SIZE, "--device", "cpu"])
 

@@ -25,11 +25,6 @@ from tests.test_sample import SIZE, moving_clip, record_edits, run_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return demo.write_random_weights(tmp_path_factory.mktemp("weights"))
-
-
 def clip_with_audio(path, frames, rate=24, audio="aac"):
     """uint8 frames [T, H, W, 3] as H.264 with a 440 Hz tone whose packets are
     interleaved with the frames they belong to (as cameras and encoders write them)."""
