@@ -13,6 +13,7 @@ measured here: a bf16 GEMM and SDPA at the DiT's shapes.
 """
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+import aot
 import demo
+import fp8
 import graphs
 import lipar
 import model as M
@@ -37,7 +40,7 @@ import video as io
 from cli import EditSettings
 from demo import coherent_mask, realistic_latents
 from flops import dit_flops, tape_flops
-from metrics import Fidelity
+from metrics import Fidelity, psnr
 from text_encoder import T5Config, UMT5Encoder
 from tiny_vae import TinyVAE
 
@@ -134,7 +137,7 @@ def vae_variants(vae, video, timer, profile=False):
     (asserted within bf16 tolerance). Printed lines, one per variant."""
     lines, reference = [], None
     for name, fuse in (("op by op", False), ("fused", True)):
-        with M.fusion(fuse):
+        with M.fusion("compile" if fuse else None):
             latents = vae.encode(video)
             decoded = vae.decode(latents)
             reference = reference or (latents, decoded)
@@ -154,9 +157,10 @@ def vae_variants(vae, video, timer, profile=False):
 
 def cli_bench(timer, runs_folder=None):
     """The user's command at real shapes: `python sample.py --video clip.mp4 ...` (lipar) in
-    fresh processes, twice with the defaults, then twice with --compile sharing a new
-    Inductor cache (cold, then warm); against the same edit in this process once
-    everything is loaded (compiled) and captured: the steady state. Weights are random
+    fresh processes: twice with the defaults (the first builds the AOT kernel packages in
+    a new kernel cache, the second loads them), once with --fusion off, then twice with
+    --fusion compile sharing a new Inductor cache (cold, then warm); against the same edit
+    in this process once everything is loaded and captured: the steady state. Weights are random
     and real-shape, written in weights.md's layout, except the text encoder: one umT5
     layer at full width with a small vocabulary, whose stage the comparison leaves out.
     Returns printed lines."""
@@ -164,10 +168,12 @@ def cli_bench(timer, runs_folder=None):
     weights = real_shape_weights(folder)
     clip = folder / "clip.mp4"
     io.write_video(clip, demo.demo_frames(480, 832, 81), 16)
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), LIPAR_CACHE=str(folder / "cache"),
+               PYTHONUNBUFFERED="1")
     lines = []
-    for run, flags in (("first", []), ("second", []), ("--compile, cold cache", ["--compile"]),
-                       ("--compile, warm cache", ["--compile"])):
+    for run, flags in (("first (defaults: --fusion aot, empty kernel cache)", []), ("second", []),
+                       ("--fusion off", ["--fusion", "off"]), ("--fusion compile, cold cache", ["--fusion", "compile"]),
+                       ("--fusion compile, warm cache", ["--fusion", "compile"])):
         wall, stats, stdout = run_sample(["--video", clip, "--weights", weights, "--out", folder / "out.mp4", *flags],
                                          env)
         print(stdout)
@@ -182,8 +188,9 @@ def cli_bench(timer, runs_folder=None):
         video = io.to_model(io.pad_frames(io.resize_crop(io.read_video(clip)[0], 480, 832))[0]).cuda()
         context = sample.encode_prompts(models.text_encoder, [demo.DEFAULT_PROMPT], "cuda", torch.bfloat16)[demo.DEFAULT_PROMPT]
         vae, dit = models.vae(), models.dit()
-        for compiled in (False, True):
-            with M.fusion(compiled):
+        for label, how in (("--fusion off", None), ("the defaults (--fusion aot)", aot.Kernels(folder / "cache" / "kernels")),
+                           ("--fusion compile", "compile")):
+            with M.fusion(how):
                 runner = graphs.GraphRunner(dit)
 
                 def whole_edit():
@@ -194,9 +201,77 @@ def cli_bench(timer, runs_folder=None):
 
                 steady_ms = timer(whole_edit)
                 runner.release()
-                lines.append(f"CLI steady state{' with --compile' if compiled else ''} (the same edit in one process, "
-                             f"everything loaded{', compiled' if compiled else ''} and captured): "
-                             f"{steady_ms / 1e3:.2f} s (encode, mask, DiT, decode)")
+                lines.append(f"CLI steady state with {label} (the same edit in one process, everything loaded "
+                             f"and captured): {steady_ms / 1e3:.2f} s (encode, mask, DiT, decode)")
+    return lines
+
+
+def kernels_bench(timer, folder=None):
+    """The DiT's fusion choices side by side at real shapes, CUDA graphs on: op by op
+    (`--fusion off`), torch.compile in this process (`compile`) and the AOTInductor
+    packages (`aot`, sample.py's default, built into a fresh kernel cache first: the
+    one-time cost), each checked against the plain eager edit; then a fresh process
+    loading those packages (what a later command pays), and `--fp8` on the packages:
+    its DiT time and its error against the bf16 edit (latents, and PSNR of the frames
+    decoded by a random Wan VAE: random weights, so a bound on the drift, not a quality
+    figure)."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="lipar_kernels_"))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
+    context = torch.randn(1, 512, dit.cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    L, h, w = 21, 30, 52
+    latents = torch.randn(1, 16, L, 2 * h, 2 * w, device="cuda", dtype=torch.bfloat16)
+    configs = [("full", "full", torch.ones(L, h, w, dtype=torch.bool, device="cuda")),
+               ("lipar 35%", "lipar", coherent_mask(L, h, w, 0.35).cuda()),
+               ("lipar 100%", "lipar", coherent_mask(L, h, w, 1.0).cuda())]
+    window = lambda mode: None if mode == "full" else (1, 6)  # noqa: E731
+    lines, times = [], {}
+    with torch.no_grad():
+        reference = {name: edit_latents(dit, latents, context, keep, mode, window(mode)) for name, mode, keep in configs}
+        kernels = aot.Kernels(aot.kernel_cache() if os.environ.get("LIPAR_CACHE") else folder / "kernels")
+        for label, how, model in (("off", None, dit), ("compile", "compile", dit), ("aot", kernels, dit),
+                                  ("aot + fp8", kernels, fp8.quantize_ffn(copy.deepcopy(dit)))):
+            with M.fusion(how):
+                runner = graphs.GraphRunner(model)
+                start = time.perf_counter()
+                if how is not None:
+                    graphs.warm_up(model, context, (h, w))
+                warm_s = time.perf_counter() - start
+                row = []
+                for name, mode, keep in configs:
+                    edit = lambda: edit_latents(model, latents, context, keep, mode, window(mode), runner)  # noqa: E731
+                    first_ms = wall_ms(edit, 0, 1)
+                    ms = times[label, name] = timer(edit)
+                    out = edit()
+                    error = relative_error(out, reference[name])
+                    if label == "aot + fp8" and name == "lipar 35%":
+                        fp8_out = out
+                    row.append(f"{name} {ms:.0f} ms (first clip {first_ms:.0f} ms, vs plain eager {error:.1e})")
+                runner.release()
+            lines.append(f"graphs, fusion {label}: warm-up {warm_s:.1f} s; " + "; ".join(row))
+        lines.append(f"aot packages: {kernels.stats}")
+        lines.append("speedups of aot: " + ", ".join(
+            f"{name} {times['off', name] / times['aot', name]:.2f}x over off, {times['compile', name] / times['aot', name]:.2f}x "
+            f"of compile's speed" for name, _, _ in configs))
+        lines.append("fp8 over bf16 (both aot): " + ", ".join(
+            f"{name} {times['aot', name] / times['aot + fp8', name]:.2f}x" for name, _, _ in configs))
+        bf16_out = edit_latents(dit, latents, context, configs[1][2], "lipar", (1, 6))
+        with torch.device("cuda"):
+            vae = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval().requires_grad_(False)
+        frames_bf16, frames_fp8 = (io.from_model(vae.decode(x)).float() for x in (bf16_out, fp8_out))
+        lines.append(f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16; "
+                     f"decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
+    code = ("import time; t0 = time.perf_counter(); import torch, model as M, aot, graphs; torch.zeros(1).cuda(); "
+            "t1 = time.perf_counter(); torch.manual_seed(0)\n"
+            "with torch.device('cuda'): dit = M.CausalWanModel(M.DiTConfig()).to(torch.bfloat16).eval().requires_grad_(False)\n"
+            "ctx = torch.randn(1, 512, 4096, device='cuda', dtype=torch.bfloat16); k = aot.Kernels(%r)\n"
+            "t2 = time.perf_counter()\n"
+            "with torch.no_grad(), M.fusion(k): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
+            "print(f'fresh process: imports and CUDA start {t1 - t0:.2f} s; warm-up with the packages {time.perf_counter() - t2:.2f} s; ' + str(k.stats))"
+            % str(kernels.folder))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    lines.append(done.stdout.strip() or done.stderr[-2000:])
     return lines
 
 
@@ -365,7 +440,7 @@ def tiny_vae_bench(timer, frames=81):
         emit("", "| whole edit, LIPAR 35 % | DiT | DiT ms | end-to-end ms | end-to-end frames/s |",
              "|" + " --- |" * 5)
         for compiled in (False, True):
-            with M.fusion(compiled):
+            with M.fusion("compile" if compiled else None):
                 runner = graphs.GraphRunner(dit)
                 latents = stages["Wan VAE"][2]
                 if compiled:
@@ -565,6 +640,8 @@ def main(argv=None):
                    help="only time TAPE beside LIPAR and naive pruning at 20/35/50 %% (speed, FLOPs, fidelity), then exit")
     p.add_argument("--recache", action="store_true",
                    help="only time a prompt change's re-cache beside a chunk's forward and edit, then exit")
+    p.add_argument("--kernels", action="store_true",
+                   help="only time the DiT's fusion choices (off, compile, the AOT packages) and --fp8, then exit")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
@@ -586,6 +663,9 @@ def main(argv=None):
     if args.cli and not smoke:
         print("\n".join(cli_bench(timer)))
         return None
+    if args.kernels and not smoke:
+        print("\n".join(kernels_bench(timer)))
+        return None
     if args.tape and not smoke:
         tape_bench(timer)
         return None
@@ -605,7 +685,7 @@ def main(argv=None):
         with torch.no_grad():
             vae_variants(vae, video, timer, profile=args.profile_vae)
         return None
-    with M.fusion(True):  # the table's rows are compiled unless they say "not compiled"
+    with M.fusion("compile"):  # the table's rows are compiled unless they say "not compiled"
         if args.profile_vae and not smoke:
             with torch.no_grad():
                 latents = vae.encode(video)
@@ -703,7 +783,7 @@ def main(argv=None):
             for name, mode, keep, window in (configs[0], configs[3]):  # no graphs, blocks compiled
                 measure(f"{name} (eager, compiled)", mode, keep, window, None)
             if not smoke:  # nothing compiled (sample.py's default), with and without graphs
-                with M.fusion(False):
+                with M.fusion(None):
                     for name, mode, keep, window in (configs[0], configs[3]):
                         runner = graphs.GraphRunner(dit)
                         measure(f"{name} (graphs, not compiled)", mode, keep, window, runner)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import aot
 import demo
 import files
 import lipar
@@ -151,9 +152,14 @@ def add_edit_flags(p):
     p.add_argument("--text-device", default=None, help="where the text encoder runs (default: --device)")
     p.add_argument("--no-graphs", action="store_true",
                    help="run the DiT op by op instead of replaying captured CUDA graphs (graphs.py; CUDA only)")
-    p.add_argument("--compile", action="store_true",
-                   help="fuse the DiT's and VAE's elementwise chains with torch.compile (CUDA only): faster per "
-                        "clip, but it costs 15-50 s per process, more than one short edit saves (BENCHMARKS.md)")
+    p.add_argument("--fp8", action="store_true",
+                   help="the DiT's feed-forward products in fp8 (e4m3, fp8.py): faster on GPUs with fp8 products "
+                        "(compute capability 8.9+: Ada, Hopper), at a small error (BENCHMARKS.md)")
+    p.add_argument("--fusion", choices=["aot", "compile", "off"], default="aot",
+                   help="how the DiT's elementwise chains run on CUDA: aot, kernels compiled ahead of time once "
+                        "per GPU and torch version and loaded from the kernel cache (aot.py; the first process "
+                        "builds them, about a minute a region); compile, torch.compile in this process, the VAE's "
+                        "norms too (15-50 s per process); off, op by op")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
@@ -188,7 +194,7 @@ def parse(argv=None):
     if tool:
         given = [flag for flag, value in (("--video", args.video), ("--out", args.out), ("--json", args.json),
                                           ("--mode", args.mode), ("--compare", args.compare),
-                                          ("--save-mask", args.save_mask), ("--prompt-at", args.prompt_at),
+                                          ("--save-mask", args.save_mask), ("--prompt-at", args.prompt_at), ("--fp8", args.fp8),
                                           ("--convert-checkpoint", args.check_weights and args.convert_checkpoint))
                  if value]
         if given:
@@ -296,7 +302,18 @@ def value_problems(args, values):
     for flag, device in (("--device", args.device), ("--text-device", args.text_device)):
         if device is not None and (problem := device_problem(device)):
             problems.append(f"{flag} {device!r}: {problem}")
+    if args.fp8 and not device_problem(args.device) and (problem := fp8_problem(torch.device(args.device))):
+        problems.append(problem)
     return problems
+
+
+def fp8_problem(device):
+    """Why --fp8 cannot run on `device` (a sentence), or None."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return (f"--fp8 needs a GPU with fp8 products (compute capability 8.9 or later: Ada, Hopper); {name} has "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: drop --fp8")
+    return None
 
 
 def device_problem(device):
@@ -346,6 +363,11 @@ def vae_kind(args):
         return args.vae
     only_tiny = weights.exists() and not (weights / "vae").exists() and (weights / "tiny_vae").exists()
     return "tiny" if only_tiny else "wan"
+
+
+def fusion(args):
+    """--fusion as model.fusion takes it: the kernel cache's aot.Kernels, "compile" or None."""
+    return {"aot": aot.Kernels, "compile": lambda: "compile", "off": lambda: None}[args.fusion]()
 
 
 def model_dtype(args):

@@ -407,7 +407,7 @@ def main(argv=None):
                              "`python evaluate.py --eval` for the random-weight demo clips)")
     settings = cli.edit_settings(args, modes)[0]
     models = sample.Models(weights, args.device, cli.model_dtype(args), args.text_device or args.device,
-                           use_graphs=not args.no_graphs, vae=settings.vae)
+                           use_graphs=not args.no_graphs, vae=settings.vae, fp8=args.fp8)
     if models.random:
         args.height, args.width = args.height or 240, args.width or 416  # as the demo: a CPU minute a clip
         say("No weights: tiny RANDOM-weight models. Every number is real, the pixels are not an edit.")
@@ -435,7 +435,7 @@ def main(argv=None):
                                      models.dtype) if todo else {}
     edited = 0
     try:
-        with M.fusion(args.compile):
+        with M.fusion(cli.fusion(args)):
             for i, job in enumerate(todo, 1):
                 try:
                     stats = run_job(job, args, models, contexts[job.settings.prompt])

@@ -49,14 +49,17 @@ class DiTConfig:
         return cls(dim=64, ffn_dim=96, freq_dim=32, num_heads=2, num_layers=2, text_dim=48)
 
 
-_fusing = contextvars.ContextVar("fusing", default=False)
+_fusing = contextvars.ContextVar("fusing", default=None)
 
 
 @contextmanager
-def fusion(enabled=True):
-    """Within this block, functions marked @fused run as compiled kernels on CUDA
-    (sample.py --compile, bench.py). Off by default; on the CPU they always run as written."""
-    token = _fusing.set(enabled)
+def fusion(how="compile"):
+    """Within this block, functions marked @fused run as generated kernels on CUDA.
+
+    how: "compile" (torch.compile, in this process), a callable `how(fn, *args)` that
+    runs fn's precompiled kernels (aot.Kernels: sample.py's default), or None (as
+    written). On the CPU they always run as written."""
+    token = _fusing.set(how)
     try:
         yield
     finally:
@@ -64,33 +67,41 @@ def fusion(enabled=True):
 
 
 def fusing():
-    """Whether @fused functions compile now (inside `fusion()`)."""
+    """How @fused functions run now: None (as written), "compile" or the kernels' callable."""
     return _fusing.get()
 
 
 def fused(fn):
-    """Run `fn` as generated kernels (torch.compile) inside `fusion()` when its tensors are on CUDA.
+    """Run `fn` as generated kernels inside `fusion()` when its tensors are on CUDA.
 
     The float32 islands of a block (norms, adaLN modulation, gated residuals,
     RoPE) are chains of cheap elementwise ops. Run one op at a time they cost as
     much GPU time as the matrix products, and each op costs the CPU ~20 µs to
     dispatch, which at LIPAR's token counts is more than the GPU needs. Each
-    block is therefore compiled as two regions around its KV-cache write: inside
+    block is therefore fused as two regions around its KV-cache write: inside
     them the chains fuse, and the CPU pays one call instead of dozens. The
     rotation of a chunk's keys for the cache (`rotate_keys`) and the VAE's
     norm + SiLU (vae.rms_norm_silu) are fused the same way. On the CPU the plain
-    code runs as written (the tests read it). Shapes: the first call compiles
-    for its own; when a size changes (the kept-token count from chunk to chunk),
-    Dynamo recompiles once with that dimension dynamic and the others (heads,
-    widths) fixed. Marking every dimension dynamic from the start would leave the
-    kernels dividing by run-time sizes: the key rotation ran at 0.5 TB/s that way.
+    code runs as written (the tests read it).
+
+    With torch.compile, the first call compiles for its own shapes; when a size
+    changes (the kept-token count from chunk to chunk), Dynamo recompiles once with
+    that dimension dynamic and the others (heads, widths) fixed. Marking every
+    dimension dynamic from the start would leave the kernels dividing by run-time
+    sizes: the key rotation ran at 0.5 TB/s that way. aot.py builds the same regions
+    ahead of time, with the token count dynamic from the start and the rest fixed.
     """
     compiled = None  # made on the first CUDA call: CPU-only runs never load the compiler
 
     @functools.wraps(fn)
     def run(*args):
         nonlocal compiled
-        if not (_fusing.get() and next(a for a in args if isinstance(a, torch.Tensor)).is_cuda):
+        how = _fusing.get()
+        if how is None:
+            return fn(*args)
+        if how != "compile":
+            return how(fn, *args)  # it runs fn as written where its kernels cannot serve the call
+        if not next(a for a in args if isinstance(a, torch.Tensor)).is_cuda:
             return fn(*args)
         if compiled is None:
             # Each width, frame count of 1 (specialised) and stride pattern is a compiled

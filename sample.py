@@ -229,11 +229,11 @@ class Models:
 
     weights=None stands in tiny random-weight models (demo.py: the demo without downloads).
     vae: "wan" (the Wan 2.1 VAE) or "tiny" (TAEHV). use_graphs: run the DiT through CUDA
-    graphs (graphs.py) when on CUDA.
+    graphs (graphs.py) when on CUDA. fp8: the DiT's FFN in fp8 (fp8.py).
     """
 
-    def __init__(self, weights, device, dtype, text_device, use_graphs=True, vae="wan"):
-        self.device, self.dtype, self.text_device, self.vae_kind = device, dtype, text_device, vae
+    def __init__(self, weights, device, dtype, text_device, use_graphs=True, vae="wan", fp8=False):
+        self.device, self.dtype, self.text_device, self.vae_kind, self.fp8 = device, dtype, text_device, vae, fp8
         self.use_graphs = use_graphs and torch.device(device).type == "cuda"
         self.random = weights is None
         self._vae = self._dit = self._runner = None
@@ -251,7 +251,7 @@ class Models:
 
     def dit(self):
         if self._dit is None:
-            self._dit = W.load_dit(self.weights / "dit", self.device, self.dtype)
+            self._dit = W.load_dit(self.weights / "dit", self.device, self.dtype, self.fp8)
         return self._dit
 
     def runner(self):
@@ -360,7 +360,7 @@ def main(argv=None):
         return 0
     demo_run = args.video is None
     models = Models(cli.weights_folder(args, demo_run), args.device, cli.model_dtype(args),
-                    args.text_device or args.device, use_graphs=not args.no_graphs, vae=settings.vae)
+                    args.text_device or args.device, use_graphs=not args.no_graphs, vae=settings.vae, fp8=args.fp8)
     report = sys.stderr if args.out == io.STDIO else sys.stdout  # standard output may be the video
     if demo_run:
         args.video = cli.write_demo_clip()
@@ -370,7 +370,7 @@ def main(argv=None):
         print(f"No weights at {args.weights}: running tiny RANDOM-weight models. The pipeline runs end to end, "
               "but the pixels are not an edit. See weights.md to get the real ones.", file=report)
     clock = stream.Stopwatch(args.device)
-    with io.VideoReader(args.video) as reader, M.fusion(args.compile):  # the input is checked before loading
+    with io.VideoReader(args.video) as reader, M.fusion(cli.fusion(args)):  # the input is checked before loading
         with clock("text"):  # step 4, first: the text encoder is freed before the DiT arrives
             contexts = encode_prompts(models.text_encoder, [args.prompt, *(p for _, p in settings.prompt_at)],
                                       torch.device(args.device), models.dtype, notes)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 import cli
 import lipar
+import model as M
 import stream
 import video as io
 
@@ -53,6 +54,9 @@ def edit_stats(reader, settings, frames_per_chunk, models, clock, timeline, keep
             s["fidelity_to_full"] = fidelities[mode]
     if "lipar" in fidelities:
         stats["psnr_full_vs_lipar_db"] = fidelities["lipar"]["psnr_db"]
+    how = M.fusing()
+    stats["fusion"] = {"how": "aot", "folder": str(how.folder)} | how.stats if hasattr(how, "stats") else {
+        "how": how or "off"}
     stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
     stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
     stats["peak_host_memory_gib"] = stream.host_memory_gib()
@@ -87,7 +91,15 @@ def print_summary(stats, file=sys.stdout):
         print(f"[{mode}] DiT {s['dit_fps']:.1f} frames/s, end to end {s['end_to_end_fps']:.1f} frames/s "
               f"(text encoding excluded)")
     sec = next(iter(stats["modes"].values()))["seconds"]
-    compiling = f", compiling the DiT {sec['compile']:.2f}s" if sec["compile"] else ""
+    fusion = stats["fusion"]
+    if fusion.get("built"):
+        compiling = (f", building the fused kernels for this GPU {sec['compile']:.0f}s (once: kept in "
+                     f"{fusion['folder']})")
+    elif sec["compile"]:
+        what = "loading the fused kernels" if fusion["how"] == "aot" else "compiling the DiT"
+        compiling = f", {what} and warming up {sec['compile']:.2f}s"
+    else:
+        compiling = ""
     print(f"loading the weights took {sec['load']:.2f}s{compiling} (not in the times above)")
     timeline = stats["stream"]
     if timeline:

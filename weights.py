@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import files
+from fp8 import quantize_ffn
 from model import CausalWanModel, DiTConfig
 from text_encoder import T5Config, TextEncoder, Tokenizer, UMT5Encoder
 from tiny_vae import TGrow, TinyVAE, TinyVAEConfig
@@ -217,9 +218,10 @@ def dit_config(config, tensors, path):
                      out_channels=tensors["head.head.weight"].shape[0] // 4)
 
 
-def load_dit(path, device="cpu", dtype=torch.float32):
+def load_dit(path, device="cpu", dtype=torch.float32, fp8=False):
     """Load the causal DiT from a safetensors file or folder in either layout (see weights.md).
-    On device "meta" only the file headers are read: a quick check of names and shapes."""
+    On device "meta" only the file headers are read: a quick check of names and shapes.
+    fp8: the FFN projections quantised to e4m3 once loaded (fp8.py, --fp8)."""
     tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
     tensors, layout = native_dit_tensors(tensors)
     try:
@@ -229,7 +231,8 @@ def load_dit(path, device="cpu", dtype=torch.float32):
                            f"tensor {missing} is missing") from None
     with torch.device("meta"):
         model = CausalWanModel(cfg)
-    return load_into(model, tensors, layout, "DiT", device, dtype).eval().requires_grad_(False)
+    model = load_into(model, tensors, layout, "DiT", device, dtype).eval().requires_grad_(False)
+    return quantize_ffn(model) if fp8 else model
 
 
 # -----------------------------------------------------------------------------

@@ -95,12 +95,12 @@ def test_each_mode_edits_a_clip_end_to_end(mode, clip, weights, tmp_path, monkey
 
 
 def test_speed_and_mask_flags_are_taken(clip, weights, tmp_path, monkeypatch, capsys):
-    """--mask-lookahead reaches the mask; --no-graphs and --compile change nothing on the CPU."""
+    """--mask-lookahead reaches the mask; --no-graphs and --fusion compile change nothing on the CPU."""
     monkeypatch.chdir(tmp_path)
     runs = {}
     for lookahead in ("0", "1"):
         args = ["--video", str(clip), "--out", f"{lookahead}.mp4", "--json", f"{lookahead}.json",
-                "--mask-lookahead", lookahead, "--no-graphs", "--compile"]
+                "--mask-lookahead", lookahead, "--no-graphs", "--fusion", "compile"]
         assert run_cli(args, weights) == 0
         runs[lookahead] = json.loads(Path(f"{lookahead}.json").read_text())
         assert runs[lookahead]["mask_lookahead"] == int(lookahead)
