@@ -27,6 +27,7 @@ attention implementation) runs the plain code.
 
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 import weakref
@@ -127,16 +128,16 @@ def export(fn, spec, module, tensors, consts):
 
 
 def written(path, write):
-    """write(partial) to a name beside `path`, then renamed into place: never half a file at `path`."""
+    """write(partial) to `path`'s name in a folder beside it, then moved into place: never
+    half a file at `path`. (The name stays: a package's entries are filed under it.)"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial" + path.suffix, dir=path.parent)
-    os.close(fd)
+    folder = tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
+    partial = os.path.join(folder, path.name)
     try:
         write(partial)
         os.replace(partial, path)
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def build(fn, spec, module, tensors, consts, path):
