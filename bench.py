@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-import aot
 import demo
 import fp8
 import graphs
@@ -157,10 +156,9 @@ def vae_variants(vae, video, timer, profile=False):
 
 def cli_bench(timer, runs_folder=None):
     """The user's command at real shapes: `python sample.py --video clip.mp4 ...` (lipar) in
-    fresh processes: twice with the defaults (the first builds the AOT kernel packages in
-    a new kernel cache, the second loads them), once with --fusion off, then twice with
-    --fusion compile sharing a new Inductor cache (cold, then warm); against the same edit
-    in this process once everything is loaded and captured: the steady state. Weights are random
+    fresh processes: twice with the defaults (the first compiles the Triton kernels into
+    a new Triton cache, the second loads them), once with --fusion off; against the same
+    edit in this process once everything is loaded and captured: the steady state. Weights are random
     and real-shape, written in weights.md's layout, except the text encoder: one umT5
     layer at full width with a small vocabulary, whose stage the comparison leaves out.
     Returns printed lines."""
@@ -168,12 +166,11 @@ def cli_bench(timer, runs_folder=None):
     weights = real_shape_weights(folder)
     clip = folder / "clip.mp4"
     io.write_video(clip, demo.demo_frames(480, 832, 81), 16)
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), LIPAR_CACHE=str(folder / "cache"),
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), TRITON_CACHE_DIR=str(folder / "triton"),
                PYTHONUNBUFFERED="1")
     lines = []
-    for run, flags in (("first (defaults: --fusion aot, empty kernel cache)", []), ("second", []),
-                       ("--fusion off", ["--fusion", "off"]), ("--fusion compile, cold cache", ["--fusion", "compile"]),
-                       ("--fusion compile, warm cache", ["--fusion", "compile"])):
+    for run, flags in (("first (defaults: --fusion triton, empty Triton cache)", []), ("second", []),
+                       ("--fusion off", ["--fusion", "off"])):
         wall, stats, stdout = run_sample(["--video", clip, "--weights", weights, "--out", folder / "out.mp4", *flags],
                                          env)
         print(stdout)
@@ -188,8 +185,8 @@ def cli_bench(timer, runs_folder=None):
         video = io.to_model(io.pad_frames(io.resize_crop(io.read_video(clip)[0], 480, 832))[0]).cuda()
         context = sample.encode_prompts(models.text_encoder, [demo.DEFAULT_PROMPT], "cuda", torch.bfloat16)[demo.DEFAULT_PROMPT]
         vae, dit = models.vae(), models.dit()
-        for label, how in (("--fusion off", None), ("the defaults (--fusion aot)", aot.Kernels(folder / "cache" / "kernels")),
-                           ("--fusion compile", "compile")):
+        import triton_ops
+        for label, how in (("--fusion off", None), ("the defaults (--fusion triton)", triton_ops.Kernels())):
             with M.fusion(how):
                 runner = graphs.GraphRunner(dit)
 
@@ -206,20 +203,23 @@ def cli_bench(timer, runs_folder=None):
     return lines
 
 
-def kernels_bench(timer, folder=None):
-    """The DiT's fusion choices side by side at real shapes, CUDA graphs on: op by op
-    (`--fusion off`), torch.compile in this process (`compile`) and the AOTInductor
-    packages (`aot`, sample.py's default, built into a fresh kernel cache first: the
-    one-time cost), each checked against the plain eager edit; then a fresh process
-    loading those packages (what a later command pays), and `--fp8` on the packages:
-    its DiT time and its error against the bf16 edit (latents, and PSNR of the frames
-    decoded by a random Wan VAE: random weights, so a bound on the drift, not a quality
-    figure)."""
-    folder = Path(folder or tempfile.mkdtemp(prefix="lipar_kernels_"))
+def kernels_bench(timer):
+    """The fusion choices side by side at real shapes, CUDA graphs on: op by op (`--fusion
+    off`), torch.compile in this process (`compile`) and the Triton kernels (`triton`,
+    sample.py's default, compiled into a fresh Triton cache first: the one-time cost),
+    each checked against the plain eager edit; the Wan VAE the same three ways; a fresh
+    process loading the kernels from that cache (what a later command pays); and `--fp8`
+    with the Triton kernels: its DiT time and its error against the bf16 edit (latents,
+    and PSNR of the frames decoded by a random Wan VAE: random weights, so a bound on the
+    drift, not a quality figure). Returns printed lines."""
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="lipar_triton_")  # cold: the first process's cost
+    import triton_ops  # here: CPU-only installs (bench.py --smoke) have no Triton
     torch.manual_seed(0)
     with torch.device("cuda"):
         dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
+        vae = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval().requires_grad_(False)
     context = torch.randn(1, 512, dit.cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    video = io.to_model(demo.demo_frames(480, 832, 81)).cuda().to(torch.bfloat16)
     L, h, w = 21, 30, 52
     latents = torch.randn(1, 16, L, 2 * h, 2 * w, device="cuda", dtype=torch.bfloat16)
     configs = [("full", "full", torch.ones(L, h, w, dtype=torch.bool, device="cuda")),
@@ -229,9 +229,10 @@ def kernels_bench(timer, folder=None):
     lines, times = [], {}
     with torch.no_grad():
         reference = {name: edit_latents(dit, latents, context, keep, mode, window(mode)) for name, mode, keep in configs}
-        kernels = aot.Kernels(aot.kernel_cache() if os.environ.get("LIPAR_CACHE") else folder / "kernels")
-        for label, how, model in (("off", None, dit), ("compile", "compile", dit), ("aot", kernels, dit),
-                                  ("aot + fp8", kernels, fp8.quantize_ffn(copy.deepcopy(dit)))):
+        vae_reference = vae.encode(video)
+        kernels = triton_ops.Kernels()
+        for label, how, model in (("off", None, dit), ("triton", kernels, dit), ("compile", "compile", dit),
+                                  ("triton + fp8", kernels, fp8.quantize_ffn(copy.deepcopy(dit)))):
             with M.fusion(how):
                 runner = graphs.GraphRunner(model)
                 start = time.perf_counter()
@@ -244,32 +245,44 @@ def kernels_bench(timer, folder=None):
                     first_ms = wall_ms(edit, 0, 1)
                     ms = times[label, name] = timer(edit)
                     out = edit()
-                    error = relative_error(out, reference[name])
-                    if label == "aot + fp8" and name == "lipar 35%":
+                    if label == "triton + fp8" and name == "lipar 35%":
                         fp8_out = out
-                    row.append(f"{name} {ms:.0f} ms (first clip {first_ms:.0f} ms, vs plain eager {error:.1e})")
+                    row.append(f"{name} {ms:.0f} ms (first clip {first_ms:.0f} ms; against plain eager "
+                               f"{relative_error(out, reference[name]):.1e})")
                 runner.release()
-            lines.append(f"graphs, fusion {label}: warm-up {warm_s:.1f} s; " + "; ".join(row))
-        lines.append(f"aot packages: {kernels.stats}")
-        lines.append("speedups of aot: " + ", ".join(
-            f"{name} {times['off', name] / times['aot', name]:.2f}x over off, {times['compile', name] / times['aot', name]:.2f}x "
-            f"of compile's speed" for name, _, _ in configs))
-        lines.append("fp8 over bf16 (both aot): " + ", ".join(
-            f"{name} {times['aot', name] / times['aot + fp8', name]:.2f}x" for name, _, _ in configs))
+                lines.append(f"DiT, graphs, fusion {label}: warm-up {warm_s:.1f} s; " + "; ".join(row))
+                print(lines[-1], flush=True)
+                if label != "triton + fp8":
+                    start = time.perf_counter()
+                    encoded = vae.encode(video)  # the first call compiles (compile, triton)
+                    first_s = time.perf_counter() - start
+                    encode_ms, decode_ms = timer(lambda: vae.encode(video)), timer(lambda: vae.decode(encoded))
+                    times[label, "vae"] = encode_ms + decode_ms
+                    lines.append(f"Wan VAE, fusion {label}: encode {encode_ms:.0f} ms + decode {decode_ms:.0f} ms = "
+                                 f"{encode_ms + decode_ms:.0f} ms (first encode {first_s:.1f} s; latents against "
+                                 f"op by op {relative_error(encoded, vae_reference):.1e})")
+                    print(lines[-1], flush=True)
+        lines.append("triton's speed: " + ", ".join(
+            f"{name} {times['off', name] / times['triton', name]:.2f}x over off, "
+            f"{times['compile', name] / times['triton', name]:.0%} of compile's" for name, _, _ in configs + [("vae",) * 3]))
+        lines.append("fp8 over bf16 (both triton): " + ", ".join(
+            f"{name} {times['triton', name] / times['triton + fp8', name]:.2f}x" for name, _, _ in configs))
         bf16_out = edit_latents(dit, latents, context, configs[1][2], "lipar", (1, 6))
-        with torch.device("cuda"):
-            vae = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval().requires_grad_(False)
         frames_bf16, frames_fp8 = (io.from_model(vae.decode(x)).float() for x in (bf16_out, fp8_out))
-        lines.append(f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16; "
-                     f"decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
-    code = ("import time; t0 = time.perf_counter(); import torch, model as M, aot, graphs; torch.zeros(1).cuda(); "
+        lines.append(f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16 "
+                     f"(eager, no fusion); decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
+    code = ("import time; t0 = time.perf_counter(); import torch, model as M, graphs, triton_ops; torch.zeros(1).cuda(); "
             "t1 = time.perf_counter(); torch.manual_seed(0)\n"
             "with torch.device('cuda'): dit = M.CausalWanModel(M.DiTConfig()).to(torch.bfloat16).eval().requires_grad_(False)\n"
-            "ctx = torch.randn(1, 512, 4096, device='cuda', dtype=torch.bfloat16); k = aot.Kernels(%r)\n"
+            "ctx = torch.randn(1, 512, 4096, device='cuda', dtype=torch.bfloat16)\n"
+            "with torch.no_grad(): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
             "t2 = time.perf_counter()\n"
-            "with torch.no_grad(), M.fusion(k): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
-            "print(f'fresh process: imports and CUDA start {t1 - t0:.2f} s; warm-up with the packages {time.perf_counter() - t2:.2f} s; ' + str(k.stats))"
-            % str(kernels.folder))
+            "with torch.no_grad(), M.fusion(triton_ops.Kernels()): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
+            "t3 = time.perf_counter()\n"
+            "with torch.no_grad(), M.fusion(triton_ops.Kernels()): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
+            "print(f'fresh process, Triton cache warm: imports and CUDA start {t1 - t0:.2f} s; the warm-up with the "
+            "kernels {t3 - t2:.2f} s the first time, {time.perf_counter() - t3:.2f} s the second: the kernels cost "
+            "{(t3 - t2) - (time.perf_counter() - t3):.2f} s to load')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
     lines.append(done.stdout.strip() or done.stderr[-2000:])
     return lines

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-import aot
 import demo
 import files
 import lipar
@@ -155,11 +154,10 @@ def add_edit_flags(p):
     p.add_argument("--fp8", action="store_true",
                    help="the DiT's feed-forward products in fp8 (e4m3, fp8.py): faster on GPUs with fp8 products "
                         "(compute capability 8.9+: Ada, Hopper), at a small error (BENCHMARKS.md)")
-    p.add_argument("--fusion", choices=["aot", "compile", "off"], default="aot",
-                   help="how the DiT's elementwise chains run on CUDA: aot, kernels compiled ahead of time once "
-                        "per GPU and torch version and loaded from the kernel cache (aot.py; the first process "
-                        "builds them, about a minute a region); compile, torch.compile in this process, the VAE's "
-                        "norms too (15-50 s per process); off, op by op")
+    p.add_argument("--fusion", choices=["triton", "compile", "off"], default="triton",
+                   help="how the elementwise chains of the DiT and the VAE run on CUDA: triton, hand-fused "
+                        "kernels (triton_ops.py; compiled once per machine into Triton's cache, then loaded in "
+                        "milliseconds); compile, torch.compile in this process (15-50 s per process); off, op by op")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
@@ -366,8 +364,14 @@ def vae_kind(args):
 
 
 def fusion(args):
-    """--fusion as model.fusion takes it: the kernel cache's aot.Kernels, "compile" or None."""
-    return {"aot": aot.Kernels, "compile": lambda: "compile", "off": lambda: None}[args.fusion]()
+    """--fusion as model.fusion takes it: triton_ops.Kernels, "compile" or None (and None
+    off CUDA, where every fused function runs as written: Triton is a GPU-side package)."""
+    if args.fusion == "off" or torch.device(args.device).type != "cuda":
+        return None
+    if args.fusion == "compile":
+        return "compile"
+    import triton_ops  # here, not at the top: CPU-only installs have no Triton
+    return triton_ops.Kernels()
 
 
 def model_dtype(args):

@@ -57,8 +57,8 @@ def fusion(how="compile"):
     """Within this block, functions marked @fused run as generated kernels on CUDA.
 
     how: "compile" (torch.compile, in this process), a callable `how(fn, *args)` that
-    runs fn's precompiled kernels (aot.Kernels: sample.py's default), or None (as
-    written). On the CPU they always run as written."""
+    runs fn with hand-fused kernels (triton_ops.Kernels: sample.py's default), or None
+    (as written). On the CPU they run as written."""
     token = _fusing.set(how)
     try:
         yield
@@ -88,8 +88,8 @@ def fused(fn):
     changes (the kept-token count from chunk to chunk), Dynamo recompiles once with
     that dimension dynamic and the others (heads, widths) fixed. Marking every
     dimension dynamic from the start would leave the kernels dividing by run-time
-    sizes: the key rotation ran at 0.5 TB/s that way. aot.py builds the same regions
-    ahead of time, with the token count dynamic from the start and the rest fixed.
+    sizes: the key rotation ran at 0.5 TB/s that way. triton_ops.py writes the same
+    regions with hand-fused kernels, which nothing compiles in the user's process.
     """
     compiled = None  # made on the first CUDA call: CPU-only runs never load the compiler
 

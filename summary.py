@@ -55,8 +55,7 @@ def edit_stats(reader, settings, frames_per_chunk, models, clock, timeline, keep
     if "lipar" in fidelities:
         stats["psnr_full_vs_lipar_db"] = fidelities["lipar"]["psnr_db"]
     how = M.fusing()
-    stats["fusion"] = {"how": "aot", "folder": str(how.folder)} | how.stats if hasattr(how, "stats") else {
-        "how": how or "off"}
+    stats["fusion"] = "triton" if callable(how) else how or "off"
     stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
     stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
     stats["peak_host_memory_gib"] = stream.host_memory_gib()
@@ -91,15 +90,9 @@ def print_summary(stats, file=sys.stdout):
         print(f"[{mode}] DiT {s['dit_fps']:.1f} frames/s, end to end {s['end_to_end_fps']:.1f} frames/s "
               f"(text encoding excluded)")
     sec = next(iter(stats["modes"].values()))["seconds"]
-    fusion = stats["fusion"]
-    if fusion.get("built"):
-        compiling = (f", building the fused kernels for this GPU {sec['compile']:.0f}s (once: kept in "
-                     f"{fusion['folder']})")
-    elif sec["compile"]:
-        what = "loading the fused kernels" if fusion["how"] == "aot" else "compiling the DiT"
-        compiling = f", {what} and warming up {sec['compile']:.2f}s"
-    else:
-        compiling = ""
+    what = {"triton": "loading the fused kernels (compiling them: the first run on a machine)",
+            "compile": "compiling the DiT"}.get(stats["fusion"])
+    compiling = f", {what} and warming up {sec['compile']:.2f}s" if sec["compile"] else ""
     print(f"loading the weights took {sec['load']:.2f}s{compiling} (not in the times above)")
     timeline = stats["stream"]
     if timeline:
