@@ -77,19 +77,13 @@ def fused(fn):
     The float32 islands of a block (norms, adaLN modulation, gated residuals,
     RoPE) are chains of cheap elementwise ops. Run one op at a time they cost as
     much GPU time as the matrix products, and each op costs the CPU ~20 µs to
-    dispatch, which at LIPAR's token counts is more than the GPU needs. Each
-    block is therefore fused as two regions around its KV-cache write: inside
-    them the chains fuse, and the CPU pays one call instead of dozens. The
-    rotation of a chunk's keys for the cache (`rotate_keys`) and the VAE's
-    norm + SiLU (vae.rms_norm_silu) are fused the same way. On the CPU the plain
-    code runs as written (the tests read it).
-
-    With torch.compile, the first call compiles for its own shapes; when a size
-    changes (the kept-token count from chunk to chunk), Dynamo recompiles once with
-    that dimension dynamic and the others (heads, widths) fixed. Marking every
-    dimension dynamic from the start would leave the kernels dividing by run-time
-    sizes: the key rotation ran at 0.5 TB/s that way. triton_ops.py writes the same
-    regions with hand-fused kernels, which nothing compiles in the user's process.
+    dispatch. Each block is therefore fused as two regions around its KV-cache
+    write, as are the rotation of a chunk's keys (`rotate_keys`) and the VAE's norm
+    + SiLU (vae.rms_norm_silu). On the CPU the plain code runs as written.
+    triton_ops.py writes the regions with hand-fused kernels. With torch.compile the
+    first call compiles for its own shapes; when a size changes (the kept-token
+    count), Dynamo recompiles once with that dimension dynamic and the others fixed
+    (all of them dynamic from the start, the key rotation ran at 0.5 TB/s).
     """
     compiled = None  # made on the first CUDA call: CPU-only runs never load the compiler
 

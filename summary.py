@@ -56,6 +56,7 @@ def edit_stats(reader, settings, frames_per_chunk, models, clock, timeline, keep
         stats["psnr_full_vs_lipar_db"] = fidelities["lipar"]["psnr_db"]
     how = M.fusing()
     stats["fusion"] = "triton" if callable(how) else how or "off"
+    stats["fp8"] = models.fp8
     stats["peak_gpu_memory_gib"] = max(clock.peaks.values()) if clock.cuda else None
     stats["peak_gpu_memory_gib_per_stage"] = clock.peaks if clock.cuda else None
     stats["peak_host_memory_gib"] = stream.host_memory_gib()
@@ -68,7 +69,8 @@ def print_summary(stats, file=sys.stdout):
     for note in stats["notes"]:
         print(f"note: {note}")
     print(f"{stats['frames']} frames at {stats['width']}x{stats['height']}, {stats['latent_frames']} latent frames, "
-          f"{stats['device']} {stats['dtype']}, {'tiny' if stats['vae'] == 'tiny' else 'Wan'} VAE"
+          f"{stats['device']} {stats['dtype']}{' (the FFN in fp8)' if stats['fp8'] else ''}, "
+          f"{'tiny' if stats['vae'] == 'tiny' else 'Wan'} VAE"
           f"{' (random weights)' if stats['random_weights'] else ''}")
     print(f"recipe: {recipe_text(stats['recipe'])}")
     for change in stats["prompts"][1:]:

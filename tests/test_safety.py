@@ -597,6 +597,7 @@ def test_the_demo_honours_mode_and_refuses_what_that_mode_ignores(tmp_path, monk
     (["--convert-checkpoint", "a.pt", "b.safetensors", "--out", "e.mp4", "--json", "s.json"],
      "--convert-checkpoint runs on its own and edits nothing; drop --out, --json"),
     (["--check-weights", "--convert-checkpoint", "a.pt", "b.safetensors"], "drop --convert-checkpoint"),
+    (["--check-weights", "--fp8"], "--check-weights runs on its own and edits nothing; drop --fp8"),
 ])
 def test_the_weight_tools_refuse_edit_flags_they_would_ignore(flags, named, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
