@@ -17,11 +17,15 @@ q = round_e4m3(value / scale), scale = amax / 448 (e4m3's largest finite value).
 import torch
 import torch.nn as nn
 
+from model import fused
+
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
+@fused
 def quantize_rows(x):
-    """x [M, K] → (e4m3 values [M, K], float32 scales [M, 1]) with x ≈ values · scales."""
+    """x [M, K] → (e4m3 values [M, K], float32 scales [M, 1]) with x ≈ values · scales.
+    One kernel on CUDA (triton_ops.quantize_rows)."""
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 

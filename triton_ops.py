@@ -19,6 +19,7 @@ does, so the two agree to within the order of a float32 reduction:
                       either alone (k, the cross-attention's q; the cache's key rotation)
     gated_residual    x + y·gate
     rms_silu          the VAE's SiLU(x / rms(x) · γ) over the channels of [B, C, ...]
+    quantize_rows     --fp8's per-token e4m3 quantisation of a product's input
 The blocks' two regions are written out below with these kernels and the block's own
 layers (fast_before_attention, fast_after_attention): model.Block's methods with the
 chains replaced, line for line; tests/test_triton_ops.py holds them equal to model.py.
@@ -116,6 +117,25 @@ def _rms_silu(X, GAMMA, OUT, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr)
     tl.store(OUT + offsets, (y * tl.sigmoid(y)).to(dtype), mask=inside)
 
 
+@triton.jit
+def _quantize_rows(X, Q, SCALE, K, BLOCK: tl.constexpr):
+    """fp8.quantize_rows: per row, scale = max |x| / 448, then x / scale in e4m3 (two
+    passes over the row: its largest magnitude, then the values)."""
+    row = tl.program_id(0)
+    largest = tl.zeros((), tl.float32)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(X + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        largest = tl.maximum(largest, tl.max(tl.abs(x), axis=0))
+    scale = tl.maximum(largest, 1e-12) / 448.0
+    tl.store(SCALE + row, scale)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(X + row * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        tl.store(Q + row * K + cols, tl.minimum(tl.maximum(x / scale, -448.0), 448.0).to(Q.dtype.element_ty),
+                 mask=cols < K)
+
+
 # -----------------------------------------------------------------------------
 # The kernels as functions of tensors
 
@@ -176,6 +196,16 @@ def rms_silu(x, gamma):
     return out
 
 
+def quantize_rows(x, dtype=torch.float8_e4m3fn):
+    """fp8.quantize_rows in one kernel: x [M, K] → (e4m3 values [M, K], float32 scales [M, 1]).
+    (dtype: float32 keeps the scaled values before their conversion, for the CPU test.)"""
+    x = x.contiguous()
+    values = torch.empty(x.shape, device=x.device, dtype=dtype)
+    scale = torch.empty(x.shape[0], 1, device=x.device, dtype=torch.float32)
+    _quantize_rows[(x.shape[0],)](x, values, scale, x.shape[1], BLOCK=min(2048, _block(x.shape[1])))
+    return values, scale
+
+
 # -----------------------------------------------------------------------------
 # The block's regions with the kernels (model.Block.before_attention / after_attention)
 
@@ -205,6 +235,7 @@ REGIONS = {
     "Block.after_attention": fast_after_attention,
     "apply_rope": lambda k, rope: rms_rope_rows(k, rope=rope),  # model.rotate_keys
     "rms_norm_silu": rms_silu,                                   # vae.rms_norm_silu
+    "quantize_rows": quantize_rows,                              # fp8.quantize_rows (--fp8)
 }
 
 

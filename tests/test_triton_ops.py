@@ -73,6 +73,20 @@ def test_gated_residual_and_the_vaes_rms_silu():
     torch.testing.assert_close(triton_ops.rms_silu(video, gamma).double(), normed * torch.sigmoid(normed), **F32)
 
 
+def test_quantize_rows_scales_each_row_by_its_largest_magnitude():
+    """Scales and scaled values against float64. The conversion to e4m3 itself is the GPU's
+    instruction: Triton's interpreter converts differently (seen: -7.88 → -4), so here the
+    kernel keeps the values before it, in float32; on the GPU bench.py --kernels bounds
+    the fp8 edit's error against the bf16 one."""
+    x = rand(6, 300, seed=1) * torch.logspace(-3, 2, 6)[:, None]
+    values, scale = triton_ops.quantize_rows(x, dtype=torch.float32)
+    xd = x.double()
+    expected_scale = xd.abs().amax(1, keepdim=True) / 448
+    torch.testing.assert_close(scale.double(), expected_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(values.double(), xd / expected_scale, rtol=1e-6, atol=1e-6)
+    assert values.abs().amax(1).sub(448).abs().max() < 1e-3  # each row's largest lands on e4m3's largest
+
+
 @pytest.mark.parametrize("mode,window", [("full", None), ("lipar", (1, 3))])
 def test_the_fused_regions_compute_what_the_blocks_compute(mode, window):
     """A clip of two chunks (denoising and memory steps): outputs and cache. (Small: the
