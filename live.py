@@ -28,7 +28,6 @@ on message sizes built in. Messages (JSON unless said):
                  binary: one edited frame, the capture time of its source then RGBA
 """
 
-import argparse
 import asyncio
 import base64
 import json
@@ -71,7 +70,9 @@ class Session:
         self.stopped = threading.Event()
         self.prompt = settings.prompt
         self.changes = deque()  # prompts typed, to take effect at the next boundary
+        self.chunk_prompts = deque()  # the prompt each edited chunk was edited under, in order
         self.sent = deque(maxlen=32)  # (time, frames) of recent chunks: the edited frames/s
+        self.read_at = None  # when the latest piece was taken: a chunk's latency runs from there
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     # the server's side -------------------------------------------------------
@@ -119,7 +120,8 @@ class Session:
         first = True
         while (taken := self._take(vae.chunk_frames(self.fpc, first))) is not None:
             first = False
-            times.append((time.perf_counter(), [ms for _, ms in taken]))
+            self.read_at = time.perf_counter()
+            times.extend(ms for _, ms in taken)
             frames = torch.stack([p for p, _ in taken]).to(self.models.device)
             yield io.to_model(io.resize_crop(frames, self.settings.height, self.settings.width))
 
@@ -139,12 +141,12 @@ class Session:
         editor = prompts.ScheduledEditor(sample.make_editors(self.models, self.context, grid, s)["lipar"], dit, [])
         masks = lipar.MaskStream(s.theta, s.theta2, self.fpc, s.mask_lookahead, s.recipe.dilation_frames,
                                  s.recipe.bound_after_cleanup)
-        times, next_frame = deque(), 0
+        times, next_frame = deque(), 0  # the capture times of the frames not yet sent back, in order
         for chunk in sample.edit_chunks(self._pieces(vae, times), vae, {"lipar": _Switching(editor, self)}, masks):
             frames = io.from_model(chunk.videos["lipar"])
-            read_at, captured = times.popleft() if times else (time.perf_counter(), [])
-            count = min(len(frames), len(captured)) if captured else len(frames)
-            for pixels, ms in zip(frames[:count], captured or [0.0] * count):
+            count = min(len(frames), len(times))
+            for pixels in frames[:count]:
+                ms = times.popleft()
                 rgba = torch.cat([pixels, torch.full_like(pixels[..., :1], 255)], -1)
                 self.send("frame", HEADER.pack(ms) + rgba.cpu().numpy().tobytes())
             now = time.perf_counter()
@@ -152,9 +154,9 @@ class Session:
             span = now - self.sent[0][0]
             keep = chunk.keep
             self.send("json", {
-                "type": "chunk", "frames": count, "first_frame": next_frame, "prompt": self.prompt,
+                "type": "chunk", "frames": count, "first_frame": next_frame, "prompt": self.chunk_prompts.popleft(),
                 "prune_ratio": lipar.prune_ratio(keep) if keep is not None and next_frame else 0.0,
-                "chunk_latency_s": now - read_at, "dropped": self.dropped,
+                "chunk_latency_s": now - self.read_at, "dropped": self.dropped,
                 "edited_fps": sum(n for _, n in list(self.sent)[1:]) / span if span > 0 else None,
                 "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                 "mask": None if keep is None else base64.b64encode(keep[-1].to(torch.uint8).cpu().numpy().tobytes()).decode(),
@@ -176,14 +178,15 @@ class _Switching:
             text = s.changes.popleft()
             self.editor.schedule.append((0, text, s.encode(text)))
             s.prompt = text
+        s.chunk_prompts.append(s.prompt)
         return self.editor(latents, keep)
 
 
 class Server:
     """The page and its WebSocket; at most one Session at a time."""
 
-    def __init__(self, models, settings, encode, max_message=128 * 2**20, outbox=64):
-        self.models, self.settings, self.encode = models, settings, encode
+    def __init__(self, models, settings, encode, max_message=128 * 2**20, outbox=64, queue_chunks=2):
+        self.models, self.settings, self.encode, self.queue_chunks = models, settings, encode, queue_chunks
         self.frame_bytes = HEADER.size + settings.width * settings.height * 4
         self.max_message, self.outbox_size = max_message, outbox
         self.session = None
@@ -192,7 +195,10 @@ class Server:
     def app(self):
         from aiohttp import web
         app = web.Application()
-        app.router.add_get("/", lambda request: web.FileResponse(PAGE))
+        async def page(request):
+            return web.FileResponse(PAGE)
+
+        app.router.add_get("/", page)
         app.router.add_get("/ws", self.websocket)
         return app
 
@@ -221,7 +227,7 @@ class Server:
                 await (ws.send_json(payload) if kind == "json" else ws.send_bytes(payload))
 
         s = self.settings
-        session = self.session = Session(self.models, self.context, s, send, self.encode)
+        session = self.session = Session(self.models, self.context, s, send, self.encode, self.queue_chunks)
         await ws.send_json({"type": "hello", "width": s.width, "height": s.height, "prompt": s.prompt,
                             "chunk_frames": self.models.vae().chunk_frames(session.fpc, False)})
         session.thread.start()
@@ -240,11 +246,12 @@ class Server:
                     problem = self.control(session, message.data)
                     if problem:
                         await ws.send_json({"type": "error", "message": problem})
-        finally:
+        finally:  # the client left (or the server stops): end the edit, then free its state
             session.stop()
-            await asyncio.to_thread(session.thread.join)
             sending.cancel()
-            self.session = None
+            ended = asyncio.ensure_future(asyncio.to_thread(session.thread.join))
+            ended.add_done_callback(lambda _: setattr(self, "session", None))  # even if this handler is cancelled
+            await asyncio.shield(ended)
         return ws
 
     def frame_problem(self, data):
