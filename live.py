@@ -42,6 +42,7 @@ import torch
 
 import cli
 import lipar
+import model as M
 import prompts
 import sample
 import video as io
@@ -58,8 +59,8 @@ class Session:
     bytes); it must not block (the server queues and drops). Everything the edit holds
     is released when run() returns, after stop()."""
 
-    def __init__(self, models, context, settings, send, encode, queue_chunks=2):
-        self.models, self.settings, self.send, self.encode = models, settings, send, encode
+    def __init__(self, models, context, settings, send, encode, queue_chunks=2, fusion=None):
+        self.models, self.settings, self.send, self.encode, self.fusion = models, settings, send, encode, fusion
         self.fpc = models.dit().cfg.frames_per_chunk
         self.context = context
         size = models.vae().chunk_frames(self.fpc, False)
@@ -127,7 +128,7 @@ class Session:
 
     def _run(self):
         try:
-            with torch.no_grad():
+            with torch.no_grad(), M.fusion(self.fusion):  # a thread of its own: the fusion is set here
                 self._edit()
         except Exception as err:  # the page hears of it; the server keeps serving
             self.send("json", {"type": "error", "message": f"the edit stopped: {err}"})
@@ -185,8 +186,9 @@ class _Switching:
 class Server:
     """The page and its WebSocket; at most one Session at a time."""
 
-    def __init__(self, models, settings, encode, max_message=128 * 2**20, outbox=64, queue_chunks=2):
+    def __init__(self, models, settings, encode, max_message=128 * 2**20, outbox=64, queue_chunks=2, fusion=None):
         self.models, self.settings, self.encode, self.queue_chunks = models, settings, encode, queue_chunks
+        self.fusion = fusion  # as model.fusion takes it (cli.fusion)
         self.frame_bytes = HEADER.size + settings.width * settings.height * 4
         self.max_message, self.outbox_size = max_message, outbox
         self.session = None
@@ -227,7 +229,8 @@ class Server:
                 await (ws.send_json(payload) if kind == "json" else ws.send_bytes(payload))
 
         s = self.settings
-        session = self.session = Session(self.models, self.context, s, send, self.encode, self.queue_chunks)
+        session = self.session = Session(self.models, self.context, s, send, self.encode, self.queue_chunks,
+                                         self.fusion)
         await ws.send_json({"type": "hello", "width": s.width, "height": s.height, "prompt": s.prompt,
                             "chunk_frames": self.models.vae().chunk_frames(session.fpc, False)})
         session.thread.start()
@@ -294,6 +297,8 @@ def parser():
     p.add_argument("--width", type=int, default=None, help="model width, a multiple of 16 (default 832; 112 with "
                                                            "random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--fusion", choices=["triton", "compile", "off"], default="triton",
+                   help="the fused kernels on CUDA, as sample.py --fusion")
     return p
 
 
@@ -321,7 +326,7 @@ def make_server(args):
     def encode(text):
         return sample.encode_prompts(lambda: encoder, [text], torch.device(args.device), models.dtype)[text]
 
-    return Server(models, settings, encode), random_weights
+    return Server(models, settings, encode, fusion=cli.fusion(args)), random_weights
 
 
 def main(argv=None):
