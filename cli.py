@@ -370,7 +370,12 @@ def fusion(args):
         return None
     if args.fusion == "compile":
         return "compile"
-    import triton_ops  # here, not at the top: CPU-only installs have no Triton
+    try:
+        import triton_ops  # here, not at the top: CPU-only installs have no Triton
+    except ImportError:
+        print("note: Triton is not installed, so the fused kernels are off and the elementwise chains run op by "
+              "op (pip install triton, or --fusion compile)", file=sys.stderr)
+        return None
     return triton_ops.Kernels()
 
 
