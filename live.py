@@ -322,6 +322,7 @@ def make_server(args):
     models = sample.Models(None if random_weights else args.weights, args.device, cli.model_dtype(args),
                            args.device, vae=settings.vae)
     encoder = models.text_encoder()  # kept: every prompt typed is encoded with it
+    models.vae(), models.dit()  # loaded now, not when the first page connects
 
     def encode(text):
         return sample.encode_prompts(lambda: encoder, [text], torch.device(args.device), models.dtype)[text]
