@@ -203,6 +203,32 @@ def cli_bench(timer, runs_folder=None):
     return lines
 
 
+def kernels_profile():
+    """Top CUDA kernels of one replayed `lipar` 35 % DiT edit with the Triton kernels, in
+    bf16 and with --fp8, and of one 100 %-pruned edit: where the fp8 and floor time goes."""
+    import triton_ops
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
+    context = torch.randn(1, 512, dit.cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    L, h, w = 21, 30, 52
+    latents = torch.randn(1, 16, L, 2 * h, 2 * w, device="cuda", dtype=torch.bfloat16)
+    lines = []
+    with torch.no_grad(), M.fusion(triton_ops.Kernels()):
+        for name, model, ratio in (("bf16, lipar 35%", dit, 0.35),
+                                   ("fp8, lipar 35%", fp8.quantize_ffn(copy.deepcopy(dit)), 0.35),
+                                   ("bf16, lipar 100%", dit, 1.0)):
+            keep = coherent_mask(L, h, w, ratio).cuda()
+            runner = graphs.GraphRunner(model)
+            for _ in range(2):  # eager, then captured
+                edit_latents(model, latents, context, keep, "lipar", (1, 6), runner)
+            lines.append(f"{name} (Triton kernels, replayed graphs)\n"
+                         + profile_edit(lambda: edit_latents(model, latents, context, keep, "lipar", (1, 6), runner), 14))
+            print(lines[-1], flush=True)
+            runner.release()
+    return lines
+
+
 def kernels_bench(timer):
     """The fusion choices side by side at real shapes, CUDA graphs on: op by op (`--fusion
     off`), torch.compile in this process (`compile`) and the Triton kernels (`triton`,
@@ -655,7 +681,8 @@ def main(argv=None):
     p.add_argument("--recache", action="store_true",
                    help="only time a prompt change's re-cache beside a chunk's forward and edit, then exit")
     p.add_argument("--kernels", action="store_true",
-                   help="only time the DiT's fusion choices (off, compile, the AOT packages) and --fp8, then exit")
+                   help="only time the fusion choices (off, triton, compile) and --fp8, then exit; with --profile, "
+                        "only the top CUDA kernels of a Triton-fused edit in bf16 and fp8 and a 100%% pruned one")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
@@ -676,6 +703,9 @@ def main(argv=None):
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
     if args.cli and not smoke:
         print("\n".join(cli_bench(timer)))
+        return None
+    if args.kernels and args.profile and not smoke:
+        kernels_profile()
         return None
     if args.kernels and not smoke:
         print("\n".join(kernels_bench(timer)))
