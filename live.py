@@ -57,7 +57,7 @@ class Session:
 
     send(kind, payload) is called from the edit thread with ("json", dict) or ("frame",
     bytes); it must not block (the server queues and drops). Everything the edit holds
-    is released when run() returns, after stop()."""
+    is released when its thread ends, after stop()."""
 
     def __init__(self, models, context, settings, send, encode, queue_chunks=2, fusion=None):
         self.models, self.settings, self.send, self.encode, self.fusion = models, settings, send, encode, fusion
@@ -156,7 +156,8 @@ class Session:
             keep = chunk.keep
             self.send("json", {
                 "type": "chunk", "frames": count, "first_frame": next_frame, "prompt": self.chunk_prompts.popleft(),
-                "prune_ratio": lipar.prune_ratio(keep) if keep is not None and next_frame else 0.0,
+                "prune_ratio": 0.0 if keep is None else lipar.prune_ratio(keep) if next_frame == 0  # frame 0: never
+                else 1 - keep.float().mean().item(),
                 "chunk_latency_s": now - self.read_at, "dropped": self.dropped,
                 "edited_fps": sum(n for _, n in list(self.sent)[1:]) / span if span > 0 else None,
                 "gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,

@@ -103,8 +103,10 @@ def test_the_page_gets_what_sample_py_edits_from_the_same_frames(server):
     got, jsons = run(server, script)
     assert [ms for ms, _ in got[:21]] == [float(i) for i in range(21)]  # in order, each with its source's time
     assert all(j["dropped"] == 0 for j in chunks(jsons))
+    s = server.settings
+    assert all(0 <= j["prune_ratio"] <= 1 and j["mask_shape"] == [s.height // 16, s.width // 16] for j in chunks(jsons))
     # the same pipeline offline: sample.edit_chunks over the same pieces
-    s, models = server.settings, server.models
+    models = server.models
     vae, dit = models.vae(), models.dit()
     editors = sample.make_editors(models, server.context, (s.height // 16, s.width // 16), s)
     masks = lipar.MaskStream(s.theta, s.theta2, dit.cfg.frames_per_chunk, s.mask_lookahead)
