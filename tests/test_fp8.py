@@ -4,6 +4,7 @@ layer, the swap of the FFN's layers, and --fp8 on the command line."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -80,3 +81,32 @@ def test_the_cli_edits_with_fp8_and_says_so(weights, tmp_path):
             "--vae", "tiny", "--out", str(out), "--json", str(stats)]
     assert cli.guarded(sample.main, [*args, "--fp8"]) == 0
     assert out.exists() and json.loads(stats.read_text())["fp8"] is True
+
+
+def test_fp8_on_a_gpu_without_fp8_products_is_one_sentence(monkeypatch):
+    """An Ampere GPU (8.0) has no fp8 products: --fp8 is refused, naming the GPU and the fix."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    problem = cli.fp8_problem(torch.device("cuda"))
+    assert problem == ("--fp8 needs a GPU with fp8 products (compute capability 8.9 or later: Ada, Hopper); "
+                       "NVIDIA A100 has 8.0: drop --fp8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert cli.fp8_problem(torch.device("cuda")) is None
+    assert cli.fp8_problem(torch.device("cpu")) is None  # torch._scaled_mm runs on the CPU too
+
+
+def test_the_fusion_flag_on_the_cpu_and_without_triton(monkeypatch, capsys):
+    """Off CUDA every fused function runs as written, whatever --fusion says; on CUDA
+    without Triton the default says so in one line and runs op by op."""
+    for choice in ("triton", "compile", "off"):
+        args, _, _ = cli.parse(["--device", "cpu", "--fusion", choice])
+        assert cli.fusion(args) is None
+    args, _, _ = cli.parse(["--device", "cpu"])
+    assert args.fusion == "triton"
+    args.device = "cuda"  # as if on a GPU machine
+    monkeypatch.setitem(sys.modules, "triton_ops", None)  # `import triton_ops` raises ImportError
+    assert cli.fusion(args) is None
+    assert capsys.readouterr().err == ("note: Triton is not installed, so the fused kernels are off and the "
+                                       "elementwise chains run op by op (pip install triton, or --fusion compile)\n")
+    args.fusion = "compile"
+    assert cli.fusion(args) == "compile"
