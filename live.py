@@ -23,7 +23,8 @@ on message sizes built in. Messages (JSON unless said):
                  clock) then width·height·4 bytes of RGBA
   server → page  {"type": "hello", "width", "height", "prompt", "chunk_frames"}
                  {"type": "chunk", "frames", "first_frame", "prompt", "prune_ratio",
-                  "chunk_latency_s", "edited_fps", "dropped", "gpu_gib", "mask", "mask_shape"}
+                  "chunk_latency_s", "edited_fps", "dropped", "dropped_edited", "gpu_gib",
+                  "mask", "mask_shape"}
                  {"type": "error", "message": ...}
                  binary: one edited frame, the capture time of its source then RGBA
 """
@@ -184,6 +185,39 @@ class _Switching:
         return self.editor(latents, keep)
 
 
+class Outbox:
+    """What waits to go to the page, in order: at most `frames` edited frames (when the
+    page reads slower than the GPU edits, the oldest waiting frame is dropped and counted
+    in the next chunk's "dropped_edited") and at most as many messages. Used from the
+    event loop's thread only."""
+
+    def __init__(self, frames):
+        self.items, self.limit = deque(), frames
+        self.waiting = {"frame": 0, "json": 0}
+        self.dropped = 0
+        self.ready = asyncio.Event()
+
+    def put(self, kind, payload):
+        if self.waiting[kind] == self.limit:  # the oldest of its kind goes
+            oldest = next(i for i, (k, _) in enumerate(self.items) if k == kind)
+            del self.items[oldest]
+            self.waiting[kind] -= 1
+            self.dropped += kind == "frame"
+        if kind == "json" and payload.get("type") == "chunk":
+            payload["dropped_edited"] = self.dropped
+        self.items.append((kind, payload))
+        self.waiting[kind] += 1
+        self.ready.set()
+
+    async def get(self):
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        kind, payload = self.items.popleft()
+        self.waiting[kind] -= 1
+        return kind, payload
+
+
 class Server:
     """The page and its WebSocket; at most one Session at a time."""
 
@@ -215,14 +249,10 @@ class Server:
             await ws.close()
             return ws
         loop = asyncio.get_running_loop()
-        outbox = asyncio.Queue(self.outbox_size)
+        outbox = Outbox(self.outbox_size)
 
-        def send(kind, payload):  # from the edit thread: queued, the oldest dropped when the page is slow
-            def put():
-                if outbox.full():
-                    outbox.get_nowait()
-                outbox.put_nowait((kind, payload))
-            loop.call_soon_threadsafe(put)
+        def send(kind, payload):  # from the edit thread, into the loop's thread
+            loop.call_soon_threadsafe(outbox.put, kind, payload)
 
         async def sender():
             while True:

@@ -217,6 +217,21 @@ def test_a_flood_of_frames_is_dropped_oldest_first_never_queued_without_bound(se
     assert got[-1][0] > got[0][0]
 
 
+def test_edited_frames_waiting_for_a_slow_page_are_bounded_and_counted():
+    async def go():
+        outbox = live.Outbox(4)
+        outbox.put("json", {"type": "error", "message": "first"})
+        for i in range(100):
+            outbox.put("frame", i)
+        outbox.put("json", {"type": "chunk"})
+        assert outbox.waiting == {"frame": 4, "json": 2}
+        return [await outbox.get() for _ in range(6)]
+
+    got = asyncio.run(go())
+    assert got == [("json", {"type": "error", "message": "first"}), ("frame", 96), ("frame", 97), ("frame", 98),
+                   ("frame", 99), ("json", {"type": "chunk", "dropped_edited": 96})]
+
+
 def test_one_client_at_a_time_and_a_client_that_leaves_frees_its_state(server):
     async def script(client):
         first = await client.ws_connect("/ws")
