@@ -92,7 +92,7 @@ def print_summary(stats, file=sys.stdout):
         print(f"[{mode}] DiT {s['dit_fps']:.1f} frames/s, end to end {s['end_to_end_fps']:.1f} frames/s "
               f"(text encoding excluded)")
     sec = next(iter(stats["modes"].values()))["seconds"]
-    what = {"triton": "loading the fused kernels (compiling them: the first run on a machine)",
+    what = {"triton": "loading the fused kernels (compiling them, the first time on a machine)",
             "compile": "compiling the DiT"}.get(stats["fusion"])
     compiling = f", {what} and warming up {sec['compile']:.2f}s" if sec["compile"] else ""
     print(f"loading the weights took {sec['load']:.2f}s{compiling} (not in the times above)")
