@@ -1,8 +1,9 @@
 """The live page in a real browser: headless Chromium with its fake camera, driven by
 Selenium, against live.py's server with the demo's tiny random models on the CPU. The
 page loads, takes the camera, edited frames come back, a typed prompt takes effect at
-the next chunk (the figures say which), pause stops the output, resume restarts it,
-and the server stops cleanly.
+the next chunk (the figures say which), pause stops the output, resume restarts it, a
+video file picked on the page is edited in the camera's place, and the server stops
+cleanly.
 
 .ci/run installs Chromium and its driver from Debian's packages and sets
 LIPAR_BROWSER_TEST=1, so there a missing browser fails the test; elsewhere it is skipped
@@ -62,6 +63,20 @@ class ServerThread:
         assert not self.thread.is_alive()
 
 
+def webm_clip(path):
+    """The demo scene as a 24-frame VP8 WebM."""
+    import av
+
+    import demo
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 224, 128, "yuv420p"
+        for frame in demo.demo_frames(128, 224, 24).numpy():
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
 def wait_for(driver, script, timeout=60):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -108,6 +123,13 @@ def test_the_live_page_edits_the_fake_camera_changes_prompt_pauses_and_resumes(t
             assert driver.execute_script("return window.lipar.edited") == paused
             driver.find_element("id", "pause").click()  # resume
             wait_for(driver, f"return window.lipar.edited > {paused}")
+
+            # a video file picked on the page instead of the camera (VP8 in WebM: Debian's
+            # Chromium plays it without proprietary codecs)
+            driver.find_element("id", "file").send_keys(str(webm_clip(tmp_path / "clip.webm")))
+            wait_for(driver, "return document.getElementById('source').currentSrc.startsWith('blob:')")
+            before = driver.execute_script("return window.lipar.chunks")
+            wait_for(driver, f"return window.lipar.chunks >= {before + 2}")  # past any chunk of camera frames
             assert driver.find_element("id", "error").text == ""
         finally:
             driver.quit()
