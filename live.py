@@ -124,8 +124,7 @@ class Session:
             first = False
             self.read_at = time.perf_counter()
             times.extend(ms for _, ms in taken)
-            frames = torch.stack([p for p, _ in taken]).to(self.models.device)
-            yield io.to_model(io.resize_crop(frames, self.settings.height, self.settings.width))
+            yield io.to_model(torch.stack([p for p, _ in taken]).to(self.models.device))  # at model size already
 
     def _run(self):
         try:
@@ -274,7 +273,7 @@ class Server:
                         await ws.send_json({"type": "error", "message": problem})
                         continue
                     (ms,) = HEADER.unpack_from(message.data)
-                    pixels = torch.frombuffer(bytearray(message.data[HEADER.size:]), dtype=torch.uint8)
+                    pixels = torch.frombuffer(bytearray(message.data), dtype=torch.uint8, offset=HEADER.size)
                     session.push(pixels.view(s.height, s.width, 4)[..., :3], ms)
                 elif message.type == WSMsgType.TEXT:
                     problem = self.control(session, message.data)
