@@ -315,6 +315,65 @@ def kernels_bench(timer):
     return lines
 
 
+def floor_bench(timer):
+    """Edits that prune nearly everything, at real shapes (random bf16 DiT, 81 frames at
+    832x480, the window (1, 6), CUDA graphs and the Triton kernels on): attention by SDPA
+    against split_attention.SplitKV (sample.py's default on CUDA), each checked against
+    the plain eager edit. Masks: 35 %, 90 %, 98 %, one kept token in each chunk after the
+    first (the smallest bucket), and 100 % (no block runs: model.KVCache.write_duplicates).
+    Then one attention call of a 128- and a 512-query bucket over the window's keys, the
+    keys in 1 to 40 parts. Returns printed lines."""
+    import split_attention
+    import triton_ops
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
+    context = torch.randn(1, 512, dit.cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    L, h, w = 21, 30, 52
+    latents = torch.randn(1, 16, L, 2 * h, 2 * w, device="cuda", dtype=torch.bfloat16)
+    one_token = coherent_mask(L, h, w, 1.0)
+    one_token[3::3, h // 2, w // 2] = True
+    masks = [(f"{r:.0%}", coherent_mask(L, h, w, r)) for r in (0.35, 0.9, 0.98)]
+    masks += [("1 token a chunk", one_token), ("100%", coherent_mask(L, h, w, 1.0))]
+    split = split_attention.SplitKV.for_device("cuda")
+    lines = ["| mask | pruned | DiT ms, SDPA | DiT ms, split-KV | speedup | split-KV against plain eager |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    with torch.no_grad():
+        reference = {name: edit_latents(dit, latents, context, keep.cuda(), "lipar", (1, 6)) for name, keep in masks}
+        with M.fusion(triton_ops.Kernels()):
+            graphs.warm_up(dit, context, (h, w))
+            times = {}
+            for label, impl in (("sdpa", "sdpa"), ("split", split)):
+                dit.attn_impl = impl
+                runner = graphs.GraphRunner(dit)
+                for name, keep in masks:
+                    edit = lambda: edit_latents(dit, latents, context, keep.cuda(), "lipar", (1, 6), runner)  # noqa: E731
+                    times[label, name] = timer(edit)
+                    times["error", name] = relative_error(edit(), reference[name])
+                runner.release()
+            dit.attn_impl = "sdpa"
+        for name, keep in masks:
+            lines.append(f"| {name} | {lipar.prune_ratio(keep.cuda()):.1%} | {times['sdpa', name]:.0f} "
+                         f"| {times['split', name]:.0f} | {times['sdpa', name] / times['split', name]:.2f}x "
+                         f"| {times['error', name]:.1e} |")
+        lines.append(f"SplitKV calls while timed and checked: {split.calls}")
+        keys = 7 * h * w
+        k, v = (torch.randn(1, keys, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for queries in (128, 512):
+            q = torch.randn(1, queries, 12, 128, device="cuda", dtype=torch.bfloat16)
+            plain = M.attention(q, k, v)
+            row = [f"SDPA {timer(lambda: [M.attention(q, k, v) for _ in range(30)]) / 30:.3f} ms"]
+            for parts in (5, 10, 20, 40):
+                if keys % parts == 0:
+                    ms = timer(lambda: [split_attention.split_attention(q, k, v, parts) for _ in range(30)]) / 30
+                    err = relative_error(split_attention.split_attention(q, k, v, parts), plain)
+                    row.append(f"{parts} parts {ms:.3f} ms ({err:.1e})")
+            lines.append(f"one attention call, {queries} queries over {keys} keys (12 heads): " + ", ".join(row)
+                         + f"; SplitKV picks {split_attention.split_count(12 * -(-queries // 128), keys, split.units)}")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def real_shape_weights(folder, full_text_encoder=False):
     """Random real-shape weights in weights.md's layout, except the text encoder: one umT5
     layer at full width with a small vocabulary (its stage is left out of the timings),
@@ -683,6 +742,8 @@ def main(argv=None):
     p.add_argument("--kernels", action="store_true",
                    help="only time the fusion choices (off, triton, compile) and --fp8, then exit; with --profile, "
                         "only the top CUDA kernels of a Triton-fused edit in bf16 and fp8 and a 100%% pruned one")
+    p.add_argument("--floor", action="store_true",
+                   help="only time nearly and wholly pruned edits with SDPA and with split-KV attention, then exit")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)
@@ -709,6 +770,9 @@ def main(argv=None):
         return None
     if args.kernels and not smoke:
         print("\n".join(kernels_bench(timer)))
+        return None
+    if args.floor and not smoke:
+        floor_bench(timer)
         return None
     if args.tape and not smoke:
         tape_bench(timer)

@@ -14,9 +14,8 @@ must have a fixed shape and live in a fixed place:
   `bucket` tokens) by repeating its last kept token: model.run_chunk computes the
   copies and writes each back to that token's own place, with the value the
   token itself gets; the recovery gather reads rows of real kept tokens only, so
-  the copies never reach the cache. A chunk with no kept token pads with token 0,
-  a pruned one, so the output is multiplied by the chunk's keep-mask: pruned
-  positions are zero, as in model.forward_chunk;
+  the copies never reach the cache. A chunk with no kept token runs no graph: its
+  keys are copies of the memory (model.KVCache.write_duplicates), a few kernels;
 - the keys a chunk reads are a prefix of the cache whose length is part of the
   graph's key (with the M-degree window it stops growing once the window is
   full; `full` gets one graph per chunk position, 7 for 21 latent frames);
@@ -54,18 +53,16 @@ def bucket_size(count, total, bucket):
 
 
 class StaticInputs:
-    """Fixed buffers for one graph: the chunk's latents, timestep and ChunkStep tensors,
-    and with a plan the chunk's keep-mask on the latent grid."""
+    """Fixed buffers for one graph: the chunk's latents, timestep and ChunkStep tensors."""
 
-    def __init__(self, x, t, step, kept_size, patch_size):
+    def __init__(self, x, t, step, kept_size):
         self.x, self.t = torch.empty_like(x), torch.empty_like(t)
         clone = lambda a: None if a is None else torch.empty_like(a)  # noqa: E731
         kept = None if step.kept is None else step.kept.new_empty(kept_size)
         # key_mask is a view of the (static) cache's validity flags: it needs no copy
         self.step = replace(step, positions=clone(step.positions), kept=kept, slots=clone(step.slots),
                             source=clone(step.source))
-        self.patch_size, self.n_kept = patch_size, None
-        self.keep_mask = None if kept is None else torch.empty_like(x[:1, :1])
+        self.n_kept = None
 
     def fill(self, x, t, step):
         self.x.copy_(x)
@@ -77,16 +74,11 @@ class StaticInputs:
         if step.kept is not None:
             n = self.n_kept = step.kept.numel()
             self.step.kept[:n].copy_(step.kept)
-            self.step.kept[n:] = step.kept[n - 1] if n else 0  # padding: see the module docstring
-            (pt, ph, pw), (F, H, W) = self.patch_size, x.shape[2:]
-            tokens = torch.zeros(F // pt * (H // ph) * (W // pw), device=x.device, dtype=x.dtype)
-            grid = tokens.index_fill_(0, step.kept, 1).view(F // pt, H // ph, W // pw)
-            self.keep_mask.copy_(grid.repeat_interleave(pt, 0).repeat_interleave(ph, 1).repeat_interleave(pw, 2))
+            self.step.kept[n:] = step.kept[n - 1]  # padding: see the module docstring
 
     def run(self, model, cache):
-        """model.run_chunk on these buffers; pruned positions zero."""
-        out = model.run_chunk(self.x, self.t, cache, self.step)
-        return out if self.keep_mask is None else out * self.keep_mask
+        """model.run_chunk on these buffers."""
+        return model.run_chunk(self.x, self.t, cache, self.step)
 
 
 class GraphRunner:
@@ -120,12 +112,14 @@ class GraphRunner:
 
     def forward_chunk(self, x, t, cache, start_frame, memory_step=False, plan=None):
         step = self.model.chunk_step(x, cache, start_frame, memory_step, plan)
+        if step.kept is not None and step.kept.numel() == 0:
+            return self.model.run_chunk(x, t, cache, step)  # no graph: see the module docstring
         if step.absent_keys:
             step.key_mask = cache.key_valid[: step.visible]
         kept_size = None if step.kept is None else bucket_size(step.kept.numel(), step.positions.shape[0], self.bucket)
         key = (id(cache), tuple(x.shape), tuple(t.shape), kept_size, step.visible, step.key_mask is not None,
                step.source is not None and step.memory_step, step.source is not None, self.model.attn_impl)
-        inputs = self.buffers(key, lambda: StaticInputs(x, t, step, kept_size, self.model.cfg.patch_size))
+        inputs = self.buffers(key, lambda: StaticInputs(x, t, step, kept_size))
         inputs.fill(x, t, step)
         return self.launch(key, lambda: inputs.run(self.model, cache))
 

@@ -74,16 +74,13 @@ def fusing():
 def fused(fn):
     """Run `fn` as generated kernels inside `fusion()` when its tensors are on CUDA.
 
-    The float32 islands of a block (norms, adaLN modulation, gated residuals,
-    RoPE) are chains of cheap elementwise ops. Run one op at a time they cost as
-    much GPU time as the matrix products, and each op costs the CPU ~20 µs to
-    dispatch. Each block is therefore fused as two regions around its KV-cache
-    write, as are the rotation of a chunk's keys (`rotate_keys`) and the VAE's norm
-    + SiLU (vae.rms_norm_silu). On the CPU the plain code runs as written.
-    triton_ops.py writes the regions with hand-fused kernels. With torch.compile the
-    first call compiles for its own shapes; when a size changes (the kept-token
-    count), Dynamo recompiles once with that dimension dynamic and the others fixed
-    (all of them dynamic from the start, the key rotation ran at 0.5 TB/s).
+    The float32 islands of a block (norms, adaLN modulation, gated residuals, RoPE)
+    are chains of cheap elementwise ops: one op at a time they cost as much GPU time
+    as the matrix products. Each block is fused as two regions around its KV-cache
+    write, as are the rotation of a chunk's keys (`rotate_keys`) and the VAE's norm +
+    SiLU (vae.rms_norm_silu); triton_ops.py writes them as hand-fused kernels. With
+    torch.compile, a changed size (the kept-token count) recompiles once with that
+    dimension dynamic. On the CPU the plain code runs as written.
     """
     compiled = None  # made on the first CUDA call: CPU-only runs never load the compiler
 
@@ -97,10 +94,7 @@ def fused(fn):
             return how(fn, *args)  # it runs fn as written where its kernels cannot serve the call
         if not next(a for a in args if isinstance(a, torch.Tensor)).is_cuda:
             return fn(*args)
-        if compiled is None:
-            # Each width, frame count of 1 (specialised) and stride pattern is a compiled
-            # variant; the VAE's norm meets ~20 of them. Past the default limit of 8,
-            # Dynamo would silently run the rest op by op.
+        if compiled is None:  # the VAE's norm meets ~20 variants; past 8 Dynamo would run them op by op
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             compiled = torch.compile(fn)
         return compiled(*args)
@@ -141,8 +135,7 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm evaluated in float32 whatever the weights' dtype, as Wan does."""
 
     def forward(self, x):
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
+        weight, bias = (None if p is None else p.float() for p in (self.weight, self.bias))
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
@@ -207,8 +200,11 @@ def attention(q, k, v, key_mask=None, impl="sdpa"):
 
     key_mask (bool, broadcastable to [Tq, Tk]) marks the keys a query may see.
     impl="math" is the plain float32 formula, the reference the tests read; "sdpa"
-    hands the same computation to PyTorch's fused kernels (flash / cuDNN on CUDA).
+    hands the same computation to PyTorch's fused kernels (flash / cuDNN on CUDA); a
+    callable impl(q, k, v, key_mask) computes it its own way (split_attention.py).
     """
+    if callable(impl):
+        return impl(q, k, v, key_mask)
     if impl == "math":
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
         if key_mask is not None:
@@ -324,7 +320,7 @@ class CausalWanModel(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.attn_impl = "sdpa"  # or "math": the plain softmax formula, for reading and testing
+        self.attn_impl = "sdpa"  # "math": the plain softmax formula, for reading and testing; or a callable
         self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -376,10 +372,7 @@ class CausalWanModel(nn.Module):
         chunk = frame_of_token // self.cfg.frames_per_chunk
         key_mask = chunk[None, :] <= chunk[:, None] if f > self.cfg.frames_per_chunk else None
         rope = rope_angles(grid_positions(f, h, w, device=x.device), self.cfg.head_dim, self.cfg.rope_theta)
-
-        def keys_values(layer):
-            return lambda k, v: (apply_rope(k, rope), v, key_mask)
-
+        keys_values = lambda layer: lambda k, v: (apply_rope(k, rope), v, key_mask)  # noqa: E731  no cache
         out = self.run_blocks(tokens, t, frame_of_token, rope, keys_values, self.context_kvs(context))
         return self.unpatchify(out, (f, h, w))
 
@@ -389,9 +382,8 @@ class CausalWanModel(nn.Module):
         x [B, 16, F, H, W] the chunk's latents (F = frames_per_chunk), t [B, F] or [B, 1]
         its timesteps; start_frame its first latent frame in the video. The chunk's
         keys/values are written into `cache` (a memory step, t = 0, writes the clean
-        ones that later chunks read). With a LIPAR `plan` (lipar.RecoveryPlan) only
-        the plan's kept tokens are computed; their velocity is returned in place and
-        pruned positions are zero.
+        ones that later chunks read). With a LIPAR `plan` (lipar.RecoveryPlan) only its
+        kept tokens are computed; their velocity is returned in place, pruned ones zero.
         """
         step = self.chunk_step(x, cache, start_frame, memory_step, plan)
         if step.absent_keys:  # gathered away: SDPA's fused kernels take no mask (the one GPU sync of a step)
@@ -412,16 +404,18 @@ class CausalWanModel(nn.Module):
     def run_chunk(self, x, t, cache, step):
         """forward_chunk's tensor work for a prepared ChunkStep: no host-side decisions
         past the step's ints, so graphs.py can capture it once and replay it."""
-        tokens, grid = self.patchify(x)
-        n_tokens = tokens.shape[1]
         rope_chunk = rope_angles(step.positions, self.cfg.head_dim, self.cfg.rope_theta)  # every token, for the cache
+        if step.kept is not None and step.kept.numel() == 0:  # nothing to compute: Eq. 3 alone fills the cache
+            cache.write_duplicates(step, rope_chunk)
+            return torch.zeros_like(x)
+        tokens, grid = self.patchify(x)
         rope, positions = rope_chunk, step.positions
         if step.kept is not None:  # LIPAR: only the kept tokens run through the blocks
             tokens, positions, rope = tokens[:, step.kept], positions[step.kept], tuple(r[step.kept] for r in rope_chunk)
         frame_of_token = None if t.shape[1] == 1 else positions[:, 0] - step.positions[0, 0]
         out = self.run_blocks(tokens, t, frame_of_token, rope, cache.keys_values(step, rope_chunk), cache.context_kvs)
         if step.kept is not None:  # back in place; pruned positions are zero
-            out = out.new_zeros(out.shape[0], n_tokens, out.shape[2]).index_copy_(1, step.kept, out)
+            out = out.new_zeros(out.shape[0], step.positions.shape[0], out.shape[2]).index_copy_(1, step.kept, out)
         return self.unpatchify(out, grid)
 
 
@@ -474,11 +468,9 @@ class KVCache:
     video frames), and past that a rolling window of the 21 latest.
 
     Positions roll with the window, as in the authors' streaming code: Self-Forcing
-    was trained on frame positions 0..20 only, so once a chunk would reach past
-    frame 20 it is placed at frames 18..20 and every cached non-sink key is rotated
-    back by the frames the chunk moved on (their distances to the chunk stay true;
-    the sink stays at its own position). No position ever passes 20, so a stream
-    can run for ever, far past the 1,024 positions of Wan's RoPE table.
+    was trained on frame positions 0..20 only, so a chunk past frame 20 is placed at
+    frames 18..20 and every cached non-sink key is rotated back by as many frames
+    (their distances to the chunk stay true). A stream can run for ever.
 
     With rolled_positions=False (the authors' first release) every frame keeps its
     absolute index as its position, up to the 1,024 of the RoPE table.
@@ -512,8 +504,7 @@ class KVCache:
     def reset(self, model, context):
         """Start a new clip in the same storage (graphs.py replays graphs that point at it)."""
         for (k, v), (new_k, new_v) in zip(self.context_kvs, model.context_kvs(context)):
-            k.copy_(new_k)
-            v.copy_(new_v)
+            k.copy_(new_k), v.copy_(new_v)
         self.key_valid.fill_(True)
         self.memory_k.zero_()
         self.memory_v.zero_()
@@ -539,9 +530,8 @@ class KVCache:
         """A frame's slot (int, or a tensor of frames): the sink frames keep their own,
         later frames take turns in the ring."""
         ring = self.sink + (frame - self.sink) % self.recent
-        if torch.is_tensor(frame):
-            return torch.where(frame < self.sink, frame, ring)
-        return frame if frame < self.sink else ring
+        return torch.where(frame < self.sink, frame, ring) if torch.is_tensor(frame) else (
+            frame if frame < self.sink else ring)
 
     def claim(self, start_frame, frames, chunk_valid=None):
         """Give the chunk of `frames` frames from `start_frame` its slots.
@@ -569,6 +559,15 @@ class KVCache:
             self.slot_has_holes[self.slot_of(frame)] = chunk_valid is not None
         visible = min(start_frame + frames, self.num_slots)
         return slots, visible * n, any(self.slot_has_holes[:visible])
+
+    def write_duplicates(self, step, rope):
+        """A chunk without kept tokens: every key/value is a copy of the memory (Eq. 3),
+        written for all layers at once; no block runs, its velocity is zero."""
+        k, v = self.memory_k.index_select(2, step.source), self.memory_v.index_select(2, step.source)
+        if step.memory_step:  # k, v [layers, B, F·N, H, Dh]; the last frame is the next memory
+            self.memory_k.copy_(k[:, :, -self.tokens_per_frame:]), self.memory_v.copy_(v[:, :, -self.tokens_per_frame:])
+        self.k.index_copy_(2, step.slots, rotate_keys(k.flatten(0, 1), rope).unflatten(0, k.shape[:2]))
+        self.v.index_copy_(2, step.slots, v)
 
     def keys_values(self, step, rope):
         """Per-layer key/value sources for a chunk step; rope: (cos, sin) of every token of the chunk.

@@ -142,7 +142,7 @@ class TapeForward:
         step = self.dit.chunk_step(x, cache, start_frame)
         previous = self.state.last_frame
         key = ("tape", id(cache), tuple(x.shape), ratio, step.visible, tuple(sorted(previous)))
-        inputs, last_frame = self.runner.buffers(key, lambda: (StaticInputs(x, t, step, None, self.dit.cfg.patch_size),
+        inputs, last_frame = self.runner.buffers(key, lambda: (StaticInputs(x, t, step, None),
                                                                {i: torch.empty_like(p) for i, p in previous.items()}))
         inputs.fill(x, t, step)
         for i, p in previous.items():

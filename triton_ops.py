@@ -8,7 +8,9 @@ Dynamo's tracing and guards for every variant again, seconds even with Inductor'
 cache warm (BENCHMARKS.md): more than fusion saves on one clip. Triton keeps what it
 compiles in its own disk cache (~/.triton/cache, or $TRITON_CACHE_DIR), keyed by the
 kernel's source, its constants and the GPU, so a later process only loads a few
-small binaries. The first process on a machine compiles them (seconds, once). On an
+small binaries. The first process on a machine compiles them (seconds, once). Row
+counts are not specialised on (`do_not_specialize`): a kept-token count that changes
+from chunk to chunk makes no new variant to compile or to load. On an
 H200 the DiT ran at 101 % of torch.compile's speed with them (BENCHMARKS.md).
 
 Each kernel makes one pass over a row (a token's 1536 channels) where the plain code
@@ -39,7 +41,7 @@ import model as M
 # The kernels: one program per row (a token), the row held in registers
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_batch"])
 def _layer_norm_rows(X, Y, GATE, MULT, SHIFT, X_OUT, OUT, rows_per_batch, D, eps,
                      HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -62,8 +64,8 @@ def _layer_norm_rows(X, Y, GATE, MULT, SHIFT, X_OUT, OUT, rows_per_batch, D, eps
     tl.store(OUT + row * D + cols, (centred * rstd * mult + shift).to(OUT.dtype.element_ty), mask=inside)
 
 
-@triton.jit
-def _rms_rope_rows(X, WEIGHT, COS, SIN, OUT, D, eps, HEAD_HALF: tl.constexpr,
+@triton.jit(do_not_specialize=["T"])
+def _rms_rope_rows(X, WEIGHT, COS, SIN, OUT, T, D, eps, HEAD_HALF: tl.constexpr,
                    HAS_RMS: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK: tl.constexpr):
     """A row of D = heads · 2·HEAD_HALF values as pairs (even, odd); RoPE turns pair i of
     every head by angle i of the row's token."""
@@ -80,7 +82,7 @@ def _rms_rope_rows(X, WEIGHT, COS, SIN, OUT, D, eps, HEAD_HALF: tl.constexpr,
         even = ((even * rstd).to(dtype).to(tl.float32) * w_even).to(dtype).to(tl.float32)
         odd = ((odd * rstd).to(dtype).to(tl.float32) * w_odd).to(dtype).to(tl.float32)
     if HAS_ROPE:
-        angle = row * HEAD_HALF + pairs % HEAD_HALF
+        angle = (row % T) * HEAD_HALF + pairs % HEAD_HALF  # the row's token: the same angles in every batch
         cos = tl.load(COS + angle, mask=inside, other=1.0)
         sin = tl.load(SIN + angle, mask=inside, other=0.0)
         even, odd = even * cos - odd * sin, even * sin + odd * cos
@@ -88,7 +90,7 @@ def _rms_rope_rows(X, WEIGHT, COS, SIN, OUT, D, eps, HEAD_HALF: tl.constexpr,
     tl.store(OUT + row * D + 2 * pairs + 1, odd.to(dtype), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_batch"])
 def _gated_residual(X, Y, GATE, OUT, rows_per_batch, D, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -99,7 +101,7 @@ def _gated_residual(X, Y, GATE, OUT, rows_per_batch, D, BLOCK: tl.constexpr):
     tl.store(OUT + row * D + cols, (x + y * gate).to(OUT.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _rms_silu(X, GAMMA, OUT, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """x [B, C, S] (S: every position of a frame or clip): per position, x / rms over C,
     rounded, · γ, rounded, then SiLU, as vae.rms_norm_silu rounds them."""
@@ -167,10 +169,8 @@ def rms_rope_rows(x, weight=None, eps=0.0, rope=None):
     D = x[0, 0].numel()
     head_half = rope[0].shape[-1] if rope is not None else 1
     cos, sin = (r.float().contiguous() for r in rope) if rope is not None else (x, x)
-    if rope is not None and B > 1:
-        cos, sin = cos.repeat(B, 1), sin.repeat(B, 1)
     out = torch.empty_like(x)
-    _rms_rope_rows[(B * T,)](x, x if weight is None else weight, cos, sin, out, D, eps, HEAD_HALF=head_half,
+    _rms_rope_rows[(B * T,)](x, x if weight is None else weight, cos, sin, out, T, D, eps, HEAD_HALF=head_half,
                              HAS_RMS=weight is not None, HAS_ROPE=rope is not None, BLOCK=_block(D // 2))
     return out
 

@@ -46,21 +46,21 @@ def test_layer_norm_rows_with_and_without_the_residual_before_it():
 
 
 def test_rms_rope_rows_rotates_each_heads_pairs_by_its_tokens_angles():
-    x, weight = rand(1, 6, 3, 8, seed=1), rand(24, seed=2)  # 3 heads of 8: 4 pairs each
+    x, weight = rand(2, 6, 3, 8, seed=1), rand(24, seed=2)  # 2 batches of 6 tokens, 3 heads of 8: 4 pairs each
     angles = rand(6, 4, seed=3)
     cos, sin = angles.cos(), angles.sin()
-    xd = x.double().reshape(1, 6, 24)
-    normed = (xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * weight.double()).reshape(1, 6, 3, 4, 2)
+    xd = x.double().reshape(2, 6, 24)
+    normed = (xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * weight.double()).reshape(2, 6, 3, 4, 2)
     a, b = normed[..., 0], normed[..., 1]
     c, s = cos.double()[None, :, None], sin.double()[None, :, None]
-    rotated = torch.stack([a * c - b * s, a * s + b * c], -1).reshape(1, 6, 3, 8)
+    rotated = torch.stack([a * c - b * s, a * s + b * c], -1).reshape(2, 6, 3, 8)
     torch.testing.assert_close(triton_ops.rms_rope_rows(x, weight, 1e-6, (cos, sin)).double(), rotated, **F32)
-    torch.testing.assert_close(triton_ops.rms_rope_rows(x, weight, 1e-6).double(), normed.reshape(1, 6, 3, 8),
+    torch.testing.assert_close(triton_ops.rms_rope_rows(x, weight, 1e-6).double(), normed.reshape(2, 6, 3, 8),
                                **F32)
-    plain = x.double().reshape(1, 6, 3, 4, 2)
+    plain = x.double().reshape(2, 6, 3, 4, 2)
     a, b = plain[..., 0], plain[..., 1]
     torch.testing.assert_close(triton_ops.rms_rope_rows(x, rope=(cos, sin)).double(),
-                               torch.stack([a * c - b * s, a * s + b * c], -1).reshape(1, 6, 3, 8), **F32)
+                               torch.stack([a * c - b * s, a * s + b * c], -1).reshape(2, 6, 3, 8), **F32)
 
 
 def test_gated_residual_and_the_vaes_rms_silu():
@@ -89,13 +89,15 @@ def test_quantize_rows_scales_each_row_by_its_largest_magnitude():
 
 @pytest.mark.parametrize("mode,window", [("full", None), ("lipar", (1, 3))])
 def test_the_fused_regions_compute_what_the_blocks_compute(mode, window):
-    """A clip of two chunks (denoising and memory steps): outputs and cache. (Small: the
+    """A clip of two chunks (denoising and memory steps), and with lipar a third one wholly
+    pruned (its keys rotated for every layer at once): outputs and cache. (Small: the
     interpreter runs each row's program in numpy.)"""
     dit = tiny_dit()
     g = torch.Generator().manual_seed(0)
-    x, context = torch.randn(1, 16, 6, 4, 6, generator=g), torch.randn(1, 5, 48, generator=g)
-    keep = torch.rand(6, 2, 3, generator=g) > 0.4
-    keep[0] = True
+    frames = 6 if mode == "full" else 9
+    x, context = torch.randn(1, 16, frames, 4, 6, generator=g), torch.randn(1, 5, 48, generator=g)
+    keep = torch.rand(frames, 2, 3, generator=g) > 0.4
+    keep[0], keep[6:] = True, False
     kernels = triton_ops.Kernels(device_type="cpu")
     runs = []
     with torch.no_grad():
