@@ -13,9 +13,11 @@ measured here: a bf16 GEMM and SDPA at the DiT's shapes.
 """
 
 import argparse
+import asyncio
 import copy
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,7 @@ import demo
 import fp8
 import graphs
 import lipar
+import live
 import model as M
 import sample
 import stream
@@ -229,6 +232,21 @@ def kernels_profile():
     return lines
 
 
+KERNEL_LOAD = (  # a fresh process loading the Triton kernels from a warm cache: python -c "$KERNEL_LOAD"
+    "import time; t0 = time.perf_counter(); import torch, model as M, graphs, triton_ops; torch.zeros(1).cuda(); "
+    "t1 = time.perf_counter(); torch.manual_seed(0)\n"
+    "with torch.device('cuda'): dit = M.CausalWanModel(M.DiTConfig()).to(torch.bfloat16).eval().requires_grad_(False)\n"
+    "ctx = torch.randn(1, 512, 4096, device='cuda', dtype=torch.bfloat16)\n"
+    "with torch.no_grad(): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
+    "t2 = time.perf_counter()\n"
+    "with torch.no_grad(), M.fusion(triton_ops.Kernels()): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
+    "t3 = time.perf_counter()\n"
+    "with torch.no_grad(), M.fusion(triton_ops.Kernels()): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
+    "print(f'fresh process, Triton cache warm: imports and CUDA start {t1 - t0:.2f} s; the warm-up with the "
+    "kernels {t3 - t2:.2f} s the first time, {time.perf_counter() - t3:.2f} s the second: the kernels cost "
+    "{(t3 - t2) - (time.perf_counter() - t3):.2f} s to load')")
+
+
 def kernels_bench(timer):
     """The fusion choices side by side at real shapes, CUDA graphs on: op by op (`--fusion
     off`), torch.compile in this process (`compile`) and the Triton kernels (`triton`,
@@ -298,19 +316,7 @@ def kernels_bench(timer):
         frames_bf16, frames_fp8 = (io.from_model(vae.decode(x)).float() for x in (bf16_out, fp8_out))
         lines.append(f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16 "
                      f"(eager, no fusion); decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
-    code = ("import time; t0 = time.perf_counter(); import torch, model as M, graphs, triton_ops; torch.zeros(1).cuda(); "
-            "t1 = time.perf_counter(); torch.manual_seed(0)\n"
-            "with torch.device('cuda'): dit = M.CausalWanModel(M.DiTConfig()).to(torch.bfloat16).eval().requires_grad_(False)\n"
-            "ctx = torch.randn(1, 512, 4096, device='cuda', dtype=torch.bfloat16)\n"
-            "with torch.no_grad(): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
-            "t2 = time.perf_counter()\n"
-            "with torch.no_grad(), M.fusion(triton_ops.Kernels()): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
-            "t3 = time.perf_counter()\n"
-            "with torch.no_grad(), M.fusion(triton_ops.Kernels()): graphs.warm_up(dit, ctx, (30, 52)); torch.cuda.synchronize()\n"
-            "print(f'fresh process, Triton cache warm: imports and CUDA start {t1 - t0:.2f} s; the warm-up with the "
-            "kernels {t3 - t2:.2f} s the first time, {time.perf_counter() - t3:.2f} s the second: the kernels cost "
-            "{(t3 - t2) - (time.perf_counter() - t3):.2f} s to load')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", KERNEL_LOAD], capture_output=True, text=True, cwd=Path(__file__).parent)
     lines.append(done.stdout.strip() or done.stderr[-2000:])
     return lines
 
@@ -374,6 +380,128 @@ def floor_bench(timer):
     return lines
 
 
+async def drive_page(url, frames, pace, switch_at=None, prompt="a snowy street at night"):
+    """A scripted page over a real WebSocket: frames (RGBA bytes at the model's size) sent
+    at `pace` frames/s with their capture times, a prompt typed before frame `switch_at`;
+    then the edited frames read until none has come for 4 s. Returns what a page sees:
+    {"arrivals": [(arrival ms, capture ms)], "chunks": [chunk messages], "prompt_sent_ms",
+    "errors"} (ms on time.perf_counter's clock, this process)."""
+    import aiohttp
+    clock = lambda: time.perf_counter() * 1e3  # noqa: E731
+    seen = {"arrivals": [], "chunks": [], "prompt_sent_ms": None, "errors": []}
+    for _ in range(120):  # the previous page's session may still be ending
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
+            hello = await ws.receive_json()
+            if hello["type"] == "hello":
+                return await _drive(ws, frames, pace, switch_at, prompt, seen, clock)
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"live.py kept refusing the page: {hello}")
+
+
+async def _drive(ws, frames, pace, switch_at, prompt, seen, clock):
+    import aiohttp
+
+    async def read():
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.BINARY:
+                seen["arrivals"].append((clock(), live.HEADER.unpack_from(message.data)[0]))
+            elif message.type == aiohttp.WSMsgType.TEXT:
+                parsed = json.loads(message.data)
+                seen["chunks" if parsed["type"] == "chunk" else "errors"].append(parsed)
+
+    reading = asyncio.create_task(read())
+    start = clock()
+    for i, frame in enumerate(frames):
+        await asyncio.sleep(max(0.0, start + i * 1e3 / pace - clock()) / 1e3)
+        if i == switch_at:
+            seen["prompt_sent_ms"] = clock()
+            await ws.send_json({"type": "prompt", "text": prompt})
+        await ws.send_bytes(live.HEADER.pack(clock()) + frame)
+    count = -1
+    while count != len(seen["arrivals"]):  # until nothing more comes for 4 s
+        count = len(seen["arrivals"])
+        await asyncio.sleep(4)
+    reading.cancel()
+    seen["prompt"] = prompt
+    return seen
+
+
+def page_figures(seen):
+    """The page's figures from drive_page: steady edited frames/s (after the first chunk),
+    glass-to-glass ms (median, 90th percentile; from the second chunk on), frames dropped,
+    and with a prompt change the ms from typing it to the first frame edited under it."""
+    arrivals, chunks = seen["arrivals"], seen["chunks"]
+    first = chunks[0]["frames"]
+    later = arrivals[first:]
+    fps = (len(later) - 1) / (later[-1][0] - later[0][0]) * 1e3 if len(later) > 1 else None
+    glass = sorted(arrived - captured for arrived, captured in later)
+    figures = {"edited_fps": fps, "frames": len(arrivals), "dropped": chunks[-1]["dropped"],
+               "glass_ms": (statistics.median(glass), glass[int(0.9 * (len(glass) - 1))]),
+               "chunk_latency_ms": statistics.median(c["chunk_latency_s"] for c in chunks[1:]) * 1e3,
+               "prune_ratio": statistics.mean(c["prune_ratio"] for c in chunks[1:]), "gpu_gib": chunks[-1]["gpu_gib"]}
+    if seen["prompt_sent_ms"] is not None:
+        index = 0
+        for c in chunks:
+            if c["prompt"] == seen["prompt"]:
+                figures["switch_ms"] = arrivals[index][0] - seen["prompt_sent_ms"]
+                break
+            index += c["frames"]
+    return figures
+
+
+def live_bench(frames=240, folder=None, smoke=False):
+    """live.py at real shapes (random real-shape weights on local disk, 832x480, LIPAR with
+    the window (1, 6), graphs and the Triton kernels: its defaults), with each VAE, against
+    the CLI's stream of the same clip. For each VAE: sample.py on the clip in a fresh
+    process (its steady frames/s), then `python live.py` in a process of its own, driven
+    by a scripted page (drive_page) three times: a warm-up, a camera pace the GPU keeps
+    up with (0.8x the CLI's steady rate; glass-to-glass latency and a prompt typed
+    mid-stream), and a pace it does not (1.5x: the page's edited frames/s against the
+    CLI's, the oldest waiting frames dropped). smoke: the demo's tiny models on the CPU
+    at 112x64, checking the harness. Returns printed lines."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="lipar_live_"))
+    weights = demo.write_random_weights(folder / "weights") if smoke else real_shape_weights(folder)
+    size = ["--height", "64", "--width", "112", "--device", "cpu"] if smoke else []
+    clip = write_long_demo_clip(folder / "clip.mp4", frames, *((64, 112) if smoke else ()))
+    video = io.read_video(clip)[0]
+    rgba = [torch.cat([f, torch.full_like(f[..., :1], 255)], -1).numpy().tobytes() for f in video]
+    lines = ["| VAE | CLI stream steady f/s | page f/s (paced 1.5x) | page / CLI | glass-to-glass ms median / p90 "
+             "(paced 0.8x) | chunk latency ms | prompt typed → first frame under it, ms | dropped (1.5x) | pruned "
+             "| GPU GiB |", "|" + " --- |" * 10]
+    for kind in ("tiny", "wan"):
+        _, stats, _ = run_sample(["--video", clip, "--weights", weights, "--vae", kind, "--out", folder / f"{kind}.mp4",
+                                  *size])
+        cli_fps = stats["stream"]["steady_fps"]
+        port, log = 8765 + len(lines), folder / f"live_{kind}.log"
+        with open(log, "w") as out:
+            server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("live.py")), "--weights", weights,
+                                       "--vae", kind, "--port", str(port), *size], stdout=out,
+                                      stderr=subprocess.STDOUT)
+        try:
+            started = time.perf_counter()
+            while True:  # the port opens once the models are loaded
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.perf_counter() - started > 300:
+                        raise RuntimeError(f"live.py did not start: {log.read_text()[-2000:]}") from None
+                    time.sleep(0.5)
+            url = f"http://127.0.0.1:{port}/ws"
+            asyncio.run(drive_page(url, rgba[:60], 0.8 * cli_fps))  # graphs captured, kernels loaded
+            camera = page_figures(asyncio.run(drive_page(url, rgba, 0.8 * cli_fps, switch_at=frames // 2)))
+            flooded = page_figures(asyncio.run(drive_page(url, rgba, 1.5 * cli_fps)))
+        finally:
+            server.terminate()
+            server.wait(30)
+        lines.append(f"| {kind} | {cli_fps:.1f} | {flooded['edited_fps']:.1f} | {flooded['edited_fps'] / cli_fps:.0%} "
+                     f"| {camera['glass_ms'][0]:.0f} / {camera['glass_ms'][1]:.0f} | {camera['chunk_latency_ms']:.0f} "
+                     f"| {camera.get('switch_ms', float('nan')):.0f} | {flooded['dropped']} of {frames} "
+                     f"| {camera['prune_ratio']:.1%} | {camera['gpu_gib'] or float('nan'):.2f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def real_shape_weights(folder, full_text_encoder=False):
     """Random real-shape weights in weights.md's layout, except the text encoder: one umT5
     layer at full width with a small vocabulary (its stage is left out of the timings),
@@ -403,10 +531,10 @@ def run_sample(args, env=None):
     return wall, json.loads(stats_file.read_text()), done.stdout
 
 
-def write_long_demo_clip(path, count):
+def write_long_demo_clip(path, count, height=480, width=832):
     """An 832x480 clip of `count` frames at 16 fps: the demo scene forwards, backwards,
     forwards... (no cut), written 80 frames at a time so that it is never held whole."""
-    scene = demo.demo_frames(480, 832, 81)
+    scene = demo.demo_frames(height, width, 81)
     writer = io.VideoWriter(path, 16)
     for start in range(0, count, 80):
         writer.write((scene if start // 80 % 2 == 0 else scene.flip(0))[:min(80, count - start)])
@@ -742,6 +870,8 @@ def main(argv=None):
     p.add_argument("--kernels", action="store_true",
                    help="only time the fusion choices (off, triton, compile) and --fp8, then exit; with --profile, "
                         "only the top CUDA kernels of a Triton-fused edit in bf16 and fp8 and a 100%% pruned one")
+    p.add_argument("--live", action="store_true",
+                   help="only time live.py driven by a scripted page against the CLI's stream, each VAE, then exit")
     p.add_argument("--floor", action="store_true",
                    help="only time nearly and wholly pruned edits with SDPA and with split-KV attention, then exit")
     p.add_argument("--vae-variants", action="store_true",
@@ -770,6 +900,9 @@ def main(argv=None):
         return None
     if args.kernels and not smoke:
         print("\n".join(kernels_bench(timer)))
+        return None
+    if args.live:
+        print("\n".join(live_bench(48 if smoke else 240, smoke=smoke)))
         return None
     if args.floor and not smoke:
         floor_bench(timer)
