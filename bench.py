@@ -323,13 +323,10 @@ def kernels_bench(timer):
 
 def floor_bench(timer):
     """Edits that prune nearly everything, at real shapes (random bf16 DiT, 81 frames at
-    832x480, the window (1, 6), CUDA graphs and the Triton kernels on): attention by SDPA
-    against split_attention.SplitKV (sample.py's default on CUDA), each checked against
-    the plain eager edit. Masks: 35 %, 90 %, 98 %, one kept token in each chunk after the
-    first (the smallest bucket), and 100 % (no block runs: model.KVCache.write_duplicates).
-    Then one attention call of a 128- and a 512-query bucket over the window's keys, the
-    keys in 1 to 40 parts. Returns printed lines."""
-    import split_attention
+    832x480, the window (1, 6), CUDA graphs and the Triton kernels: sample.py's defaults),
+    each checked against the plain eager edit. Masks: 35 %, 90 %, 98 %, one kept token in
+    each chunk after the first (the smallest bucket), and 100 % (no block runs after the
+    first chunk: model.KVCache.write_duplicates). Returns printed lines."""
     import triton_ops
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -341,41 +338,18 @@ def floor_bench(timer):
     one_token[3::3, h // 2, w // 2] = True
     masks = [(f"{r:.0%}", coherent_mask(L, h, w, r)) for r in (0.35, 0.9, 0.98)]
     masks += [("1 token a chunk", one_token), ("100%", coherent_mask(L, h, w, 1.0))]
-    split = split_attention.SplitKV.for_device("cuda")
-    lines = ["| mask | pruned | DiT ms, SDPA | DiT ms, split-KV | speedup | split-KV against plain eager |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| mask | pruned | DiT ms | against plain eager |", "| --- | --- | --- | --- |"]
     with torch.no_grad():
         reference = {name: edit_latents(dit, latents, context, keep.cuda(), "lipar", (1, 6)) for name, keep in masks}
         with M.fusion(triton_ops.Kernels()):
             graphs.warm_up(dit, context, (h, w))
-            times = {}
-            for label, impl in (("sdpa", "sdpa"), ("split", split)):
-                dit.attn_impl = impl
-                runner = graphs.GraphRunner(dit)
-                for name, keep in masks:
-                    edit = lambda: edit_latents(dit, latents, context, keep.cuda(), "lipar", (1, 6), runner)  # noqa: E731
-                    times[label, name] = timer(edit)
-                    times["error", name] = relative_error(edit(), reference[name])
-                runner.release()
-            dit.attn_impl = "sdpa"
-        for name, keep in masks:
-            lines.append(f"| {name} | {lipar.prune_ratio(keep.cuda()):.1%} | {times['sdpa', name]:.0f} "
-                         f"| {times['split', name]:.0f} | {times['sdpa', name] / times['split', name]:.2f}x "
-                         f"| {times['error', name]:.1e} |")
-        lines.append(f"SplitKV calls while timed and checked: {split.calls}")
-        keys = 7 * h * w
-        k, v = (torch.randn(1, keys, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        for queries in (128, 512):
-            q = torch.randn(1, queries, 12, 128, device="cuda", dtype=torch.bfloat16)
-            plain = M.attention(q, k, v)
-            row = [f"SDPA {timer(lambda: [M.attention(q, k, v) for _ in range(30)]) / 30:.3f} ms"]
-            for parts in (5, 10, 20, 40):
-                if keys % parts == 0:
-                    ms = timer(lambda: [split_attention.split_attention(q, k, v, parts) for _ in range(30)]) / 30
-                    err = relative_error(split_attention.split_attention(q, k, v, parts), plain)
-                    row.append(f"{parts} parts {ms:.3f} ms ({err:.1e})")
-            lines.append(f"one attention call, {queries} queries over {keys} keys (12 heads): " + ", ".join(row)
-                         + f"; SplitKV picks {split_attention.split_count(12 * -(-queries // 128), keys, split.units)}")
+            runner = graphs.GraphRunner(dit)
+            for name, keep in masks:
+                edit = lambda: edit_latents(dit, latents, context, keep.cuda(), "lipar", (1, 6), runner)  # noqa: E731
+                ms = timer(edit)
+                lines.append(f"| {name} | {lipar.prune_ratio(keep.cuda()):.1%} | {ms:.0f} "
+                             f"| {relative_error(edit(), reference[name]):.1e} |")
+            runner.release()
     print("\n".join(lines), flush=True)
     return lines
 
@@ -873,7 +847,7 @@ def main(argv=None):
     p.add_argument("--live", action="store_true",
                    help="only time live.py driven by a scripted page against the CLI's stream, each VAE, then exit")
     p.add_argument("--floor", action="store_true",
-                   help="only time nearly and wholly pruned edits with SDPA and with split-KV attention, then exit")
+                   help="only time nearly and wholly pruned edits (the 100 %%-pruned floor), then exit")
     p.add_argument("--vae-variants", action="store_true",
                    help="only time the VAE op by op and fused, then exit")
     args = p.parse_args(argv)

@@ -491,6 +491,8 @@ def recovery_plan(keep, mode="lipar", has_memory=True):
     else:
         memory_src = chained_row
         denoise_src = memory_row if mode == "lipar" else chained_row
+    if not kept.numel():  # nothing kept: every step copies the memory alike, one source (KVCache writes it once)
+        memory_src = denoise_src
     return RecoveryPlan(kept, denoise_src, valid(denoise_src), memory_src, valid(memory_src))
 
 

@@ -200,11 +200,8 @@ def attention(q, k, v, key_mask=None, impl="sdpa"):
 
     key_mask (bool, broadcastable to [Tq, Tk]) marks the keys a query may see.
     impl="math" is the plain float32 formula, the reference the tests read; "sdpa"
-    hands the same computation to PyTorch's fused kernels (flash / cuDNN on CUDA); a
-    callable impl(q, k, v, key_mask) computes it its own way (split_attention.py).
+    hands the same computation to PyTorch's fused kernels (flash / cuDNN on CUDA).
     """
-    if callable(impl):
-        return impl(q, k, v, key_mask)
     if impl == "math":
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
         if key_mask is not None:
@@ -320,7 +317,7 @@ class CausalWanModel(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
-        self.attn_impl = "sdpa"  # "math": the plain softmax formula, for reading and testing; or a callable
+        self.attn_impl = "sdpa"  # or "math": the plain softmax formula, for reading and testing
         self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
@@ -500,6 +497,7 @@ class KVCache:
         self.context_kvs = model.context_kvs(context)
         self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask
         self.shift = 0  # frames by which the non-sink positions sit below the frames' true indices
+        self.duplicated = None  # the source of the copies write_duplicates wrote last
 
     def reset(self, model, context):
         """Start a new clip in the same storage (graphs.py replays graphs that point at it)."""
@@ -509,7 +507,7 @@ class KVCache:
         self.memory_k.zero_()
         self.memory_v.zero_()
         self.slot_has_holes = [False] * self.num_slots
-        self.shift = 0
+        self.shift, self.duplicated = 0, None
 
     def position_of(self, frame):
         """The RoPE time position of a non-sink frame: its index, less the rolled-back frames."""
@@ -562,7 +560,11 @@ class KVCache:
 
     def write_duplicates(self, step, rope):
         """A chunk without kept tokens: every key/value is a copy of the memory (Eq. 3),
-        written for all layers at once; no block runs, its velocity is zero."""
+        written for all layers at once, and once for all of the chunk's steps (they share
+        one source: lipar.recovery_plan); no block runs, its velocity is zero."""
+        if step.source is self.duplicated:
+            return
+        self.duplicated = step.source
         k, v = self.memory_k.index_select(2, step.source), self.memory_v.index_select(2, step.source)
         if step.memory_step:  # k, v [layers, B, F·N, H, Dh]; the last frame is the next memory
             self.memory_k.copy_(k[:, :, -self.tokens_per_frame:]), self.memory_v.copy_(v[:, :, -self.tokens_per_frame:])

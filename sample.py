@@ -45,7 +45,6 @@ import graphs
 import lipar
 import model as M
 import prompts
-import split_attention
 import stream
 import summary
 import tape
@@ -253,8 +252,6 @@ class Models:
     def dit(self):
         if self._dit is None:
             self._dit = W.load_dit(self.weights / "dit", self.device, self.dtype, self.fp8)
-            if torch.device(self.device).type == "cuda":  # a few kept queries: their keys split over the GPU
-                self._dit.attn_impl = split_attention.SplitKV.for_device(self.device)
         return self._dit
 
     def runner(self):

@@ -289,3 +289,49 @@ def test_bfloat16_model_runs_and_agrees_with_float32(diffusers_dit):
                 model.forward_chunk(chunk, torch.zeros(1, 1), cache, start, memory_step=True)
             out.append(model.forward_chunk(chunk, torch.full((1, 1), 700.0), cache, 3).float())
     assert out[1].dtype == torch.float32 and rel_err(out[1], out[0]) < 3e-2
+
+
+def rotated(k, cos, sin):
+    """RoPE as complex multiplication: each pair (x, y) of k [..., T, H, Dh] times e^{iθ}."""
+    pairs = torch.view_as_complex(k.reshape(*k.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(-2)
+
+
+def test_a_chunk_without_kept_tokens_runs_no_block_and_writes_copies_of_the_memory_once(monkeypatch):
+    import lipar
+
+    torch.manual_seed(5)
+    dit = M.CausalWanModel(M.DiTConfig.tiny()).double().eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(4)
+    h, w = 3, 4
+    x = torch.randn(1, 16, 6, 2 * h, 2 * w, generator=g, dtype=torch.float64)
+    keep = torch.rand(6, h, w, generator=g) > 0.5
+    keep[0], keep[3:] = True, False  # the second chunk prunes everything
+    context = torch.randn(1, 5, 48, generator=g, dtype=torch.float64)
+    cache = M.KVCache(dit, context, (h, w), (1, 3))
+    first, second = lipar.chunk_plans(keep, "lipar")
+    t = torch.full((1, 1), 700.0, dtype=torch.float64)
+    dit.forward_chunk(x[:, :, :3], t, cache, 0, plan=first)
+    dit.forward_chunk(x[:, :, :3], t * 0, cache, 0, memory_step=True, plan=first)
+    memory_k, memory_v = cache.memory_k.clone(), cache.memory_v.clone()
+    blocks_run, rotations = [], []
+    dit.blocks[0].register_forward_hook(lambda *_: blocks_run.append(1))
+    rotate = M.rotate_keys
+    monkeypatch.setattr(M, "rotate_keys", lambda *a: rotations.append(1) or rotate(*a))
+    for memory_step in (False, False, False, True):  # three denoising steps, then the memory step
+        out = dit.forward_chunk(x[:, :, 3:], t * (not memory_step), cache, 3, memory_step=memory_step, plan=second)
+        assert (out == 0).all()
+    assert not blocks_run and len(rotations) == 1  # the four steps' copies are the same: written once
+    n = h * w
+    # the cache's angles are float32 tables (model.rope_angles' default): the same angles here
+    cos, sin = (a.double() for a in M.rope_angles(M.grid_positions(3, h, w, start_frame=3), dit.cfg.head_dim,
+                                                  dit.cfg.rope_theta))
+    slots = torch.cat([torch.arange(n) + n * cache.slot_of(f) for f in range(3, 6)])
+    for layer in range(dit.cfg.num_layers):
+        copies_k, copies_v = memory_k[layer].repeat(1, 3, 1, 1), memory_v[layer].repeat(1, 3, 1, 1)  # every frame
+        assert (cache.k[layer][:, slots] - rotated(copies_k, cos, sin)).abs().max().item() < 1e-12
+        assert torch.equal(cache.v[layer][:, slots], copies_v)
+    assert torch.equal(cache.memory_k, memory_k) and torch.equal(cache.memory_v, memory_v)
