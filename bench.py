@@ -607,10 +607,13 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
 def tiny_vae_bench(timer, frames=81):
     """The tiny VAE (TAEHV) against the Wan VAE at real shapes, in one process: encode and
     decode of 81 frames at 832x480 in bf16 with each stage's peak memory, and the whole
-    edit (encode, mask, DiT, decode) with LIPAR at a fixed 35 % mask, graphs on, DiT
-    compiled or not. Then streamed edits of 321 frames with each VAE in this process (the mask
-    fixed at 35 %, graphs on, nothing compiled: sample.py's defaults).
+    edit (encode, mask, DiT, decode) with LIPAR at a fixed 35 % mask, graphs on, the fused
+    kernels off or on (Triton: sample.py's default, the VAEs' stages always with it). Then
+    streamed edits of 321 frames with each VAE in this process (the mask fixed at 35 %,
+    graphs and the Triton kernels on: sample.py's defaults).
     Prints each line as soon as it is measured."""
+    import triton_ops
+    kernels = triton_ops.Kernels()
     torch.manual_seed(0)
     with torch.device("cuda"):
         vaes = {"Wan VAE": random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval(),
@@ -625,7 +628,7 @@ def tiny_vae_bench(timer, frames=81):
     emit("| VAE | encode ms | decode ms | peak encode GiB | peak decode GiB | frames/s encode + decode |",
          "|" + " --- |" * 6)
     stages = {}
-    with torch.no_grad():
+    with torch.no_grad(), M.fusion(kernels):
         for name, vae in vaes.items():
             latents = vae.encode(video)
             encode_ms, decode_ms = timer(lambda: vae.encode(video)), timer(lambda: vae.decode(latents))
@@ -640,18 +643,17 @@ def tiny_vae_bench(timer, frames=81):
                  f"| {frames / (encode_ms + decode_ms) * 1e3:.1f} |")
         emit("", "| whole edit, LIPAR 35 % | DiT | DiT ms | end-to-end ms | end-to-end frames/s |",
              "|" + " --- |" * 5)
-        for compiled in (False, True):
-            with M.fusion("compile" if compiled else None):
+        for label, how in (("graphs, fusion off", None), ("graphs, Triton kernels (default)", kernels)):
+            with M.fusion(how):
                 runner = graphs.GraphRunner(dit)
                 latents = stages["Wan VAE"][2]
-                if compiled:
-                    graphs.warm_up(dit, context, (30, 52))
+                graphs.warm_up(dit, context, (30, 52))
                 dit_ms = timer(lambda: edit_latents(dit, latents, context, keep, "lipar", (1, 6), runner))
                 mask_ms = timer(lambda: lipar.prune_mask(latents[0].transpose(0, 1)))
                 runner.release()
                 for name, (encode_ms, decode_ms, _) in stages.items():
                     total = encode_ms + mask_ms + dit_ms + decode_ms
-                    emit(f"| {name} | graphs{', compiled' if compiled else ''} | {dit_ms:.0f} | {total:.0f} "
+                    emit(f"| {name} | {label} | {dit_ms:.0f} | {total:.0f} "
                          f"| {frames / total * 1e3:.1f} |")
     vaes = dit = runner = None  # free the GPU for the streamed edits below
     torch.cuda.empty_cache()
@@ -660,11 +662,11 @@ def tiny_vae_bench(timer, frames=81):
     count = 321
     clip = write_long_demo_clip(folder / "clip.mp4", count)
     keep = coherent_mask(1 + (count - 1) // 4 + 2, 30, 52, 0.35).cuda()
-    emit("", f"| streamed {count} frames, LIPAR 35 %, graphs | first edited frame s | steady frames/s "
+    emit("", f"| streamed {count} frames, LIPAR 35 %, defaults | first edited frame s | steady frames/s "
          "| end to end frames/s | peak GPU GiB | ms per frame |", "|" + " --- |" * 6)
     for kind, name in (("wan", "Wan VAE"), ("tiny", "tiny VAE")):
         models = sample.Models(weights, "cuda", torch.bfloat16, "cuda", vae=kind)
-        with torch.no_grad():
+        with torch.no_grad(), M.fusion(kernels):
             stats = stream_fixed_mask(models, clip, keep, folder / f"out_{kind}.mp4")
         models = None
         torch.cuda.empty_cache()
