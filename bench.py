@@ -476,6 +476,34 @@ def live_bench(frames=240, folder=None, smoke=False):
     return lines
 
 
+def compare_bench(count=321, folder=None):
+    """`sample.py --compare --save-mask` at real shapes (random real-shape weights, a clip of
+    `count` frames at 832x480, sample.py's defaults) in a fresh process, beside a `lipar`
+    edit alone: wall time, the write stage against the edit's, GPU peaks per stage, and
+    the resident host memory between chunks. Returns printed lines."""
+    folder = Path(folder or tempfile.mkdtemp(prefix="lipar_compare_"))
+    weights = real_shape_weights(folder)
+    clip = write_long_demo_clip(folder / "clip.mp4", count)
+    lines = []
+    for label, flags in (("lipar alone", []), ("--compare --save-mask", ["--compare", "--save-mask"])):
+        wall, stats, _ = run_sample(["--video", clip, "--weights", weights, "--out", folder / "out.mp4", *flags])
+        modes = list(stats["modes"].values())
+        seconds = dict(modes[0]["seconds"])  # the shared stages (read, encode, mask, write), and each mode's own
+        seconds["dit"] = sum(m["seconds"]["dit"] for m in modes)
+        seconds["decode"] = sum(m["seconds"]["decode"] for m in modes)
+        resident = stats["stream"]["host_memory_gib_per_chunk"]
+        peaks = "  ".join(f"{k} {v:.2f}" for k, v in stats["peak_gpu_memory_gib_per_stage"].items())
+        edit_s = sum(v for k, v in seconds.items() if k.startswith(("dit", "decode", "encode", "mask")))
+        lines.append(f"{label}, {count} frames: {wall:.1f} s wall; write {seconds.get('write', 0):.2f} s against "
+                     f"{edit_s:.2f} s of encode, mask, DiT and decode ({seconds.get('write', 0) / edit_s:.0%}); "
+                     f"steady {stats['stream']['steady_fps']:.1f} frames/s; GPU peak "
+                     f"{stats['peak_gpu_memory_gib']:.2f} GiB (per stage: {peaks}); host peak "
+                     f"{stats['peak_host_memory_gib']:.2f} GiB; resident between chunks (GiB): "
+                     + " ".join(f"{r:.2f}" for r in resident))
+        print(lines[-1], flush=True)
+    return lines
+
+
 def real_shape_weights(folder, full_text_encoder=False):
     """Random real-shape weights in weights.md's layout, except the text encoder: one umT5
     layer at full width with a small vocabulary (its stage is left out of the timings),
@@ -848,6 +876,9 @@ def main(argv=None):
                         "only the top CUDA kernels of a Triton-fused edit in bf16 and fp8 and a 100%% pruned one")
     p.add_argument("--live", action="store_true",
                    help="only time live.py driven by a scripted page against the CLI's stream, each VAE, then exit")
+    p.add_argument("--compare-memory", action="store_true",
+                   help="only time sample.py --compare --save-mask on 321 frames beside lipar alone (memory, writing), "
+                        "then exit")
     p.add_argument("--floor", action="store_true",
                    help="only time nearly and wholly pruned edits (the 100 %%-pruned floor), then exit")
     p.add_argument("--vae-variants", action="store_true",
@@ -879,6 +910,9 @@ def main(argv=None):
         return None
     if args.live:
         print("\n".join(live_bench(48 if smoke else 240, smoke=smoke)))
+        return None
+    if args.compare_memory and not smoke:
+        compare_bench()
         return None
     if args.floor and not smoke:
         floor_bench(timer)
