@@ -206,16 +206,22 @@ def cli_bench(timer, runs_folder=None):
     return lines
 
 
-def kernels_profile():
-    """Top CUDA kernels of one replayed `lipar` 35 % DiT edit with the Triton kernels, in
-    bf16 and with --fp8, and of one 100 %-pruned edit: where the fp8 and floor time goes."""
-    import triton_ops
+def real_shape_dit():
+    """A random real-shape bf16 DiT on CUDA, a random prompt's context, and random latents
+    of 81 frames at 832x480 [1, 16, 21, 60, 104]."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
     context = torch.randn(1, 512, dit.cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    return dit, context, torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
+
+
+def kernels_profile():
+    """Top CUDA kernels of one replayed `lipar` 35 % DiT edit with the Triton kernels, in
+    bf16 and with --fp8, and of one 100 %-pruned edit: where the fp8 and floor time goes."""
+    import triton_ops
+    dit, context, latents = real_shape_dit()
     L, h, w = 21, 30, 52
-    latents = torch.randn(1, 16, L, 2 * h, 2 * w, device="cuda", dtype=torch.bfloat16)
     lines = []
     with torch.no_grad(), M.fusion(triton_ops.Kernels()):
         for name, model, ratio in (("bf16, lipar 35%", dit, 0.35),
@@ -328,12 +334,8 @@ def floor_bench(timer):
     each chunk after the first (the smallest bucket), and 100 % (no block runs after the
     first chunk: model.KVCache.write_duplicates). Returns printed lines."""
     import triton_ops
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
-    context = torch.randn(1, 512, dit.cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    dit, context, latents = real_shape_dit()
     L, h, w = 21, 30, 52
-    latents = torch.randn(1, 16, L, 2 * h, 2 * w, device="cuda", dtype=torch.bfloat16)
     one_token = coherent_mask(L, h, w, 1.0)
     one_token[3::3, h // 2, w // 2] = True
     masks = [(f"{r:.0%}", coherent_mask(L, h, w, r)) for r in (0.35, 0.9, 0.98)]
@@ -849,6 +851,39 @@ def random_(module, std=0.02):
     return module
 
 
+def _print(lines):
+    print("\n".join(lines), flush=True)
+
+
+# The single-purpose runs: --flag -> (what it times, run(args, timer, smoke, vae, video)
+# returning lines to print or None when it printed them as measured, whether --smoke runs it).
+ONLY = {
+    "cli": ("time sample.py itself at real shapes (cold and warm processes, per-stage peaks)",
+            lambda a, timer, *_: cli_bench(timer), False),
+    "stream": ("time streaming edits at real shapes (81, 321, 1281 frames; first frame, steady frames/s, peaks)",
+               lambda a, timer, *_: stream_bench(timer), False),
+    "tiny-vae": ("time the tiny VAE against the Wan VAE (and whole and streamed edits with each)",
+                 lambda a, timer, *_: tiny_vae_bench(timer), False),
+    "batch": ("time evaluate.py --manifest of 8 clips against 8 separate sample.py calls",
+              lambda *_: batch_bench(), False),
+    "tape": ("time TAPE beside LIPAR and naive pruning at 20/35/50 %% (speed, FLOPs, fidelity)",
+             lambda a, timer, *_: tape_bench(timer), False),
+    "recache": ("time a prompt change's re-cache beside a chunk's forward and edit",
+                lambda a, timer, smoke, *_: recache_bench(timer, smoke), True),
+    "kernels": ("time the fusion choices (off, triton, compile) and --fp8; with --profile, only the top CUDA "
+                "kernels of a Triton-fused edit in bf16 and fp8 and a 100 %% pruned one",
+                lambda a, timer, *_: kernels_profile() and None if a.profile else kernels_bench(timer), False),
+    "live": ("time live.py driven by a scripted page against the CLI's stream, each VAE",
+             lambda a, timer, smoke, *_: live_bench(48 if smoke else 240, smoke=smoke), True),
+    "compare-memory": ("time sample.py --compare --save-mask on 321 frames beside lipar alone (memory, writing)",
+                       lambda *_: compare_bench() and None, False),
+    "floor": ("time nearly and wholly pruned edits (the 100 %% pruned floor)",
+              lambda a, timer, *_: floor_bench(timer) and None, False),
+    "vae-variants": ("time the VAE op by op and fused",
+                     lambda a, timer, smoke, vae, video: vae_variants(vae, video, timer, a.profile_vae) and None, False),
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU, one run: checks the harness")
@@ -858,31 +893,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="print the top CUDA kernels of one LIPAR 35%% and one 100%% edit (CUDA graphs)")
     p.add_argument("--profile-vae", action="store_true", help="print the top CUDA kernels of VAE encode and decode")
-    p.add_argument("--cli", action="store_true",
-                   help="only time sample.py itself at real shapes (cold and warm processes, per-stage peaks), then exit")
-    p.add_argument("--stream", action="store_true",
-                   help="only time streaming edits at real shapes (81, 321, 1281 frames; first frame, steady "
-                        "frames/s, peaks), then exit")
-    p.add_argument("--tiny-vae", action="store_true",
-                   help="only time the tiny VAE against the Wan VAE (and whole edits with each), then exit")
-    p.add_argument("--batch", action="store_true",
-                   help="only time evaluate.py --manifest of 8 clips against 8 separate sample.py calls, then exit")
-    p.add_argument("--tape", action="store_true",
-                   help="only time TAPE beside LIPAR and naive pruning at 20/35/50 %% (speed, FLOPs, fidelity), then exit")
-    p.add_argument("--recache", action="store_true",
-                   help="only time a prompt change's re-cache beside a chunk's forward and edit, then exit")
-    p.add_argument("--kernels", action="store_true",
-                   help="only time the fusion choices (off, triton, compile) and --fp8, then exit; with --profile, "
-                        "only the top CUDA kernels of a Triton-fused edit in bf16 and fp8 and a 100%% pruned one")
-    p.add_argument("--live", action="store_true",
-                   help="only time live.py driven by a scripted page against the CLI's stream, each VAE, then exit")
-    p.add_argument("--compare-memory", action="store_true",
-                   help="only time sample.py --compare --save-mask on 321 frames beside lipar alone (memory, writing), "
-                        "then exit")
-    p.add_argument("--floor", action="store_true",
-                   help="only time nearly and wholly pruned edits (the 100 %%-pruned floor), then exit")
-    p.add_argument("--vae-variants", action="store_true",
-                   help="only time the VAE op by op and fused, then exit")
+    for name, (text, _, _) in ONLY.items():
+        p.add_argument(f"--{name}", action="store_true", help=f"only {text}, then exit")
     args = p.parse_args(argv)
 
     smoke = args.smoke
@@ -899,43 +911,13 @@ def main(argv=None):
         vae = random_(V.WanVAE(vae_cfg), 0.05).to(dtype).eval().requires_grad_(False)
     video = io.to_model(demo.demo_frames(height, width, frames)).to(device)
     device_name = "CPU (smoke)" if smoke else torch.cuda.get_device_name()
-    if args.cli and not smoke:
-        print("\n".join(cli_bench(timer)))
-        return None
-    if args.kernels and args.profile and not smoke:
-        kernels_profile()
-        return None
-    if args.kernels and not smoke:
-        print("\n".join(kernels_bench(timer)))
-        return None
-    if args.live:
-        print("\n".join(live_bench(48 if smoke else 240, smoke=smoke)))
-        return None
-    if args.compare_memory and not smoke:
-        compare_bench()
-        return None
-    if args.floor and not smoke:
-        floor_bench(timer)
-        return None
-    if args.tape and not smoke:
-        tape_bench(timer)
-        return None
-    if args.recache:
-        recache_bench(timer, smoke)
-        return None
-    if args.batch and not smoke:
-        batch_bench()
-        return None
-    if args.tiny_vae and not smoke:
-        tiny_vae_bench(timer)
-        return None
-    if args.stream and not smoke:
-        print("\n".join(stream_bench(timer)))
-        return None
-    if args.vae_variants and not smoke:
-        with torch.no_grad():
-            vae_variants(vae, video, timer, profile=args.profile_vae)
-        return None
+    for name, (_, run, on_cpu) in ONLY.items():
+        if getattr(args, name.replace("-", "_")) and (on_cpu or not smoke):
+            with torch.no_grad():
+                lines = run(args, timer, smoke, vae, video)
+            if lines:
+                print("\n".join(lines))
+            return None
     with M.fusion("compile"):  # the table's rows are compiled unless they say "not compiled"
         if args.profile_vae and not smoke:
             with torch.no_grad():
