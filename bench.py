@@ -855,13 +855,13 @@ def _print(lines):
     print("\n".join(lines), flush=True)
 
 
-# The single-purpose runs: --flag -> (what it times, run(args, timer, smoke, vae, video)
-# returning lines to print or None when it printed them as measured, whether --smoke runs it).
+# The single-purpose runs: --flag -> (what it times, run(args, timer, smoke, vae, video), whether
+# --smoke runs it). Each run prints its lines: as it measures them, or all at the end (_print).
 ONLY = {
     "cli": ("time sample.py itself at real shapes (cold and warm processes, per-stage peaks)",
-            lambda a, timer, *_: cli_bench(timer), False),
+            lambda a, timer, *_: _print(cli_bench(timer)), False),
     "stream": ("time streaming edits at real shapes (81, 321, 1281 frames; first frame, steady frames/s, peaks)",
-               lambda a, timer, *_: stream_bench(timer), False),
+               lambda a, timer, *_: _print(stream_bench(timer)), False),
     "tiny-vae": ("time the tiny VAE against the Wan VAE (and whole and streamed edits with each)",
                  lambda a, timer, *_: tiny_vae_bench(timer), False),
     "batch": ("time evaluate.py --manifest of 8 clips against 8 separate sample.py calls",
@@ -872,15 +872,15 @@ ONLY = {
                 lambda a, timer, smoke, *_: recache_bench(timer, smoke), True),
     "kernels": ("time the fusion choices (off, triton, compile) and --fp8; with --profile, only the top CUDA "
                 "kernels of a Triton-fused edit in bf16 and fp8 and a 100 %% pruned one",
-                lambda a, timer, *_: kernels_profile() and None if a.profile else kernels_bench(timer), False),
+                lambda a, timer, *_: kernels_profile() if a.profile else _print(kernels_bench(timer)), False),
     "live": ("time live.py driven by a scripted page against the CLI's stream, each VAE",
-             lambda a, timer, smoke, *_: live_bench(48 if smoke else 240, smoke=smoke), True),
+             lambda a, timer, smoke, *_: _print(live_bench(48 if smoke else 240, smoke=smoke)), True),
     "compare-memory": ("time sample.py --compare --save-mask on 321 frames beside lipar alone (memory, writing)",
-                       lambda *_: compare_bench() and None, False),
+                       lambda *_: compare_bench(), False),
     "floor": ("time nearly and wholly pruned edits (the 100 %% pruned floor)",
-              lambda a, timer, *_: floor_bench(timer) and None, False),
+              lambda a, timer, *_: floor_bench(timer), False),
     "vae-variants": ("time the VAE op by op and fused",
-                     lambda a, timer, smoke, vae, video: vae_variants(vae, video, timer, a.profile_vae) and None, False),
+                     lambda a, timer, smoke, vae, video: vae_variants(vae, video, timer, a.profile_vae), False),
 }
 
 
@@ -914,9 +914,7 @@ def main(argv=None):
     for name, (_, run, on_cpu) in ONLY.items():
         if getattr(args, name.replace("-", "_")) and (on_cpu or not smoke):
             with torch.no_grad():
-                lines = run(args, timer, smoke, vae, video)
-            if lines:
-                print("\n".join(lines))
+                run(args, timer, smoke, vae, video)
             return None
     with M.fusion("compile"):  # the table's rows are compiled unless they say "not compiled"
         if args.profile_vae and not smoke:
