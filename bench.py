@@ -506,6 +506,95 @@ def compare_bench(count=321, folder=None):
     return lines
 
 
+def vae_layout_bench(timer):
+    """The Wan VAE's memory layout at real shapes (random bf16 weights, 81 frames at 832x480):
+    NCDHW op by op, NCDHW with the Triton norm + SiLU (sample.py's default), channels-last
+    (vae_layout.channels_last) with the Triton kernel, and channels-last op by op. Per row:
+    encode and decode time, the first encode + decode of the process, the peak memory of
+    each, and the latents' and video's error against NCDHW op by op (channels-last with the
+    kernel asserted within bf16 tolerance). Then the conv inputs that were not channels-last
+    on the GPU, the top kernels of the channels-last decode, and the streamed path (9 frames,
+    then 12 at a time, as sample.edit_chunks feeds the VAE) in both layouts with the kernel.
+    Prints each line as it is measured; returns them."""
+    import triton_ops  # here: CPU-only installs (bench.py --smoke) have no Triton
+    import vae_layout
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ncdhw = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval().requires_grad_(False)
+    channels_last = vae_layout.channels_last(copy.deepcopy(ncdhw))
+    video = io.to_model(demo.demo_frames(480, 832, 81)).cuda().to(torch.bfloat16)
+    kernels = triton_ops.Kernels()
+    rows = [("NCDHW, op by op", ncdhw, None), ("NCDHW, Triton norm (today's default)", ncdhw, kernels),
+            ("channels-last, Triton norm", channels_last, kernels), ("channels-last, op by op", channels_last, None)]
+    lines, reference, totals = [], None, {}
+
+    def say(line):
+        lines.append(line)
+        print(line, flush=True)
+
+    def peak_gib(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**30
+
+    # The streamed path: pieces of 9 frames (3 latent frames), then 12, one cache per clip.
+    first, later = V.WanVAE.chunk_frames(3, True), V.WanVAE.chunk_frames(3, False)
+    cuts = [0, *range(first, video.shape[2] + 1, later)]  # 0, 9, 21, ..., 81
+    video_pieces = [video[:, :, start:end] for start, end in zip(cuts, cuts[1:])]
+
+    def encode_streamed(vae):
+        cache = V.CausalCache()
+        return torch.cat([vae.encode(piece, cache=cache) for piece in video_pieces], dim=2)
+
+    def decode_streamed(vae, latents):
+        cache = V.CausalCache()
+        return torch.cat([vae.decode(latents[:, :, s:s + 3], cache=cache) for s in range(0, latents.shape[2], 3)],
+                         dim=2)
+
+    with torch.no_grad():
+        for name, vae, how in rows:
+            with M.fusion(how):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                latents = vae.encode(video)
+                decoded = vae.decode(latents)
+                torch.cuda.synchronize()
+                first_s = time.perf_counter() - start
+                reference = reference or (latents, decoded)
+                errors = relative_error(latents, reference[0]), relative_error(decoded, reference[1])
+                encode_ms, decode_ms = timer(lambda: vae.encode(video)), timer(lambda: vae.decode(latents))
+                encode_gib, decode_gib = peak_gib(lambda: vae.encode(video)), peak_gib(lambda: vae.decode(latents))
+            totals[name] = encode_ms + decode_ms
+            say(f"Wan VAE {name}: encode {encode_ms:.0f} ms + decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} "
+                f"ms (first encode + decode {first_s:.1f} s); peak encode {encode_gib:.2f} GiB, decode "
+                f"{decode_gib:.2f} GiB; against NCDHW op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
+            if vae is channels_last and how is kernels:
+                assert errors[1] < 2e-2, f"channels-last VAE differs from the NCDHW one: video {errors[1]:.1e}"
+        ncdhw_total, channels_last_total = totals[rows[1][0]], totals[rows[2][0]]
+        say(f"channels-last, Triton norm: {ncdhw_total / channels_last_total:.2f}x over NCDHW, Triton norm "
+            f"({channels_last_total:.0f} ms against {ncdhw_total:.0f}; target <= 1350 ms)")
+        with M.fusion(kernels):
+            off = vae_layout.conv_inputs_off_channels_last(
+                lambda: channels_last.decode(channels_last.encode(video[:, :, :first])))
+            say(f"channels-last, Triton norm: {len(off)} conv inputs not channels-last on the GPU (encode + decode "
+                f"of {first} frames)" + (f", first {off[:4]}" if off else ""))
+            latents = channels_last.encode(video)
+            say("channels-last, Triton norm: decode, top CUDA kernels\n"
+                + profile_edit(lambda: channels_last.decode(latents), 25))
+            for name, vae in ((rows[1][0], ncdhw), (rows[2][0], channels_last)):
+                latents = encode_streamed(vae)
+                decoded = decode_streamed(vae, latents)
+                errors = relative_error(latents, reference[0]), relative_error(decoded, reference[1])
+                encode_ms = timer(lambda: encode_streamed(vae))
+                decode_ms = timer(lambda: decode_streamed(vae, latents))
+                say(f"Wan VAE {name}, streamed ({first} frames, then {later} at a time): encode {encode_ms:.0f} ms + "
+                    f"decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} ms; against NCDHW op by op, whole "
+                    f"clip: latents {errors[0]:.1e}, video {errors[1]:.1e}")
+    return lines
+
+
 def real_shape_weights(folder, full_text_encoder=False):
     """Random real-shape weights in weights.md's layout, except the text encoder: one umT5
     layer at full width with a small vocabulary (its stage is left out of the timings),

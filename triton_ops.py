@@ -21,7 +21,8 @@ does, so the two agree to within the order of a float32 reduction:
     rms_rope_rows     RMSNorm over the row, then RoPE on each head's pairs (q), or
                       either alone (k, the cross-attention's q; the cache's key rotation)
     gated_residual    x + y·gate
-    rms_silu          the VAE's SiLU(x / rms(x) · γ) over the channels of [B, C, ...]
+    rms_silu          the VAE's SiLU(x / rms(x) · γ) over the channels of [B, C, ...],
+                      in NCDHW or channels-last memory
     quantize_rows     --fp8's per-token e4m3 quantisation of a product's input
 The blocks' two regions are written out below with these kernels and the block's own
 layers (fast_before_attention, fast_after_attention): model.Block's methods with the
@@ -102,14 +103,19 @@ def _gated_residual(X, Y, GATE, OUT, rows_per_batch, D, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["S"])
-def _rms_silu(X, GAMMA, OUT, C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _rms_silu(X, GAMMA, OUT, C, S, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """x [B, C, S] (S: every position of a frame or clip): per position, x / rms over C,
-    rounded, · γ, rounded, then SiLU, as vae.rms_norm_silu rounds them."""
+    rounded, · γ, rounded, then SiLU, as vae.rms_norm_silu rounds them. In memory x is
+    [B, C, S] (NCDHW), or [B, S, C] with CHANNELS_LAST: then a position's C channels
+    are one contiguous row, and the block is BLOCK_S rows."""
     batch = tl.program_id(1)
     positions = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     channels = tl.arange(0, BLOCK_C)
     inside = (channels[:, None] < C) & (positions[None, :] < S)
-    offsets = batch * C * S + channels[:, None] * S + positions[None, :]
+    if CHANNELS_LAST:
+        offsets = batch * C * S + positions[None, :] * C + channels[:, None]
+    else:
+        offsets = batch * C * S + channels[:, None] * S + positions[None, :]
     x = tl.load(X + offsets, mask=inside, other=0.0)
     dtype = x.dtype
     x = x.to(tl.float32)
@@ -185,14 +191,22 @@ def gated_residual(x, y, gate):
     return out
 
 
+CHANNELS_LAST_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}  # frames [B, C, H, W], clips [B, C, T, H, W]
+
+
 def rms_silu(x, gamma):
-    """vae.rms_norm_silu: x [B, C, ...] normed over C, · γ [C, 1, ...], SiLU."""
-    x = x.contiguous()
+    """vae.rms_norm_silu: x [B, C, ...] normed over C, · γ [C, 1, ...], SiLU. Channels-last
+    x (vae_layout.py) is read where it lies and the output made channels-last too (empty_like
+    keeps x's strides); other strides are copied to NCDHW first."""
+    layout = CHANNELS_LAST_FORMAT.get(x.dim())
+    channels_last = layout is not None and x.is_contiguous(memory_format=layout)
+    if not channels_last:
+        x = x.contiguous()
     B, C = x.shape[:2]
     S = x[0, 0].numel()
     out = torch.empty_like(x)
     block_s = max(16, min(128, 8192 // _block(C)))
-    _rms_silu[(triton.cdiv(S, block_s), B)](x, gamma.reshape(C).contiguous(), out, C, S,
+    _rms_silu[(triton.cdiv(S, block_s), B)](x, gamma.reshape(C).contiguous(), out, C, S, CHANNELS_LAST=channels_last,
                                              BLOCK_C=_block(C), BLOCK_S=block_s)
     return out
 

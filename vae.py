@@ -94,8 +94,13 @@ def run_causal(layers, x, cache):
 
 
 def per_frame(op, x):
-    """Apply a 2D operation to every frame of x [B, C, T, H, W]."""
+    """Apply a 2D operation to every frame of x [B, C, T, H, W]. (For channels-last x the
+    frames [B*T, C, H, W] are a view, channels-last too; NCDHW x is copied into frames.)"""
     B, T = x.shape[0], x.shape[2]
+    if T == 1:
+        # Squeezed, not flattened: flattening B = 1 with T = 1 gives the frames' batch dim the
+        # stride C, by which pad and upsample then read channels-last frames as NCHW.
+        return op(x.squeeze(2)).unsqueeze(2)
     y = op(x.transpose(1, 2).flatten(0, 1))  # [B*T, C, H, W]
     return y.unflatten(0, (B, T)).transpose(1, 2)
 
@@ -112,11 +117,12 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel, padding=(0, kernel[1] // 2, kernel[2] // 2))
 
     def forward(self, x, cache):
+        past_frames = self.kernel_size[0] - 1
         past = cache.past.get(self)
-        if past is None:
-            past = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1, *x.shape[3:])
-        x = torch.cat([past, x], dim=2)
-        cache.past[self] = x[:, :, -past.shape[2]:].clone()  # a copy, so the cache does not keep the whole chunk alive
+        # The zero past by pad, the cached one by cat: both keep x's memory format (NCDHW or
+        # channels-last); zeros made apart (new_zeros) would be NCDHW, and a cat of two formats is NCDHW.
+        x = F.pad(x, (0, 0, 0, 0, past_frames, 0)) if past is None else torch.cat([past, x], dim=2)
+        cache.past[self] = x[:, :, -past_frames:].clone()  # a copy, so the cache does not keep the whole chunk alive
         return super().forward(x)
 
 
@@ -195,7 +201,8 @@ class AttentionBlock(nn.Module):
         qkv = self.to_qkv(self.norm(frames)).flatten(2).transpose(1, 2)   # [N, H*W, 3C]
         q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)                       # [N, 1 head, H*W, C] each
         out = F.scaled_dot_product_attention(q, k, v)                      # [N, 1, H*W, C]
-        return self.proj(out.squeeze(1).transpose(1, 2).unflatten(2, (H, W)))
+        # [N, C, H, W], a channels-last view (unflattened after the permute, N = 1 would take a stride read as NCHW)
+        return self.proj(out.squeeze(1).unflatten(1, (H, W)).permute(0, 3, 1, 2))
 
 
 class Resample(nn.Module):
@@ -237,7 +244,9 @@ class Resample(nn.Module):
         """
         window = x if cache.at_start else torch.cat([cache.past[self], x], dim=2)
         cache.past[self] = window[:, :, -1:].clone()
-        mixed = self.time_conv(window) if window.shape[2] >= 3 else window[:, :, :0]
+        if cache.at_start and x.shape[2] == 1:  # frame 0 coded alone, as it is (a cat with nothing mixed is NCDHW)
+            return x
+        mixed = self.time_conv(window)
         return torch.cat([x[:, :, :1], mixed], dim=2) if cache.at_start else mixed
 
     def _double_frame_rate(self, x, cache):
@@ -249,10 +258,13 @@ class Resample(nn.Module):
         computes, so we do the same.
         """
         later = x[:, :, 1:] if cache.at_start else x
+        frames = [x[:, :, :1]] if cache.at_start else []
         if later.shape[2]:
-            pairs = self.time_conv(later, cache)                                   # [B, 2C, n, H, W]
-            later = pairs.unflatten(1, (2, -1)).permute(0, 2, 3, 1, 4, 5).flatten(2, 3)  # [B, C, 2n, H, W]
-        return torch.cat([x[:, :, :1], later], dim=2) if cache.at_start else later
+            first, second = self.time_conv(later, cache).chunk(2, dim=1)  # [B, C, n, H, W] each
+            frames += [half[:, :, k:k + 1] for k in range(later.shape[2]) for half in (first, second)]
+        # Frame k of `later` becomes first[k], second[k]; one cat of these frames keeps x's memory
+        # format (a permute of the halves into time would copy into NCDHW).
+        return torch.cat(frames, dim=2)
 
 
 # -----------------------------------------------------------------------------
@@ -349,6 +361,14 @@ class WanVAE(nn.Module):
             return torch.tensor(values, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
         return column(LATENT_MEAN), column(LATENT_STD)
 
+    def _weights_format(self):
+        """The memory format of the convs' weights: NCDHW as built and loaded, channels-last once
+        vae_layout.channels_last converted them. encode and decode take their input into it;
+        every layer keeps its input's format, so cuDNN then transposes nothing around a conv."""
+        if self.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+        return torch.contiguous_format
+
     @torch.no_grad()
     def encode(self, video, chunked=True, cache=None):
         """Video [B, 3, T, H, W] in [-1, 1], T = 4k + 1 -> normalised latents [B, 16, 1 + k, H / 8, W / 8].
@@ -370,7 +390,7 @@ class WanVAE(nn.Module):
                              f"{stride_s}, got {T} frames of {H}x{W} (video.padded_length and video.resize_crop "
                              f"produce such clips)")
         weight = self.conv1.weight
-        video = video.to(weight.device, weight.dtype)
+        video = video.to(weight.device, weight.dtype, memory_format=self._weights_format())
         # Frame 0 alone, then groups of 4: each chunk yields exactly one latent frame.
         groups = list(video[:, :, first:].split(stride_t, dim=2))
         chunks = ([video[:, :, :1]] if first else []) + groups if chunked else [video]
@@ -391,7 +411,7 @@ class WanVAE(nn.Module):
         chunked=False decodes all latent frames in one pass (see `encode`).
         """
         weight = self.conv2.weight
-        z = latents.to(weight.device, at_least_fp32(weight.dtype))
+        z = latents.to(weight.device, at_least_fp32(weight.dtype), memory_format=self._weights_format())
         mean, std = self._latent_stats(z)
         x = self.conv2((z * std + mean).to(weight.dtype))
         chunks = x.split(1, dim=2) if chunked else [x]  # one latent frame (4 video frames, 1 for the first) at a time
