@@ -970,6 +970,8 @@ ONLY = {
               lambda a, timer, *_: floor_bench(timer), False),
     "vae-variants": ("time the VAE op by op and fused",
                      lambda a, timer, smoke, vae, video: vae_variants(vae, video, timer, a.profile_vae), False),
+    "vae-layout": ("time the Wan VAE in NCDHW and channels-last memory, op by op and with the Triton norm, whole "
+                   "and streamed", lambda a, timer, *_: vae_layout_bench(timer), False),
 }
 
 
