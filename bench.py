@@ -38,6 +38,7 @@ import stream
 import prompts
 import tape
 import vae as V
+import vae_layout
 import video as io
 from cli import EditSettings
 from demo import coherent_mask, realistic_latents
@@ -517,7 +518,6 @@ def vae_layout_bench(timer):
     then 12 at a time, as sample.edit_chunks feeds the VAE) in both layouts with the kernel.
     Prints each line as it is measured; returns them."""
     import triton_ops  # here: CPU-only installs (bench.py --smoke) have no Triton
-    import vae_layout
     torch.manual_seed(0)
     with torch.device("cuda"):
         ncdhw = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval().requires_grad_(False)
@@ -724,7 +724,8 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
 
 
 def tiny_vae_bench(timer, frames=81):
-    """The tiny VAE (TAEHV) against the Wan VAE at real shapes, in one process: encode and
+    """The tiny VAE (TAEHV) against the Wan VAE (channels-last, as sample.py runs it on CUDA) at real
+    shapes, in one process: encode and
     decode of 81 frames at 832x480 in bf16 with each stage's peak memory, and the whole
     edit (encode, mask, DiT, decode) with LIPAR at a fixed 35 % mask, graphs on, the fused
     kernels off or on (Triton: sample.py's default, the VAEs' stages always with it). Then
@@ -735,7 +736,7 @@ def tiny_vae_bench(timer, frames=81):
     kernels = triton_ops.Kernels()
     torch.manual_seed(0)
     with torch.device("cuda"):
-        vaes = {"Wan VAE": random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval(),
+        vaes = {"Wan VAE": vae_layout.channels_last(random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval()),
                 "tiny VAE": random_(TinyVAE(), 0.05).to(torch.bfloat16).eval()}
         dit = random_(M.CausalWanModel(M.DiTConfig())).to(torch.bfloat16).eval().requires_grad_(False)
     context = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)

@@ -48,6 +48,7 @@ import prompts
 import stream
 import summary
 import tape
+import vae_layout
 import video as io
 import weights as W
 from metrics import Fidelity
@@ -247,6 +248,8 @@ class Models:
         if self._vae is None:
             load = W.load_tiny_vae if self.vae_kind == "tiny" else W.load_vae
             self._vae = load(self.weights / ("tiny_vae" if self.vae_kind == "tiny" else "vae"), self.device, self.dtype)
+            if self.vae_kind == "wan" and torch.device(self.device).type == "cuda":
+                vae_layout.channels_last(self._vae)  # cuDNN's layout: no transposes around each conv
         return self._vae
 
     def dit(self):

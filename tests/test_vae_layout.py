@@ -152,3 +152,18 @@ def test_the_channels_last_vae_with_the_kernel_computes_what_ncdhw_does_op_by_op
     assert kernels.calls["kernels"] > 0 and kernels.calls["plain"] == 0
     assert largest_relative_difference(got["latents"], ncdhw.encode(video)) < 1e-5
     assert largest_relative_difference(got["video"], ncdhw.decode(latents)) < 1e-5
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_repeat_pixels_is_nearest_exact_upsampling_bit_for_bit_and_channels_last(layout):
+    frames = torch.randn(2, 5, 3, 4).contiguous(memory_format=layout)
+    upsampled = vae_layout.RepeatPixels()(frames)
+    assert torch.equal(upsampled, torch.nn.Upsample(scale_factor=2.0, mode="nearest-exact")(frames))
+    assert upsampled[1, 4, 5, 7] == frames[1, 4, 2, 3]  # pixel (5, 7) repeats pixel (5 // 2, 7 // 2)
+    assert vae_layout.has_channels_last_strides(upsampled, torch.channels_last)
+
+
+def test_channels_last_puts_repeat_pixels_in_every_upsampler():
+    vae = vae_layout.channels_last(random_vae(torch.float32))
+    upsamplers = [m for m in vae.modules() if isinstance(m, torch.nn.Upsample)]
+    assert not upsamplers and sum(isinstance(m, vae_layout.RepeatPixels) for m in vae.modules()) == 3
