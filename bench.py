@@ -507,25 +507,31 @@ def compare_bench(count=321, folder=None):
     return lines
 
 
-def vae_layout_bench(timer):
+def vae_layout_bench(timer, peer_vae=None):
     """The Wan VAE's memory layout at real shapes (random bf16 weights, 81 frames at 832x480):
-    NCDHW op by op, NCDHW with the Triton norm + SiLU (sample.py's default), channels-last
-    (vae_layout.channels_last) with the Triton kernel, and channels-last op by op. Per row:
-    encode and decode time, the first encode + decode of the process, the peak memory of
-    each, and the latents' and video's error against NCDHW op by op (channels-last with the
-    kernel asserted within bf16 tolerance). Then the conv inputs that were not channels-last
-    on the GPU, the top kernels of the channels-last decode, and the streamed path (9 frames,
-    then 12 at a time, as sample.edit_chunks feeds the VAE) in both layouts with the kernel.
-    Prints each line as it is measured; returns them."""
+    NCDHW op by op, NCDHW with the Triton norm + SiLU, channels-last (vae_layout.channels_last)
+    without the tap split and with it (sample.py's default), each with the Triton kernels, and
+    the default op by op. Per row: encode and decode time, the first encode + decode of the
+    process, the peak memory of each, and the latents' and video's error against NCDHW op by
+    op (the default asserted within bf16 tolerance). With peer_vae (the path of Self-Forcing's
+    wan/modules/vae.py) its WanVAE_ too, with the same weights, and the default's ratio to it.
+    Then the conv inputs that were not channels-last on the GPU, the top kernels of the
+    default decode, and the streamed path (9 frames, then 12 at a time, as sample.edit_chunks
+    feeds the VAE). Prints each line as it is measured; returns them."""
     import triton_ops  # here: CPU-only installs (bench.py --smoke) have no Triton
     torch.manual_seed(0)
     with torch.device("cuda"):
         ncdhw = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval().requires_grad_(False)
+    without_taps = vae_layout.channels_last(copy.deepcopy(ncdhw), taps=False)
     channels_last = vae_layout.channels_last(copy.deepcopy(ncdhw))
     video = io.to_model(demo.demo_frames(480, 832, 81)).cuda().to(torch.bfloat16)
     kernels = triton_ops.Kernels()
-    rows = [("NCDHW, op by op", ncdhw, None), ("NCDHW, Triton norm (today's default)", ncdhw, kernels),
-            ("channels-last, Triton norm", channels_last, kernels), ("channels-last, op by op", channels_last, None)]
+    default = "channels-last + taps, Triton (the default)"
+    rows = [("NCDHW, op by op", ncdhw, None), ("NCDHW, Triton norm", ncdhw, kernels),
+            ("channels-last, Triton norm, no taps", without_taps, kernels), (default, channels_last, kernels),
+            ("channels-last + taps, op by op", channels_last, None)]
+    if peer_vae:
+        rows.append(("Self-Forcing's WanVAE_", self_forcing_vae(peer_vae, ncdhw), None))
     lines, reference, totals = [], None, {}
 
     def say(line):
@@ -538,20 +544,6 @@ def vae_layout_bench(timer):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**30
-
-    # The streamed path: pieces of 9 frames (3 latent frames), then 12, one cache per clip.
-    first, later = V.WanVAE.chunk_frames(3, True), V.WanVAE.chunk_frames(3, False)
-    cuts = [0, *range(first, video.shape[2] + 1, later)]  # 0, 9, 21, ..., 81
-    video_pieces = [video[:, :, start:end] for start, end in zip(cuts, cuts[1:])]
-
-    def encode_streamed(vae):
-        cache = V.CausalCache()
-        return torch.cat([vae.encode(piece, cache=cache) for piece in video_pieces], dim=2)
-
-    def decode_streamed(vae, latents):
-        cache = V.CausalCache()
-        return torch.cat([vae.decode(latents[:, :, s:s + 3], cache=cache) for s in range(0, latents.shape[2], 3)],
-                         dim=2)
 
     with torch.no_grad():
         for name, vae, how in rows:
@@ -570,29 +562,70 @@ def vae_layout_bench(timer):
             say(f"Wan VAE {name}: encode {encode_ms:.0f} ms + decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} "
                 f"ms (first encode + decode {first_s:.1f} s); peak encode {encode_gib:.2f} GiB, decode "
                 f"{decode_gib:.2f} GiB; against NCDHW op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
-            if vae is channels_last and how is kernels:
-                assert errors[1] < 2e-2, f"channels-last VAE differs from the NCDHW one: video {errors[1]:.1e}"
-        ncdhw_total, channels_last_total = totals[rows[1][0]], totals[rows[2][0]]
-        say(f"channels-last, Triton norm: {ncdhw_total / channels_last_total:.2f}x over NCDHW, Triton norm "
-            f"({channels_last_total:.0f} ms against {ncdhw_total:.0f}; target <= 1350 ms)")
-        with M.fusion(kernels):
-            off = vae_layout.conv_inputs_off_channels_last(
-                lambda: channels_last.decode(channels_last.encode(video[:, :, :first])))
-            say(f"channels-last, Triton norm: {len(off)} conv inputs not channels-last on the GPU (encode + decode "
-                f"of {first} frames)" + (f", first {off[:4]}" if off else ""))
-            latents = channels_last.encode(video)
-            say("channels-last, Triton norm: decode, top CUDA kernels\n"
-                + profile_edit(lambda: channels_last.decode(latents), 25))
-            for name, vae in ((rows[1][0], ncdhw), (rows[2][0], channels_last)):
-                latents = encode_streamed(vae)
-                decoded = decode_streamed(vae, latents)
-                errors = relative_error(latents, reference[0]), relative_error(decoded, reference[1])
-                encode_ms = timer(lambda: encode_streamed(vae))
-                decode_ms = timer(lambda: decode_streamed(vae, latents))
-                say(f"Wan VAE {name}, streamed ({first} frames, then {later} at a time): encode {encode_ms:.0f} ms + "
-                    f"decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} ms; against NCDHW op by op, whole "
-                    f"clip: latents {errors[0]:.1e}, video {errors[1]:.1e}")
+            if name == default:
+                assert errors[1] < 2e-2, f"the default VAE differs from the NCDHW one: video {errors[1]:.1e}"
+        for baseline in [name for name, _, _ in rows if name != default]:
+            say(f"{default}: {totals[baseline] / totals[default]:.2f}x over {baseline}")
+        say(f"{default}: {totals[default]:.0f} ms (target <= 1350 ms"
+            + (f", >= 2.0x Self-Forcing's: {totals[rows[-1][0]] / totals[default]:.2f}x)" if peer_vae else ")"))
+    # The streamed path: pieces of 9 frames (3 latent frames), then 12, one cache per clip.
+    first, later = V.WanVAE.chunk_frames(3, True), V.WanVAE.chunk_frames(3, False)
+    cuts = [0, *range(first, video.shape[2] + 1, later)]  # 0, 9, 21, ..., 81
+    video_pieces = [video[:, :, start:end] for start, end in zip(cuts, cuts[1:])]
+
+    def encode_streamed(vae):
+        cache = V.CausalCache()
+        return torch.cat([vae.encode(piece, cache=cache) for piece in video_pieces], dim=2)
+
+    def decode_streamed(vae, latents):
+        cache = V.CausalCache()
+        return torch.cat([vae.decode(latents[:, :, s:s + 3], cache=cache) for s in range(0, latents.shape[2], 3)],
+                         dim=2)
+
+    with torch.no_grad(), M.fusion(kernels):
+        off = vae_layout.conv_inputs_off_channels_last(
+            lambda: channels_last.decode(channels_last.encode(video[:, :, :first])))
+        say(f"{default}: {len(off)} conv inputs not channels-last on the GPU (encode + decode "
+            f"of {first} frames)" + (f", first {off[:4]}" if off else ""))
+        latents = channels_last.encode(video)
+        say(f"{default}: decode, top CUDA kernels\n" + profile_edit(lambda: channels_last.decode(latents), 25))
+        say(f"{default}: encode, top CUDA kernels\n" + profile_edit(lambda: channels_last.encode(video), 15))
+        for name, vae in ((rows[1][0], ncdhw), (rows[2][0], without_taps), (default, channels_last)):
+            latents = encode_streamed(vae)
+            decoded = decode_streamed(vae, latents)
+            errors = relative_error(latents, reference[0]), relative_error(decoded, reference[1])
+            encode_ms = timer(lambda: encode_streamed(vae))
+            decode_ms = timer(lambda: decode_streamed(vae, latents))
+            say(f"Wan VAE {name}, streamed ({first} frames, then {later} at a time): encode {encode_ms:.0f} ms + "
+                f"decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} ms; against NCDHW op by op, whole "
+                f"clip: latents {errors[0]:.1e}, video {errors[1]:.1e}")
     return lines
+
+
+def self_forcing_vae(path, like):
+    """Self-Forcing's WanVAE_ (wan/modules/vae.py of guandeh17/Self-Forcing, at `path`; it needs
+    einops) with the release's configuration and the weights of our WanVAE `like` (the
+    same key names), on like's device and dtype. Wrapped to our encode(video) /
+    decode(latents) with the latent normalisation as its `scale`, decode clamped as its
+    wrapper clamps."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("self_forcing_vae", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = like.cfg
+    peer = module.WanVAE_(dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+                          num_res_blocks=cfg.num_res_blocks, attn_scales=[],
+                          temperal_downsample=list(cfg.temporal_downsample))
+    peer.load_state_dict(like.state_dict())
+    weight = like.conv1.weight
+    peer = peer.to(weight.device, weight.dtype).eval().requires_grad_(False)
+    mean, std = (v.view(-1) for v in V.WanVAE._latent_stats(weight))
+    scale = [mean, 1 / std]
+
+    class Peer:
+        encode = staticmethod(lambda video: peer.encode(video.to(weight.dtype), scale).float())
+        decode = staticmethod(lambda latents: peer.decode(latents.to(weight.dtype), scale).float().clamp(-1, 1))
+    return Peer()
 
 
 def real_shape_weights(folder, full_text_encoder=False):
@@ -972,7 +1005,8 @@ ONLY = {
     "vae-variants": ("time the VAE op by op and fused",
                      lambda a, timer, smoke, vae, video: vae_variants(vae, video, timer, a.profile_vae), False),
     "vae-layout": ("time the Wan VAE in NCDHW and channels-last memory, op by op and with the Triton norm, whole "
-                   "and streamed", lambda a, timer, *_: vae_layout_bench(timer), False),
+                   "and streamed (--peer-vae: beside Self-Forcing's)",
+                   lambda a, timer, *_: vae_layout_bench(timer, a.peer_vae), False),
 }
 
 
@@ -985,6 +1019,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="print the top CUDA kernels of one LIPAR 35%% and one 100%% edit (CUDA graphs)")
     p.add_argument("--profile-vae", action="store_true", help="print the top CUDA kernels of VAE encode and decode")
+    p.add_argument("--peer-vae", metavar="FILE", help="with --vae-layout: also time Self-Forcing's VAE, its "
+                   "wan/modules/vae.py at FILE (from a checkout of guandeh17/Self-Forcing; needs einops)")
     for name, (text, _, _) in ONLY.items():
         p.add_argument(f"--{name}", action="store_true", help=f"only {text}, then exit")
     args = p.parse_args(argv)

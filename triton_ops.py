@@ -23,6 +23,8 @@ does, so the two agree to within the order of a float32 reduction:
     gated_residual    x + y·gate
     rms_silu          the VAE's SiLU(x / rms(x) · γ) over the channels of [B, C, ...],
                       in NCDHW or channels-last memory
+    sum_taps          the temporal sum of the VAE's tap-split causal convs (vae_layout.py):
+                      each output frame's three terms, the carry and the bias, in one pass
     quantize_rows     --fp8's per-token e4m3 quantisation of a product's input
 The blocks' two regions are written out below with these kernels and the block's own
 layers (fast_before_attention, fast_after_attention): model.Block's methods with the
@@ -126,6 +128,38 @@ def _rms_silu(X, GAMMA, OUT, C, S, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.cons
     tl.store(OUT + offsets, (y * tl.sigmoid(y)).to(dtype), mask=inside)
 
 
+@triton.jit(do_not_specialize=["T", "P"])
+def _sum_taps(TAPS, CARRY, BIAS, RESIDUAL, OUT, NEXT, T, P, C, HAS_CARRY: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """vae_layout.sum_taps in channels-last memory: TAPS [N, T, P, 3, C] (P = H·W pixels),
+    CARRY and NEXT [N, 2, P, C], OUT and RESIDUAL [N, T, P, C]. Program (pixels, j, n) sums
+    the terms of output frame j in 0 .. T + 1: the carry's (j < 2) and taps[s, k] for
+    s + 2 - k = j; frames j < T go to OUT with the bias (and the residual), j = T, T + 1 to NEXT."""
+    j = tl.program_id(1)
+    n = tl.program_id(2)
+    pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    channels = tl.arange(0, BLOCK_C)
+    inside = (pixels[:, None] < P) & (channels[None, :] < C)
+    terms = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    frame = tl.full((BLOCK_P, 1), 0, tl.int32) + j  # j as a block, for masks (a scalar condition is no mask)
+    if HAS_CARRY:
+        terms += tl.load(CARRY + ((n * 2 + j) * P + pixels[:, None]) * C + channels[None, :],
+                         mask=inside & (frame < 2), other=0.0).to(tl.float32)
+    for k in tl.static_range(3):
+        s = frame - 2 + k  # the input frame whose slice-k term lands on output frame j
+        terms += tl.load(TAPS + (((n * T + s) * P + pixels[:, None]) * 3 + k) * C + channels[None, :],
+                         mask=inside & (s >= 0) & (s < T), other=0.0).to(tl.float32)
+    if j < T:
+        terms += tl.load(BIAS + channels, mask=channels < C, other=0.0).to(tl.float32)[None, :]
+        at = ((n * T + j) * P + pixels[:, None]) * C + channels[None, :]
+        if HAS_RESIDUAL:
+            terms += tl.load(RESIDUAL + at, mask=inside, other=0.0).to(tl.float32)
+        tl.store(OUT + at, terms.to(OUT.dtype.element_ty), mask=inside)
+    else:
+        tl.store(NEXT + ((n * 2 + j - T) * P + pixels[:, None]) * C + channels[None, :],
+                 terms.to(NEXT.dtype.element_ty), mask=inside)
+
+
 @triton.jit
 def _quantize_rows(X, Q, SCALE, K, BLOCK: tl.constexpr):
     """fp8.quantize_rows: per row, scale = max |x| / 448, then x / scale in e4m3 (two
@@ -211,6 +245,28 @@ def rms_silu(x, gamma):
     return out
 
 
+def sum_taps(taps, carry, bias, residual=None):
+    """vae_layout.sum_taps: taps [N, T, 3, C, H, W], carry [N, 2, C, H, W] or None, bias [C],
+    residual [N, C, T, H, W] or None ->
+    (out [N, C, T, H, W] channels-last, next carry [N, 2, C, H, W], in channels-last memory).
+    Taps from a channels-last conv2d ([N·T, H, W, 3·C] in memory) are read where they lie."""
+    N, T, _, C, H, W = taps.shape
+    taps = taps.permute(0, 1, 4, 5, 2, 3).contiguous()  # [N, T, H, W, 3, C]: no copy for a channels-last conv's taps
+    out = torch.empty(N, T, H, W, C, device=taps.device, dtype=taps.dtype)
+    next_carry = torch.empty(N, 2, H, W, C, device=taps.device, dtype=taps.dtype)
+    carry = carry.permute(0, 1, 3, 4, 2).contiguous() if carry is not None else next_carry
+    residual = residual.permute(0, 2, 3, 4, 1).contiguous() if residual is not None else out  # [N, T, H, W, C]
+    block_c = _block(C)
+    # A tile of at most 4096 values on the GPU; in Triton's interpreter (the CPU tests), where each
+    # program costs Python calls, one program per frame.
+    block_p = max(1, min(64, 4096 // block_c)) if taps.is_cuda else _block(H * W)
+    _sum_taps[(triton.cdiv(H * W, block_p), T + 2, N)](taps, carry, bias, residual, out, next_carry, T, H * W,
+                                                         C, HAS_CARRY=carry is not next_carry,
+                                                         HAS_RESIDUAL=residual is not out, BLOCK_C=block_c,
+                                                         BLOCK_P=block_p)
+    return out.permute(0, 4, 1, 2, 3), next_carry.permute(0, 1, 4, 2, 3)
+
+
 def quantize_rows(x, dtype=torch.float8_e4m3fn):
     """fp8.quantize_rows in one kernel: x [M, K] → (e4m3 values [M, K], float32 scales [M, 1]).
     (dtype: float32 keeps the scaled values before their conversion, for the CPU test.)"""
@@ -250,6 +306,7 @@ REGIONS = {
     "Block.after_attention": fast_after_attention,
     "apply_rope": lambda k, rope: rms_rope_rows(k, rope=rope),  # model.rotate_keys
     "rms_norm_silu": rms_silu,                                   # vae.rms_norm_silu
+    "sum_taps": sum_taps,                                        # vae_layout.sum_taps
     "quantize_rows": quantize_rows,                              # fp8.quantize_rows (--fp8)
 }
 

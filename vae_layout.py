@@ -12,9 +12,15 @@ directly (triton_ops.rms_silu). So run it within model.fusion(triton_ops.Kernels
 op by op, PyTorch's broadcasting kernels for x / rms(x) · γ are slow in this layout.
 The decoder's 2x nearest upsampling becomes `RepeatPixels`, a broadcast and one copy
 in channels-last memory (half the time of PyTorch's upsampling kernel there, same
-values). The conv biases, the residual adds and the causal cache's copies stay
-separate elementwise passes, as they are in NCDHW. sample.py runs the Wan VAE this way
-on CUDA.
+values). The residual adds stay separate elementwise passes, as they are in NCDHW.
+
+At full resolution, where the VAE is narrowest (96 channels) and its frames largest,
+cuDNN's 3x3x3 conv3d runs at a third of the wider layers' rate. There each causal conv
+becomes a `TapCausalConv3d`: the kernel's three temporal slices stacked into one 2-D
+conv over the chunk's frames, whose outputs ("taps") `sum_taps` adds across
+consecutive frames with the bias, in one pass (a Triton kernel within the fusion). Its
+cache holds what the chunk's last two frames contribute to the next two, not the
+input frames. sample.py runs the Wan VAE this way on CUDA.
 
 The numbers are those of the NCDHW VAE up to float rounding, and the convolutions meet
 channels-last inputs only (tests/test_vae_layout.py, `conv_inputs_off_channels_last`);
@@ -23,7 +29,11 @@ bench.py's vae_layout_bench times both layouts on the GPU.
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+import vae as V
+from model import fused
 
 # The memory format each convolution's input should be in, by the name of its function.
 CONV_INPUT_FORMAT = {"conv2d": torch.channels_last, "conv3d": torch.channels_last_3d}
@@ -40,9 +50,97 @@ class RepeatPixels(nn.Module):
         return pixels.expand(N, H, 2, W, 2, C).reshape(N, 2 * H, 2 * W, C).permute(0, 3, 1, 2)
 
 
-def channels_last(vae):
+@fused
+def sum_taps(taps, carry, bias, residual=None):
+    """The temporal sum of a causal conv split into taps (TapCausalConv3d).
+
+    taps [N, T, 3, C, H, W]: taps[:, s, k] is input frame s through the kernel's temporal
+    slice k, a term of output frame s + 2 - k (slice 2 meets the present frame).
+    carry [N, 2, C, H, W] or None: the terms the frames before the chunk left for its
+    first two output frames (None: the clip starts, a zero past).
+    residual [N, C, T, H, W] or None: added to the output (a residual block's shortcut).
+    Returns (the output [N, C, T, H, W] = its terms + bias (+ residual), the next chunk's
+    carry: the terms for output frames T and T + 1). Sums in float32 (float64), each
+    result rounded once."""
+    N, T, _, C, H, W = taps.shape
+    # Output frames 0 .. T + 1 in channels-last memory [N, T + 2, H, W, C], read as [N, T + 2, C, H, W].
+    terms = torch.zeros(N, T + 2, H, W, C, device=taps.device, dtype=V.at_least_fp32(taps.dtype)).permute(0, 1, 4, 2, 3)
+    if carry is not None:
+        terms[:, :2] += carry
+    for k in range(3):
+        terms[:, 2 - k:2 - k + T] += taps[:, :, k]
+    out = terms[:, :T] + bias.view(C, 1, 1)
+    if residual is not None:
+        out += residual.transpose(1, 2)
+    out = out.to(taps.dtype).transpose(1, 2)
+    return out, terms[:, T:].to(taps.dtype, copy=True)
+
+
+class TapCausalConv3d(V.CausalConv3d):
+    """A CausalConv3d (kernel 3 x kh x kw, the same weight and bias) run as one 2-D conv and a sum.
+
+    Output frame t is W_0 * x[t-2] + W_1 * x[t-1] + W_2 * x[t] + b, W_k the kernel's k-th
+    temporal slice. One conv2d of the chunk's frames with the three slices stacked as
+    3·C_out output channels (`taps_weight`, made from `weight` when converted: convert
+    after loading weights) computes every term at once; sum_taps adds them up. cache.past
+    holds the carry (sum_taps) in place of the last two input frames: the same
+    numbers as CausalConv3d's, chunk by chunk, up to the rounding of the terms."""
+
+    @classmethod
+    def from_conv(cls, conv):
+        tap = cls(conv.in_channels, conv.out_channels, conv.kernel_size).to(conv.weight.device, conv.weight.dtype)
+        tap.weight, tap.bias = conv.weight, conv.bias
+        C_out, C_in, kt, kh, kw = conv.weight.shape
+        taps_weight = conv.weight.detach().permute(2, 0, 1, 3, 4).reshape(kt * C_out, C_in, kh, kw)  # row k·C_out + o
+        tap.register_buffer("taps_weight", taps_weight.contiguous(memory_format=torch.channels_last), persistent=False)
+        return tap
+
+    def forward(self, x, cache, residual=None):
+        N, C, T, H, W = x.shape
+        # The chunk's frames [N·T, C, H, W]: a view of channels-last x, with exactly channels-last strides.
+        frames = x.permute(0, 2, 3, 4, 1).reshape(N * T, H, W, C).permute(0, 3, 1, 2)
+        taps = F.conv2d(frames, self.taps_weight, padding=self.padding[1:])  # [N·T, 3·C_out, H, W]
+        out, cache.past[self] = sum_taps(taps.unflatten(0, (N, T)).unflatten(2, (3, -1)), cache.past.get(self),
+                                         self.bias, residual)
+        return out
+
+
+class TapResidualBlock(V.ResidualBlock):
+    """A ResidualBlock whose second conv is a TapCausalConv3d: the shortcut joins its output in
+    sum_taps's pass instead of a pass of its own over the block's largest tensor."""
+
+    @classmethod
+    def from_block(cls, block):
+        tap = cls(block.residual[2].in_channels, block.residual[6].out_channels)
+        tap.residual, tap.shortcut = block.residual, block.shortcut
+        return tap
+
+    def forward(self, x, cache):
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = conv1(norm1.silu(x), cache)
+        return conv2(norm2.silu(h), cache, residual=self.shortcut(x))
+
+
+def split_into_taps(module, widest):
+    """Replace the 3x3x3 causal convs in module with at most `widest` channels in and out by
+    TapCausalConv3d, and the residual blocks whose second conv that makes by TapResidualBlock."""
+    def narrow(conv):
+        return conv.kernel_size == (3, 3, 3) and max(conv.in_channels, conv.out_channels) <= widest
+
+    for name, child in module.named_children():
+        if type(child) is V.CausalConv3d and narrow(child):
+            setattr(module, name, TapCausalConv3d.from_conv(child))
+            continue
+        if type(child) is V.ResidualBlock and narrow(child.residual[6]):
+            child = TapResidualBlock.from_block(child)
+            setattr(module, name, child)
+        split_into_taps(child, widest)
+
+
+def channels_last(vae, taps=True):
     """Convert vae's conv weights in place (Conv3d: channels_last_3d, Conv2d: channels_last),
-    put RepeatPixels in place of its 2x upsamplers, and return vae. (vae.to(memory_format=...) cannot: it gives every 4-D and 5-D parameter
+    put RepeatPixels in place of its 2x upsamplers, with `taps` make the full-resolution
+    causal convs (vae.cfg.base_dim channels) TapCausalConv3d, and return vae. (vae.to(memory_format=...) cannot: it gives every 4-D and 5-D parameter
     one format, and the frames' convs and the 3D norms' gains [C, 1, 1, 1] are 4-D.)"""
     for module in vae.modules():
         if isinstance(module, nn.Conv3d):
@@ -52,6 +150,8 @@ def channels_last(vae):
         elif isinstance(module, nn.Sequential) and isinstance(module[0], nn.Upsample):
             assert module[0].scale_factor == 2.0 and module[0].mode == "nearest-exact", module[0]
             module[0] = RepeatPixels()
+    if taps:
+        split_into_taps(vae, vae.cfg.base_dim)
     return vae
 
 

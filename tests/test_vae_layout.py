@@ -94,6 +94,10 @@ def test_channels_last_gives_the_ncdhw_numbers_and_stays_channels_last(dtype, to
     assert all(m.weight.is_contiguous(memory_format=CHANNELS_LAST_3D if m.weight.dim() == 5 else torch.channels_last)
                for m in convs)
     assert not channels_last.encoder.conv1.weight.is_contiguous()  # a 3x3x3 kernel: really moved
+    taps = [m for m in channels_last.modules() if isinstance(m, vae_layout.TapCausalConv3d)]
+    # Full resolution (base_dim channels): the encoder's first conv and 2 blocks, the decoder's 3 blocks and head.
+    assert len(taps) == 1 + 2 * 2 + 3 * 2 + 1 and channels_last.decoder.head[2] in taps
+    assert sum(isinstance(m, vae_layout.TapResidualBlock) for m in channels_last.modules()) == 2 + 3
     video, latents = inputs(dtype)
     expected, got = every_path(ncdhw, video, latents), {}
     assert (expected["decode chunked"].abs() < 1).float().mean() > 0.9  # mostly inside decode's clamp
@@ -104,6 +108,40 @@ def test_channels_last_gives_the_ncdhw_numbers_and_stays_channels_last(dtype, to
         assert got[path].is_contiguous(memory_format=CHANNELS_LAST_3D), path  # and the outputs stay so
         error = largest_relative_difference(got[path], reference)
         assert error < tolerance, (path, error)
+
+
+def test_taps_false_keeps_the_causal_convs():
+    vae = vae_layout.channels_last(random_vae(torch.float32), taps=False)
+    assert not any(isinstance(m, vae_layout.TapCausalConv3d) for m in vae.modules())
+
+
+@pytest.mark.parametrize("channels", [3, 20])
+def test_sum_taps_adds_each_frames_terms_across_chunks(channels):
+    """triton_ops.sum_taps (Triton's interpreter) and vae_layout.sum_taps as written, chained
+    over chunks of 1, 3 and 2 frames through their carry, against each output frame's terms
+    summed in float64 over the whole clip: frame t = bias + taps[t-2, 0] + taps[t-1, 1] +
+    taps[t, 2] (+ the residual's frame t), frames before 0 absent. Each output is at most 5
+    float32 values of size < 6, summed and rounded (the carry once on the way): within
+    5 · 6 · 6e-8 < 2e-6."""
+    triton_ops = pytest.importorskip("triton_ops", reason="Triton is not installed (requirements-dev.txt has it)")
+    generator = torch.Generator().manual_seed(3)
+    N, frames, H, W = 2, 6, 3, 5
+    taps = torch.randn(N, frames, 3, channels, H, W, generator=generator)
+    bias = torch.randn(channels, generator=generator)
+    residual = torch.randn(N, channels, frames, H, W, generator=generator).contiguous(memory_format=CHANNELS_LAST_3D)
+    expected = torch.stack([bias.double().view(-1, 1, 1) + sum(taps[:, t - 2 + k, k].double() for k in range(3)
+                                                               if t - 2 + k >= 0) for t in range(frames)], dim=2)
+    for sum_taps, with_residual in [(triton_ops.sum_taps, False), (triton_ops.sum_taps, True),
+                                    (vae_layout.sum_taps, False), (vae_layout.sum_taps, True)]:
+        carry, outputs, start = None, [], 0
+        for chunk in (1, 3, 2):
+            out, carry = sum_taps(taps[:, start:start + chunk], carry, bias,
+                                  residual[:, :, start:start + chunk] if with_residual else None)
+            assert out.shape == (N, channels, chunk, H, W) and out.is_contiguous(memory_format=CHANNELS_LAST_3D)
+            outputs.append(out)
+            start += chunk
+        torch.testing.assert_close(torch.cat(outputs, dim=2).double(), expected + residual.double() * with_residual,
+                                   rtol=0, atol=2e-6)
 
 
 def test_the_layout_check_sees_convs_fed_ncdhw():
