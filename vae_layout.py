@@ -12,15 +12,17 @@ directly (triton_ops.rms_silu). So run it within model.fusion(triton_ops.Kernels
 op by op, PyTorch's broadcasting kernels for x / rms(x) · γ are slow in this layout.
 The decoder's 2x nearest upsampling becomes `RepeatPixels`, a broadcast and one copy
 in channels-last memory (half the time of PyTorch's upsampling kernel there, same
-values). The residual adds stay separate elementwise passes, as they are in NCDHW.
+values).
 
 At full resolution, where the VAE is narrowest (96 channels) and its frames largest,
-cuDNN's 3x3x3 conv3d runs at a third of the wider layers' rate. There each causal conv
+cuDNN's 3x3x3 conv3d ran at under half the wider layers' rate on the H200 (254 against
+521-580 TFLOP/s, BENCHMARKS.md). There each causal conv
 becomes a `TapCausalConv3d`: the kernel's three temporal slices stacked into one 2-D
 conv over the chunk's frames, whose outputs ("taps") `sum_taps` adds across
-consecutive frames with the bias, in one pass (a Triton kernel within the fusion). Its
-cache holds what the chunk's last two frames contribute to the next two, not the
-input frames. sample.py runs the Wan VAE this way on CUDA.
+consecutive frames with the bias, and with the shortcut in the residual blocks
+(`TapResidualBlock`), in one pass (a Triton kernel within the fusion). Its cache holds
+what the chunk's last two frames contribute to the next two, not the input frames.
+sample.py runs the Wan VAE this way on CUDA (1.22x the channels-last VAE without it).
 
 The numbers are those of the NCDHW VAE up to float rounding, and the convolutions meet
 channels-last inputs only (tests/test_vae_layout.py, `conv_inputs_off_channels_last`);
