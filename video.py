@@ -24,6 +24,11 @@ import files
 
 STDIO = "-"
 # Audio codecs an mp4 can hold as they are; anything else is re-encoded to AAC.
+# x264's "veryfast" preset: on the H200's host (2026-12-04) 2.5 against 4.2 ms a frame at
+# 832x480 for the default "medium", about the same size at CRF 18 on the demo clip, and
+# a streamed tiny-VAE edit at 70.4 against 48.5 frames/s (the encoder's threads compete
+# with the one that drives the GPU; BENCHMARKS.md "Writing the outputs").
+X264_PRESET = "veryfast"
 MP4_AUDIO_CODECS = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
 
 
@@ -280,7 +285,7 @@ class VideoWriter:
         # A pipe is read as it is written: no frame reordering or look-ahead (zerolatency), so
         # each frame leaves at once, and no negative decode times, which a fragmented mp4
         # (no edit list) would turn into a video start later than the audio's.
-        options = {"crf": "18", **({"tune": "zerolatency"} if self.to_stdout else {})}
+        options = {"crf": "18", "preset": X264_PRESET, **({"tune": "zerolatency"} if self.to_stdout else {})}
         self.stream = self.container.add_stream("libx264", rate=self.rate, options=options)
         self.stream.height, self.stream.width, self.stream.pix_fmt = height, width, "yuv420p"
         self.stream.codec_context.time_base = self.time_base

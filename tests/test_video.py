@@ -277,3 +277,11 @@ def test_an_unreadable_audio_stream_is_left_out_from_there_on_and_said(tmp_path)
     assert seconds < 0.1  # the one good packet, 36 ms
     assert len(read_video(target)[0]) == 9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged_audio.mkv", "edited.mp4"]
+
+
+def test_outputs_use_x264s_veryfast_preset(tmp_path):
+    """x264 writes its settings into the stream: veryfast searches one reference frame with
+    subpixel refinement 2 (medium, the library's default: 3 and 7)."""
+    write_video(tmp_path / "out.mp4", gradient_frames(5, 32, 48), 24)
+    settings = (tmp_path / "out.mp4").read_bytes()
+    assert b" ref=1 " in settings and b" subme=2 " in settings
