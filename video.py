@@ -23,12 +23,12 @@ import torch.nn.functional as F
 import files
 
 STDIO = "-"
-# Audio codecs an mp4 can hold as they are; anything else is re-encoded to AAC.
 # x264's "veryfast" preset: on the H200's host (2026-12-04) 2.5 against 4.2 ms a frame at
 # 832x480 for the default "medium", about the same size at CRF 18 on the demo clip, and
 # a streamed tiny-VAE edit at 70.4 against 48.5 frames/s (the encoder's threads compete
 # with the one that drives the GPU; BENCHMARKS.md "Writing the outputs").
 X264_PRESET = "veryfast"
+# Audio codecs an mp4 can hold as they are; anything else is re-encoded to AAC.
 MP4_AUDIO_CODECS = {"aac", "mp3", "alac", "ac3", "eac3", "opus", "flac"}
 
 
