@@ -479,16 +479,52 @@ def live_bench(frames=240, folder=None, smoke=False):
     return lines
 
 
+def edit_state_lines(window=(1, 6)):
+    """What an edit at real shapes (832x480, bf16) holds on the GPU from its first chunk to
+    its last, counted on the meta device (shapes only, no GPU): the weights, each mode's KV
+    cache and LIPAR memory (model.KVCache), and each stream's VAE causal caches
+    (vae.CausalCache after two chunks). Returns printed lines, GiB."""
+    gib = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 2**30  # noqa: E731
+    with torch.device("meta"):
+        dit = M.CausalWanModel(M.DiTConfig()).to(torch.bfloat16)
+        vae = V.WanVAE(V.VAEConfig()).to(torch.bfloat16)
+        context = torch.empty(1, T5Config().text_len, dit.cfg.text_dim, dtype=torch.bfloat16)
+    grid = (30, 52)
+    sizes = {"DiT weights": gib(dit.parameters()), "Wan VAE weights": gib(vae.parameters())}
+    for mode, w in (("full", None), ("lipar", window)):
+        cache = M.KVCache(dit, context, grid, w)
+        sizes[f"{mode}'s KV cache"] = gib([cache.k, cache.v])
+        sizes[f"{mode}'s LIPAR memory and cross-attention keys"] = gib(
+            [cache.memory_k, cache.memory_v, *(t for kv in cache.context_kvs for t in kv)])
+    for name, network, shape in (("encoder", vae.encoder, (1, 3, 12, 480, 832)),
+                                 ("decoder", vae.decoder, (1, 16, 3, 60, 104))):
+        cache, x = V.CausalCache(), torch.empty(shape, device="meta", dtype=torch.bfloat16)
+        network(x, cache)
+        cache.at_start = False
+        network(x, cache)
+        sizes[f"one stream's VAE {name} causal cache"] = gib(cache.past.values())
+    lines = [f"{name}: {size:.2f} GiB" for name, size in sizes.items()]
+    held = lambda *modes: (sizes["DiT weights"] + sizes["Wan VAE weights"]  # noqa: E731
+                           + sizes["one stream's VAE encoder causal cache"]
+                           + sum(sizes[f"{m}'s KV cache"] + sizes[f"{m}'s LIPAR memory and cross-attention keys"]
+                                 + sizes["one stream's VAE decoder causal cache"] for m in modes))
+    lines += [f"held by a lipar edit: {held('lipar'):.2f} GiB; by a full edit: {held('full'):.2f} GiB; "
+              f"by --compare (both, one encoder): {held('full', 'lipar'):.2f} GiB"]
+    return lines
+
+
 def compare_bench(count=321, folder=None):
     """`sample.py --compare --save-mask` at real shapes (random real-shape weights, a clip of
     `count` frames at 832x480, sample.py's defaults) in a fresh process, beside a `lipar`
-    edit alone: wall time, the write stage against the edit's, GPU peaks per stage, and
-    the resident host memory between chunks. Returns printed lines."""
+    edit alone and a `full` edit alone: wall time, the write stage against the edit's, GPU
+    peaks per stage, and the resident host memory between chunks. Returns printed lines."""
     folder = Path(folder or tempfile.mkdtemp(prefix="lipar_compare_"))
     weights = real_shape_weights(folder)
     clip = write_long_demo_clip(folder / "clip.mp4", count)
-    lines = []
-    for label, flags in (("lipar alone", []), ("--compare --save-mask", ["--compare", "--save-mask"])):
+    lines = edit_state_lines()
+    print(*lines, sep="\n", flush=True)
+    for label, flags in (("lipar alone", []), ("full alone", ["--mode", "full"]),
+                         ("--compare --save-mask", ["--compare", "--save-mask"])):
         wall, stats, _ = run_sample(["--video", clip, "--weights", weights, "--out", folder / "out.mp4", *flags])
         modes = list(stats["modes"].values())
         seconds = dict(modes[0]["seconds"])  # the shared stages (read, encode, mask, write), and each mode's own
@@ -998,7 +1034,7 @@ ONLY = {
                 lambda a, timer, *_: kernels_profile() if a.profile else _print(kernels_bench(timer)), False),
     "live": ("time live.py driven by a scripted page against the CLI's stream, each VAE",
              lambda a, timer, smoke, *_: _print(live_bench(48 if smoke else 240, smoke=smoke)), True),
-    "compare-memory": ("time sample.py --compare --save-mask on 321 frames beside lipar alone (memory, writing)",
+    "compare-memory": ("time sample.py --compare --save-mask on 321 frames beside lipar and full alone",
                        lambda *_: compare_bench(), False),
     "floor": ("time nearly and wholly pruned edits (the 100 %% pruned floor)",
               lambda a, timer, *_: floor_bench(timer), False),
