@@ -479,35 +479,38 @@ def live_bench(frames=240, folder=None, smoke=False):
     return lines
 
 
-def edit_state_lines(window=(1, 6)):
-    """What an edit at real shapes (832x480, bf16) holds on the GPU from its first chunk to
-    its last, counted on the meta device (shapes only, no GPU): the weights, each mode's KV
-    cache and LIPAR memory (model.KVCache), and each stream's VAE causal caches
-    (vae.CausalCache after two chunks). Returns printed lines, GiB."""
+def edit_state_lines(window=(1, 6), height=480, width=832):
+    """What an edit at real shapes (bf16) holds on the GPU from its first chunk to its last,
+    counted on the meta device (shapes only, no GPU): the weights, each mode's KV cache and
+    LIPAR memory (model.KVCache), and each stream's VAE causal caches (vae.CausalCache after
+    two chunks). Returns printed lines, GiB."""
     gib = lambda tensors: sum(t.numel() * t.element_size() for t in tensors) / 2**30  # noqa: E731
     with torch.device("meta"):
         dit = M.CausalWanModel(M.DiTConfig()).to(torch.bfloat16)
         vae = V.WanVAE(V.VAEConfig()).to(torch.bfloat16)
         context = torch.empty(1, T5Config().text_len, dit.cfg.text_dim, dtype=torch.bfloat16)
-    grid = (30, 52)
-    sizes = {"DiT weights": gib(dit.parameters()), "Wan VAE weights": gib(vae.parameters())}
+    fpc, space = dit.cfg.frames_per_chunk, vae.cfg.space_stride
+    shared = {"DiT weights": gib(dit.parameters()), "Wan VAE weights": gib(vae.parameters())}
+    per_mode = {}
     for mode, w in (("full", None), ("lipar", window)):
-        cache = M.KVCache(dit, context, grid, w)
-        sizes[f"{mode}'s KV cache"] = gib([cache.k, cache.v])
-        sizes[f"{mode}'s LIPAR memory and cross-attention keys"] = gib(
-            [cache.memory_k, cache.memory_v, *(t for kv in cache.context_kvs for t in kv)])
-    for name, network, shape in (("encoder", vae.encoder, (1, 3, 12, 480, 832)),
-                                 ("decoder", vae.decoder, (1, 16, 3, 60, 104))):
+        cache = M.KVCache(dit, context, (height // 16, width // 16), w)
+        per_mode[mode] = {"KV cache": gib([cache.k, cache.v]), "LIPAR memory and cross-attention keys": gib(
+            [cache.memory_k, cache.memory_v, *(t for kv in cache.context_kvs for t in kv)])}
+    for name, network, shape in (("encoder", vae.encoder, (1, 3, fpc * vae.cfg.time_stride, height, width)),
+                                 ("decoder", vae.decoder, (1, vae.cfg.z_dim, fpc, height // space, width // space))):
         cache, x = V.CausalCache(), torch.empty(shape, device="meta", dtype=torch.bfloat16)
         network(x, cache)
         cache.at_start = False
         network(x, cache)
-        sizes[f"one stream's VAE {name} causal cache"] = gib(cache.past.values())
-    lines = [f"{name}: {size:.2f} GiB" for name, size in sizes.items()]
-    held = lambda *modes: (sizes["DiT weights"] + sizes["Wan VAE weights"]  # noqa: E731
-                           + sizes["one stream's VAE encoder causal cache"]
-                           + sum(sizes[f"{m}'s KV cache"] + sizes[f"{m}'s LIPAR memory and cross-attention keys"]
-                                 + sizes["one stream's VAE decoder causal cache"] for m in modes))
+        size = gib(cache.past.values())
+        if name == "encoder":  # one encoder feeds every mode
+            shared["the stream's VAE encoder causal cache"] = size
+        else:
+            for sizes in per_mode.values():
+                sizes["VAE decoder causal cache"] = size
+    lines = [f"{name}: {size:.2f} GiB" for name, size in shared.items()]
+    lines += [f"{mode}'s {name}: {size:.2f} GiB" for mode, sizes in per_mode.items() for name, size in sizes.items()]
+    held = lambda *modes: sum(shared.values()) + sum(sum(per_mode[m].values()) for m in modes)  # noqa: E731
     lines += [f"held by a lipar edit: {held('lipar'):.2f} GiB; by a full edit: {held('full'):.2f} GiB; "
               f"by --compare (both, one encoder): {held('full', 'lipar'):.2f} GiB"]
     return lines
