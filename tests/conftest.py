@@ -1,7 +1,12 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Triton reads this once, whichever test imports it first: its kernels run in its interpreter
+# (numpy, on the CPU) in every test (tests/test_triton_ops.py, tests/test_vae_layout.py)
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

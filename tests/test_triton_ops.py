@@ -8,12 +8,8 @@ another order (a row of D values summed in a tree instead of PyTorch's order), s
 differ by a few float32 roundings: relative 2e-6 on values of order one, far below any
 error of meaning and far above a wrong index or a missing term."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton reads it: the kernels run in numpy on the CPU
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton_ops = pytest.importorskip("triton_ops", reason="Triton is not installed (requirements-dev.txt has it)")
 

@@ -11,17 +11,14 @@ keeps the layout itself shows on the GPU only (bench.py's vae_layout_bench runs 
 check there)."""
 
 import copy
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton reads it: the kernel runs in numpy on the CPU
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
-
-import model as M  # noqa: E402
-import vae as V  # noqa: E402
-import vae_layout  # noqa: E402
+import model as M
+import vae as V
+import vae_layout
 
 CHANNELS_LAST_3D = torch.channels_last_3d
 
