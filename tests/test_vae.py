@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
-from vae import VAEConfig, WanVAE
+from vae import CausalCache, CausalConv3d, VAEConfig, WanVAE
 from weights import (WeightsError, diffusers_to_native, load_vae, vae_config_from_diffusers,
                      vae_config_to_diffusers)
 
@@ -155,6 +156,24 @@ def test_chunked_equals_one_pass_and_is_causal():
     assert decoded.shape == (1, 3, 9, 16, 24)
     assert (decoded - vae.decode(latents, chunked=False)).abs().max() < 1e-12
     assert (decoded[:, :, :5] - vae.decode(latents[:, :, :2])).abs().max() < 1e-12
+
+
+def test_the_causal_conv_on_the_cpu_computes_the_convolution():
+    """In float32 on the CPU the causal conv calls oneDNN itself (vae.CausalConv3d): against
+    the same convolution in float64 through F.conv3d, zero past frames padded by hand. Each
+    output sums 16 x 27 = 432 products; float32 summation in any order is within
+    432 · 2^-24 · Σ|products| of the exact sum (the bound is computed, not guessed)."""
+    generator = torch.Generator().manual_seed(0)
+    conv = CausalConv3d(16, 16)
+    x = torch.randn(1, 16, 4, 8, 12, generator=generator)
+    with torch.no_grad():
+        out = conv(x, CausalCache())
+        past = F.pad(x.double(), (0, 0, 0, 0, 2, 0))
+        expected = F.conv3d(past, conv.weight.double(), conv.bias.double(), padding=(0, 1, 1))
+        bound = 432 * 2**-24 * (F.conv3d(past.abs(), conv.weight.double().abs(), padding=(0, 1, 1))
+                                + conv.bias.double().abs().view(-1, 1, 1, 1))
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert ((out.double() - expected).abs() <= bound).all()
 
 
 def test_bfloat16_weights_give_float32_latents_close_to_float32(diffusers_folder):
