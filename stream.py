@@ -28,26 +28,55 @@ from signals import Terminated
 
 
 class Stopwatch:
-    """Wall time per stage, and on CUDA each stage's peak GPU memory (GiB); waits for
-    the GPU so each stage is charged its own work."""
+    """Seconds per stage, and on CUDA each stage's peak GPU memory (GiB).
+
+    On the CPU a stage's seconds are its wall time. On CUDA they are the time between two
+    events queued on the stream at the stage's start and end: from the moment the GPU
+    reaches the stage to the moment it has done the stage's work (for a stage of host work,
+    such as waiting for the reader thread, the GPU idles and the events count the wait).
+    Nothing waits for the GPU, so the host queues the next stage while the GPU still runs
+    this one, and each stage is still charged its own work: the stream runs the stages in
+    the order they were queued. The peaks need no wait either: the allocator counts memory
+    as the work is queued. Finished events are read as later stages start; `seconds`
+    waits for the last one."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.seconds, self.peaks = {}, {}
+        self._seconds, self.peaks = {}, {}
+        self._pending = deque()  # (stage, start event, end event) not yet read
 
     @contextmanager
     def __call__(self, stage):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        if not self.cuda:
+            start = time.perf_counter()
+            yield
+            self._add(stage, time.perf_counter() - start)
+            return
+        torch.cuda.reset_peak_memory_stats(self.device)
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
         yield
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-            self.peaks[stage] = max(self.peaks.get(stage, 0.0), peak)
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.peaks[stage] = max(self.peaks.get(stage, 0.0), torch.cuda.max_memory_allocated(self.device) / 2**30)
+        self._pending.append((stage, start, end))
+        self._read(wait=False)
+
+    @property
+    def seconds(self):
+        """{stage: seconds} so far."""
+        self._read(wait=True)
+        return self._seconds
+
+    def _read(self, wait):
+        while self._pending and (wait or self._pending[0][2].query()):
+            stage, start, end = self._pending.popleft()
+            end.synchronize()
+            self._add(stage, start.elapsed_time(end) / 1e3)
+
+    def _add(self, stage, seconds):
+        self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
 
 
 class Timeline:
