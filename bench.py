@@ -550,8 +550,9 @@ def compare_bench(count=321, folder=None):
 def vae_layout_bench(timer, peer_vae=None):
     """The Wan VAE's memory layout at real shapes (random bf16 weights, 81 frames at 832x480):
     NCDHW op by op, NCDHW with the Triton norm + SiLU, channels-last (vae_layout.channels_last)
-    without the tap split and with it (sample.py's default), each with the Triton kernels, and
-    the default op by op. Per row: encode and decode time, the first encode + decode of the
+    without the tap split, with it, with it and the residual blocks' biases folded into the
+    passes after their convs (sample.py's default), each with the Triton kernels, and the
+    default op by op. Per row: encode and decode time, the first encode + decode of the
     process, the peak memory of each, and the latents' and video's error against NCDHW op by
     op (the default asserted within bf16 tolerance). With peer_vae (the path of Self-Forcing's
     wan/modules/vae.py) its WanVAE_ too, with the same weights, and the default's ratio to it.
@@ -562,17 +563,19 @@ def vae_layout_bench(timer, peer_vae=None):
     torch.manual_seed(0)
     with torch.device("cuda"):
         ncdhw = random_(V.WanVAE(V.VAEConfig()), 0.05).to(torch.bfloat16).eval().requires_grad_(False)
-    without_taps = vae_layout.channels_last(copy.deepcopy(ncdhw), taps=False)
+    without_taps = vae_layout.channels_last(copy.deepcopy(ncdhw), taps=False, fold=False)
+    unfolded = vae_layout.channels_last(copy.deepcopy(ncdhw), fold=False)
     channels_last = vae_layout.channels_last(copy.deepcopy(ncdhw))
     video = io.to_model(demo.demo_frames(480, 832, 81)).cuda().to(torch.bfloat16)
     kernels = triton_ops.Kernels()
     default = "channels-last + taps, Triton (the default)"
     rows = [("NCDHW, op by op", ncdhw, None), ("NCDHW, Triton norm", ncdhw, kernels),
-            ("channels-last, Triton norm, no taps", without_taps, kernels), (default, channels_last, kernels),
+            ("channels-last, Triton norm, no taps", without_taps, kernels),
+            ("channels-last + taps, Triton, biases added by their convs", unfolded, kernels), (default, channels_last, kernels),
             ("channels-last + taps, op by op", channels_last, None)]
     if peer_vae:
         rows.append(("Self-Forcing's WanVAE_", self_forcing_vae(peer_vae, ncdhw), None))
-    lines, reference, totals = [], None, {}
+    lines, reference, totals, outputs = [], None, {}, {}
 
     def say(line):
         lines.append(line)
@@ -599,11 +602,16 @@ def vae_layout_bench(timer, peer_vae=None):
                 encode_ms, decode_ms = timer(lambda: vae.encode(video)), timer(lambda: vae.decode(latents))
                 encode_gib, decode_gib = peak_gib(lambda: vae.encode(video)), peak_gib(lambda: vae.decode(latents))
             totals[name] = encode_ms + decode_ms
+            if name in (default, rows[3][0]):  # the folded biases against the unfolded: in host memory, off the peaks
+                outputs[name] = latents.cpu(), decoded.cpu()
             say(f"Wan VAE {name}: encode {encode_ms:.0f} ms + decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} "
                 f"ms (first encode + decode {first_s:.1f} s); peak encode {encode_gib:.2f} GiB, decode "
                 f"{decode_gib:.2f} GiB; against NCDHW op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
             if name == default:
                 assert errors[1] < 2e-2, f"the default VAE differs from the NCDHW one: video {errors[1]:.1e}"
+        folded, unfolded = outputs[default], outputs[rows[3][0]]
+        say(f"{default} against {rows[3][0]}: largest difference of the latents "
+            f"{(folded[0] - unfolded[0]).abs().max().item():.1e}, of the video {(folded[1] - unfolded[1]).abs().max().item():.1e}")
         for baseline in [name for name, _, _ in rows if name != default]:
             say(f"{default}: {totals[baseline] / totals[default]:.2f}x over {baseline}")
         say(f"{default}: {totals[default]:.0f} ms (target <= 1350 ms"

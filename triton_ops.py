@@ -105,11 +105,13 @@ def _gated_residual(X, Y, GATE, OUT, rows_per_batch, D, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["S"])
-def _rms_silu(X, GAMMA, OUT, C, S, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """x [B, C, S] (S: every position of a frame or clip): per position, x / rms over C,
-    rounded, · γ, rounded, then SiLU, as vae.rms_norm_silu rounds them. In memory x is
-    [B, C, S] (NCDHW), or [B, S, C] with CHANNELS_LAST: then a position's C channels
-    are one contiguous row, and the block is BLOCK_S rows."""
+def _rms_silu(X, BIAS, GAMMA, OUT, C, S, HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_S: tl.constexpr):
+    """x [B, C, S] (S: every position of a frame or clip): per position, (with HAS_BIAS
+    x + bias, rounded), x / rms over C, rounded, · γ, rounded, then SiLU, as
+    vae.rms_norm_silu rounds them. In memory x is [B, C, S] (NCDHW), or [B, S, C] with
+    CHANNELS_LAST: then a position's C channels are one contiguous row, and the block is
+    BLOCK_S rows."""
     batch = tl.program_id(1)
     positions = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     channels = tl.arange(0, BLOCK_C)
@@ -121,11 +123,34 @@ def _rms_silu(X, GAMMA, OUT, C, S, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.cons
     x = tl.load(X + offsets, mask=inside, other=0.0)
     dtype = x.dtype
     x = x.to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + channels, mask=channels < C, other=0.0).to(tl.float32)
+        x = (x + bias[:, None]).to(dtype).to(tl.float32)
     rms = tl.maximum(tl.sqrt(tl.sum(x * x, axis=0) / C), 1e-12).to(dtype).to(tl.float32)
     gamma = tl.load(GAMMA + channels, mask=channels < C, other=0.0).to(tl.float32)
     y = (x / rms[None, :]).to(dtype).to(tl.float32)
     y = (y * gamma[:, None]).to(dtype).to(tl.float32)
     tl.store(OUT + offsets, (y * tl.sigmoid(y)).to(dtype), mask=inside)
+
+
+@triton.jit
+def _biased_residual(SHORTCUT, SHORTCUT_BIAS, OUT_IN, BIAS, OUT, rows, C, HAS_SHORTCUT_BIAS: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """vae_layout.biased_residual on rows [rows, C] (channels-last: a position's channels
+    contiguous): (shortcut (+ shortcut bias), rounded) + (out + bias, rounded), rounded."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    channels = tl.arange(0, BLOCK_C)
+    inside = (r[:, None] < rows) & (channels[None, :] < C)
+    at = r[:, None] * C + channels[None, :]
+    out = tl.load(OUT_IN + at, mask=inside, other=0.0)
+    dtype = out.dtype
+    bias = tl.load(BIAS + channels, mask=channels < C, other=0.0).to(tl.float32)
+    out = (out.to(tl.float32) + bias[None, :]).to(dtype).to(tl.float32)
+    shortcut = tl.load(SHORTCUT + at, mask=inside, other=0.0).to(tl.float32)
+    if HAS_SHORTCUT_BIAS:
+        shortcut_bias = tl.load(SHORTCUT_BIAS + channels, mask=channels < C, other=0.0).to(tl.float32)
+        shortcut = (shortcut + shortcut_bias[None, :]).to(dtype).to(tl.float32)
+    tl.store(OUT + at, (shortcut + out).to(dtype), mask=inside)
 
 
 @triton.jit(do_not_specialize=["T", "P"])
@@ -228,10 +253,10 @@ def gated_residual(x, y, gate):
 CHANNELS_LAST_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}  # frames [B, C, H, W], clips [B, C, T, H, W]
 
 
-def rms_silu(x, gamma):
-    """vae.rms_norm_silu: x [B, C, ...] normed over C, · γ [C, 1, ...], SiLU. Channels-last
-    x (vae_layout.py) is read where it lies and the output made channels-last too (empty_like
-    keeps x's strides); other strides are copied to NCDHW first."""
+def rms_silu(x, gamma, bias=None):
+    """vae.rms_norm_silu: x [B, C, ...] (+ bias [C]) normed over C, · γ [C, 1, ...], SiLU.
+    Channels-last x (vae_layout.py) is read where it lies and the output made channels-last
+    too (empty_like keeps x's strides); other strides are copied to NCDHW first."""
     layout = CHANNELS_LAST_FORMAT.get(x.dim())
     channels_last = layout is not None and x.is_contiguous(memory_format=layout)
     if not channels_last:
@@ -240,9 +265,26 @@ def rms_silu(x, gamma):
     S = x[0, 0].numel()
     out = torch.empty_like(x)
     block_s = max(16, min(128, 8192 // _block(C)))
-    _rms_silu[(triton.cdiv(S, block_s), B)](x, gamma.reshape(C).contiguous(), out, C, S, CHANNELS_LAST=channels_last,
+    _rms_silu[(triton.cdiv(S, block_s), B)](x, gamma if bias is None else bias, gamma.reshape(C).contiguous(), out, C,
+                                             S, HAS_BIAS=bias is not None, CHANNELS_LAST=channels_last,
                                              BLOCK_C=_block(C), BLOCK_S=block_s)
     return out
+
+
+def biased_residual(shortcut, shortcut_bias, out, bias):
+    """vae_layout.biased_residual: shortcut and out [B, C, T, H, W], biases [C] or
+    shortcut_bias None -> the sum, channels-last. Read where they lie in channels-last
+    memory (as vae_layout's blocks make them), copied there otherwise."""
+    shortcut, out = (t.contiguous(memory_format=torch.channels_last_3d) for t in (shortcut, out))
+    C = out.shape[1]
+    rows = out.numel() // C
+    result = torch.empty_like(out)
+    block_c = _block(C)
+    block_r = max(1, min(64, 4096 // block_c)) if out.is_cuda else _block(rows)  # the interpreter: one program
+    _biased_residual[(triton.cdiv(rows, block_r),)](shortcut, bias if shortcut_bias is None else shortcut_bias, out,
+                                                    bias, result, rows, C, HAS_SHORTCUT_BIAS=shortcut_bias is not None,
+                                                    BLOCK_R=block_r, BLOCK_C=block_c)
+    return result
 
 
 def sum_taps(taps, carry, bias, residual=None):
@@ -306,6 +348,8 @@ REGIONS = {
     "Block.after_attention": fast_after_attention,
     "apply_rope": lambda k, rope: rms_rope_rows(k, rope=rope),  # model.rotate_keys
     "rms_norm_silu": rms_silu,                                   # vae.rms_norm_silu
+    "biased_rms_norm_silu": lambda x, bias, gamma: rms_silu(x, gamma, bias),  # vae_layout.biased_rms_norm_silu
+    "biased_residual": biased_residual,                          # vae_layout.biased_residual
     "sum_taps": sum_taps,                                        # vae_layout.sum_taps
     "quantize_rows": quantize_rows,                              # fp8.quantize_rows (--fp8)
 }

@@ -122,11 +122,14 @@ class CausalConv3d(nn.Conv3d):
         # channels-last); zeros made apart (new_zeros) would be NCDHW, and a cat of two formats is NCDHW.
         x = F.pad(x, (0, 0, 0, 0, past_frames, 0)) if past is None else torch.cat([past, x], dim=2)
         cache.past[self] = x[:, :, -past_frames:].clone()  # a copy, so the cache does not keep the whole chunk alive
+        return super().forward(x)
+
+    def _conv_forward(self, x, weight, bias):
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             # oneDNN, which F.conv3d picks for large inputs only: below batch 1 x channels x
             # frames x height = 20,480 (the tests' tiny VAE) it runs its own loop, 6-8x slower
-            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1)
-        return super().forward(x)
+            return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        return super()._conv_forward(x, weight, bias)
 
 
 def rms_norm(x, gamma):

@@ -123,6 +123,69 @@ class TapResidualBlock(V.ResidualBlock):
         return conv2(norm2.silu(h), cache, residual=self.shortcut(x))
 
 
+class BiasLaterCausalConv3d(V.CausalConv3d):
+    """A CausalConv3d whose output leaves out its bias, for the pass after it to add
+    (FoldedResidualBlock). The bias stays its parameter: the state dict is unchanged."""
+
+    @classmethod
+    def from_conv(cls, conv):
+        later = cls(conv.in_channels, conv.out_channels, conv.kernel_size).to(conv.weight.device, conv.weight.dtype)
+        later.weight, later.bias = conv.weight, conv.bias
+        return later
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight, None)
+
+
+@fused
+def biased_rms_norm_silu(x, bias, gamma):
+    """vae.rms_norm_silu(x + bias), x + bias rounded to x's dtype first as a conv's own bias
+    add rounds it."""
+    return F.silu(V.rms_norm(x + bias.view(-1, 1, 1, 1), gamma))
+
+
+@fused
+def biased_residual(shortcut, shortcut_bias, out, bias):
+    """(shortcut + shortcut_bias) + (out + bias), each sum rounded to out's dtype as the
+    op-by-op block rounds it (shortcut_bias None: an identity shortcut)."""
+    if shortcut_bias is not None:
+        shortcut = shortcut + shortcut_bias.view(-1, 1, 1, 1)
+    return shortcut + (out + bias.view(-1, 1, 1, 1))
+
+
+class FoldedResidualBlock(V.ResidualBlock):
+    """A ResidualBlock whose convs leave their biases to the passes that follow them: the
+    first conv's joins the norm + SiLU before the second conv, the second's and a 1x1
+    shortcut's join the residual add (one Triton kernel each within the fusion). Each bias
+    add of its own was a pass over the block's output: two fewer, three with a 1x1 shortcut."""
+
+    @classmethod
+    def from_block(cls, block):
+        folded = cls(block.residual[2].in_channels, block.residual[6].out_channels)
+        folded.residual, folded.shortcut = block.residual, block.shortcut
+        for i in (2, 6):
+            folded.residual[i] = BiasLaterCausalConv3d.from_conv(block.residual[i])
+        return folded
+
+    def forward(self, x, cache):
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = conv1(norm1.silu(x), cache)
+        h = conv2(biased_rms_norm_silu(h, conv1.bias, norm2.gamma.detach()), cache)
+        if isinstance(self.shortcut, nn.Conv3d):  # 1x1x1, no cache
+            return biased_residual(self.shortcut._conv_forward(x, self.shortcut.weight, None), self.shortcut.bias,
+                                   h, conv2.bias)
+        return biased_residual(x, None, h, conv2.bias)
+
+
+def fold_biases(module):
+    """Replace the ResidualBlocks in module (not the TapResidualBlocks) by FoldedResidualBlock."""
+    for name, child in module.named_children():
+        if type(child) is V.ResidualBlock:
+            setattr(module, name, FoldedResidualBlock.from_block(child))
+        else:
+            fold_biases(child)
+
+
 def split_into_taps(module, widest):
     """Replace the 3x3x3 causal convs in module with at most `widest` channels in and out by
     TapCausalConv3d, and the residual blocks whose second conv that makes by TapResidualBlock."""
@@ -139,11 +202,13 @@ def split_into_taps(module, widest):
         split_into_taps(child, widest)
 
 
-def channels_last(vae, taps=True):
+def channels_last(vae, taps=True, fold=True):
     """Convert vae's conv weights in place (Conv3d: channels_last_3d, Conv2d: channels_last),
     put RepeatPixels in place of its 2x upsamplers, with `taps` make the full-resolution
-    causal convs (vae.cfg.base_dim channels) TapCausalConv3d, and return vae. (vae.to(memory_format=...) cannot: it gives every 4-D and 5-D parameter
-    one format, and the frames' convs and the 3D norms' gains [C, 1, 1, 1] are 4-D.)"""
+    causal convs (vae.cfg.base_dim channels) TapCausalConv3d, with `fold` the other residual
+    blocks FoldedResidualBlock, and return vae. (vae.to(memory_format=...) cannot: it gives
+    every 4-D and 5-D parameter one format, and the frames' convs and the 3D norms' gains
+    [C, 1, 1, 1] are 4-D.)"""
     for module in vae.modules():
         if isinstance(module, nn.Conv3d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
@@ -154,6 +219,8 @@ def channels_last(vae, taps=True):
             module[0] = RepeatPixels()
     if taps:
         split_into_taps(vae, vae.cfg.base_dim)
+    if fold:
+        fold_biases(vae)
     return vae
 
 

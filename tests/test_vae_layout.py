@@ -95,6 +95,11 @@ def test_channels_last_gives_the_ncdhw_numbers_and_stays_channels_last(dtype, to
     # Full resolution (base_dim channels): the encoder's first conv and 2 blocks, the decoder's 3 blocks and head.
     assert len(taps) == 1 + 2 * 2 + 3 * 2 + 1 and channels_last.decoder.head[2] in taps
     assert sum(isinstance(m, vae_layout.TapResidualBlock) for m in channels_last.modules()) == 2 + 3
+    # Every other residual block leaves its convs' biases to the passes after them: the
+    # encoder's 3 lower levels' 2 and its middle 2, the decoder's middle 2 and 3 levels' 3.
+    folded = [m for m in channels_last.modules() if type(m) is vae_layout.FoldedResidualBlock]
+    assert len(folded) == 3 * 2 + 2 + 2 + 3 * 3 and not any(type(m) is V.ResidualBlock for m in channels_last.modules())
+    assert channels_last.state_dict().keys() == ncdhw.state_dict().keys()  # the biases stay where they were
     video, latents = inputs(dtype)
     expected, got = every_path(ncdhw, video, latents), {}
     assert (expected["decode chunked"].abs() < 1).float().mean() > 0.9  # mostly inside decode's clamp
@@ -162,11 +167,31 @@ def test_rms_silu_reads_and_writes_channels_last_rows():
         channels = shape[1]
         x = torch.randn(shape, generator=generator).contiguous(memory_format=memory_format)
         gamma = torch.randn(channels, *[1] * (len(shape) - 2), generator=generator)
-        out = triton_ops.rms_silu(x, gamma)
-        assert out.is_contiguous(memory_format=memory_format) and not out.is_contiguous(), shape
-        xd = x.double()
-        normed = xd * (channels ** 0.5 / torch.linalg.vector_norm(xd, dim=1, keepdim=True)) * gamma.double()
-        torch.testing.assert_close(out.double(), normed / (1 + torch.exp(-normed)), rtol=2e-6, atol=2e-6)
+        bias = torch.randn(channels, generator=generator)
+        for b in (None, bias):  # with a bias: x + bias normed (vae_layout.biased_rms_norm_silu)
+            out = triton_ops.rms_silu(x, gamma, b)
+            assert out.is_contiguous(memory_format=memory_format) and not out.is_contiguous(), shape
+            xd = x.double() if b is None else x.double() + b.double().view(-1, *[1] * (len(shape) - 2))
+            normed = xd * (channels ** 0.5 / torch.linalg.vector_norm(xd, dim=1, keepdim=True)) * gamma.double()
+            torch.testing.assert_close(out.double(), normed / (1 + torch.exp(-normed)), rtol=2e-6, atol=2e-6)
+
+
+def test_biased_residual_adds_as_the_block_rounds_it():
+    """triton_ops.biased_residual against vae_layout.biased_residual as written, in float32:
+    the same three roundings of the same sums, so bit for bit; with and without a shortcut
+    bias, 20 channels (masked lanes), two batches, and a shortcut given in NCDHW (copied)."""
+    triton_ops = pytest.importorskip("triton_ops", reason="Triton is not installed (requirements-dev.txt has it)")
+    generator = torch.Generator().manual_seed(4)
+    shortcut, out = (torch.randn(2, 20, 3, 5, 7, generator=generator) for _ in range(2))
+    out = out.contiguous(memory_format=CHANNELS_LAST_3D)
+    bias, shortcut_bias = torch.randn(20, generator=generator), torch.randn(20, generator=generator)
+    for given in (shortcut, shortcut.contiguous(memory_format=CHANNELS_LAST_3D)):
+        for sb in (None, shortcut_bias):
+            got = triton_ops.biased_residual(given, sb, out, bias)
+            assert got.is_contiguous(memory_format=CHANNELS_LAST_3D)
+            assert torch.equal(got, vae_layout.biased_residual(given, sb, out, bias))
+    expected = shortcut.double() + shortcut_bias.double().view(-1, 1, 1, 1) + out.double() + bias.double().view(-1, 1, 1, 1)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)  # and it is that sum
 
 
 def test_the_channels_last_vae_with_the_kernel_computes_what_ncdhw_does_op_by_op():
