@@ -22,7 +22,14 @@ conv over the chunk's frames, whose outputs ("taps") `sum_taps` adds across
 consecutive frames with the bias, and with the shortcut in the residual blocks
 (`TapResidualBlock`), in one pass (a Triton kernel within the fusion). Its cache holds
 what the chunk's last two frames contribute to the next two, not the input frames.
-sample.py runs the Wan VAE this way on CUDA (1.22x the channels-last VAE without it).
+The other residual blocks become `FoldedResidualBlock`s: PyTorch adds a conv's bias in a
+pass of its own over the output, so their convs leave it out and the passes after them
+add it (the norm + SiLU kernel, and one kernel for the residual add with the second
+conv's and a 1x1 shortcut's biases), with the same roundings: on CUDA the same numbers
+bit for bit (bench.py --vae-layout), on the CPU, where oneDNN adds a bias within the
+conv, the same up to float rounding.
+sample.py runs the Wan VAE this way on CUDA (1.27x the channels-last VAE without taps
+or folding, 1.03x of that from the folding; BENCHMARKS.md).
 
 The numbers are those of the NCDHW VAE up to float rounding, and the convolutions meet
 channels-last inputs only (tests/test_vae_layout.py, `conv_inputs_off_channels_last`);
