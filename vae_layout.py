@@ -44,8 +44,10 @@ from torch.overrides import TorchFunctionMode
 import vae as V
 from model import fused
 
-# The memory format each convolution's input should be in, by the name of its function.
-CONV_INPUT_FORMAT = {"conv2d": torch.channels_last, "conv3d": torch.channels_last_3d}
+# The memory format each convolution's input should be in, by the name of its function
+# (mkldnn_convolution: vae.CausalConv3d's own call on the CPU).
+CONV_INPUT_FORMAT = {"conv2d": torch.channels_last, "conv3d": torch.channels_last_3d,
+                     "mkldnn_convolution": torch.channels_last_3d}
 
 
 class RepeatPixels(nn.Module):

@@ -5,8 +5,10 @@ interpreter, alone and inside the VAE.
 
 The CPU's conv3d (slow_conv3d; oneDNN only above a size these clips stay under) returns
 NCDHW whatever its input, where cuDNN returns a channels-last input's result channels-last.
-`CudnnLayout` plays cuDNN's part, so what the layout checks here test is every op of vae.py
-between two convs, and the way into the weights' format at encode and decode. That cuDNN
+`CudnnLayout` plays cuDNN's part for the convs that call conv3d (the causal convs call
+oneDNN themselves on the CPU, which keeps the layout as cuDNN does), so what the layout
+checks here test is every op of vae.py between two convs, and the way into the weights'
+format at encode and decode. That cuDNN
 keeps the layout itself shows on the GPU only (bench.py's vae_layout_bench runs the same
 check there)."""
 
