@@ -65,6 +65,14 @@ def latent_stats(reference):
     return column(reference.config.latents_mean), column(reference.config.latents_std)
 
 
+# Both in float32 with the same weights, summed in other orders: our CPU causal convs go to
+# oneDNN's blocked kernels, diffusers' through PyTorch's im2col loop. A conv of up to
+# 64 · 27 = 1728 products moves by about sqrt(1728) · 6e-8 = 2.5e-6 of its terms' size, and
+# the norms between the layers keep that from compounding: 1e-5 of the largest value
+# (measured 5.1e-7 encoding, 4.2e-6 decoding, AMD EPYC). A wrong weight or layer moves it by O(1).
+TOLERANCE = 1e-5
+
+
 def clip(frames=9, height=32, width=48, seed=2):
     return torch.rand(1, 3, frames, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
@@ -79,7 +87,7 @@ def test_encode_matches_diffusers(reference, diffusers_folder, latent_stats):
     assert latents.shape == (1, 16, 3, 4, 6) and latents.dtype == torch.float32
     error = relative_error(latents, (mu - mean) / std)
     print(f"encode vs diffusers: relative error {error:.2e}")
-    assert error < 1e-5
+    assert error < TOLERANCE
 
 
 def test_decode_matches_diffusers(reference, diffusers_folder, latent_stats):
@@ -93,7 +101,7 @@ def test_decode_matches_diffusers(reference, diffusers_folder, latent_stats):
     assert video.shape == (1, 3, 9, 32, 48)
     error = relative_error(video, expected)
     print(f"decode vs diffusers: relative error {error:.2e}")
-    assert error < 1e-5
+    assert error < TOLERANCE
 
 
 def test_native_layout_loads_the_same(reference, diffusers_folder, tmp_path):
