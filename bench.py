@@ -358,25 +358,28 @@ def floor_bench(timer):
     return lines
 
 
-async def drive_page(url, frames, pace, switch_at=None, prompt="a snowy street at night"):
+SWITCH_PROMPTS = ("a snowy street at night", "a sunny beach at noon", "an autumn forest in fog")
+
+
+async def drive_page(url, frames, pace, switch_at=()):
     """A scripted page over a real WebSocket: frames (RGBA bytes at the model's size) sent
-    at `pace` frames/s with their capture times, a prompt typed before frame `switch_at`;
-    then the edited frames read until none has come for 4 s. Returns what a page sees:
-    {"arrivals": [(arrival ms, capture ms)], "chunks": [chunk messages], "prompt_sent_ms",
-    "errors"} (ms on time.perf_counter's clock, this process)."""
+    at `pace` frames/s with their capture times, SWITCH_PROMPTS[k] typed before frame
+    switch_at[k]; then the edited frames read until none has come for 4 s. Returns what a
+    page sees: {"arrivals": [(arrival ms, capture ms)], "chunks": [chunk messages],
+    "prompts_sent": [(ms, prompt)], "errors"} (ms on time.perf_counter's clock, this process)."""
     import aiohttp
     clock = lambda: time.perf_counter() * 1e3  # noqa: E731
-    seen = {"arrivals": [], "chunks": [], "prompt_sent_ms": None, "errors": []}
+    seen = {"arrivals": [], "chunks": [], "prompts_sent": [], "errors": []}
     for _ in range(120):  # the previous page's session may still be ending
         async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
             hello = await ws.receive_json()
             if hello["type"] == "hello":
-                return await _drive(ws, frames, pace, switch_at, prompt, seen, clock)
+                return await _drive(ws, frames, pace, dict(zip(switch_at, SWITCH_PROMPTS)), seen, clock)
         await asyncio.sleep(0.5)
     raise RuntimeError(f"live.py kept refusing the page: {hello}")
 
 
-async def _drive(ws, frames, pace, switch_at, prompt, seen, clock):
+async def _drive(ws, frames, pace, prompt_at, seen, clock):
     import aiohttp
 
     async def read():
@@ -391,23 +394,22 @@ async def _drive(ws, frames, pace, switch_at, prompt, seen, clock):
     start = clock()
     for i, frame in enumerate(frames):
         await asyncio.sleep(max(0.0, start + i * 1e3 / pace - clock()) / 1e3)
-        if i == switch_at:
-            seen["prompt_sent_ms"] = clock()
-            await ws.send_json({"type": "prompt", "text": prompt})
+        if i in prompt_at:
+            seen["prompts_sent"].append((clock(), prompt_at[i]))
+            await ws.send_json({"type": "prompt", "text": prompt_at[i]})
         await ws.send_bytes(live.HEADER.pack(clock()) + frame)
     count = -1
     while count != len(seen["arrivals"]):  # until nothing more comes for 4 s
         count = len(seen["arrivals"])
         await asyncio.sleep(4)
     reading.cancel()
-    seen["prompt"] = prompt
     return seen
 
 
 def page_figures(seen):
     """The page's figures from drive_page: steady edited frames/s (after the first chunk),
     glass-to-glass ms (median, 90th percentile; from the second chunk on), frames dropped,
-    and with a prompt change the ms from typing it to the first frame edited under it."""
+    and for each prompt change the ms from typing it to the first frame edited under it."""
     arrivals, chunks = seen["arrivals"], seen["chunks"]
     first = chunks[0]["frames"]
     later = arrivals[first:]
@@ -417,11 +419,12 @@ def page_figures(seen):
                "glass_ms": (statistics.median(glass), glass[int(0.9 * (len(glass) - 1))]),
                "chunk_latency_ms": statistics.median(c["chunk_latency_s"] for c in chunks[1:]) * 1e3,
                "prune_ratio": statistics.mean(c["prune_ratio"] for c in chunks[1:]), "gpu_gib": chunks[-1]["gpu_gib"]}
-    if seen["prompt_sent_ms"] is not None:
+    figures["switch_ms"] = []
+    for sent_ms, prompt in seen["prompts_sent"]:  # the prompts differ: the first chunk under each
         index = 0
         for c in chunks:
-            if c["prompt"] == seen["prompt"]:
-                figures["switch_ms"] = arrivals[index][0] - seen["prompt_sent_ms"]
+            if c["prompt"] == prompt:
+                figures["switch_ms"].append(arrivals[index][0] - sent_ms)
                 break
             index += c["frames"]
     return figures
@@ -433,8 +436,8 @@ def live_bench(frames=240, folder=None, smoke=False):
     the CLI's stream of the same clip. For each VAE: sample.py on the clip in a fresh
     process (its steady frames/s), then `python live.py` in a process of its own, driven
     by a scripted page (drive_page) three times: a warm-up, a camera pace the GPU keeps
-    up with (0.8x the CLI's steady rate; glass-to-glass latency and a prompt typed
-    mid-stream), and a pace it does not (1.5x: the page's edited frames/s against the
+    up with (0.8x the CLI's steady rate; glass-to-glass latency and three prompts typed
+    a quarter of the clip apart, their latencies' median and each), and a pace it does not (1.5x: the page's edited frames/s against the
     CLI's, the oldest waiting frames dropped). smoke: the demo's tiny models on the CPU
     at 112x64, checking the harness. Returns printed lines."""
     folder = Path(folder or tempfile.mkdtemp(prefix="lipar_live_"))
@@ -444,7 +447,7 @@ def live_bench(frames=240, folder=None, smoke=False):
     video = io.read_video(clip)[0]
     rgba = [torch.cat([f, torch.full_like(f[..., :1], 255)], -1).numpy().tobytes() for f in video]
     lines = ["| VAE | CLI stream steady f/s | page f/s (paced 1.5x) | page / CLI | glass-to-glass ms median / p90 "
-             "(paced 0.8x) | chunk latency ms | prompt typed → first frame under it, ms | dropped (1.5x) | pruned "
+             "(paced 0.8x) | chunk latency ms | prompt typed → first frame under it, ms: median (each) | dropped (1.5x) | pruned "
              "| GPU GiB |", "|" + " --- |" * 10]
     for kind in ("tiny", "wan"):
         _, stats, _ = run_sample(["--video", clip, "--weights", weights, "--vae", kind, "--out", folder / f"{kind}.mp4",
@@ -467,14 +470,16 @@ def live_bench(frames=240, folder=None, smoke=False):
                     time.sleep(0.5)
             url = f"http://127.0.0.1:{port}/ws"
             asyncio.run(drive_page(url, rgba[:60], 0.8 * cli_fps))  # graphs captured, kernels loaded
-            camera = page_figures(asyncio.run(drive_page(url, rgba, 0.8 * cli_fps, switch_at=frames // 2)))
+            switches = [frames * k // 4 for k in (1, 2, 3)]
+            camera = page_figures(asyncio.run(drive_page(url, rgba, 0.8 * cli_fps, switch_at=switches)))
             flooded = page_figures(asyncio.run(drive_page(url, rgba, 1.5 * cli_fps)))
         finally:
             server.terminate()
             server.wait(30)
         lines.append(f"| {kind} | {cli_fps:.1f} | {flooded['edited_fps']:.1f} | {flooded['edited_fps'] / cli_fps:.0%} "
                      f"| {camera['glass_ms'][0]:.0f} / {camera['glass_ms'][1]:.0f} | {camera['chunk_latency_ms']:.0f} "
-                     f"| {camera.get('switch_ms', float('nan')):.0f} | {flooded['dropped']} of {frames} "
+                     f"| {statistics.median(camera['switch_ms'] or [float('nan')]):.0f} "
+                     f"({', '.join(f'{ms:.0f}' for ms in camera['switch_ms'])}) | {flooded['dropped']} of {frames} "
                      f"| {camera['prune_ratio']:.1%} | {camera['gpu_gib'] or float('nan'):.2f} |")
         print(lines[-1], flush=True)
     return lines
