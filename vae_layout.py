@@ -181,8 +181,7 @@ class FoldedResidualBlock(V.ResidualBlock):
         h = conv1(norm1.silu(x), cache)
         h = conv2(biased_rms_norm_silu(h, conv1.bias, norm2.gamma.detach()), cache)
         if isinstance(self.shortcut, nn.Conv3d):  # 1x1x1, no cache
-            return biased_residual(self.shortcut._conv_forward(x, self.shortcut.weight, None), self.shortcut.bias,
-                                   h, conv2.bias)
+            return biased_residual(F.conv3d(x, self.shortcut.weight), self.shortcut.bias, h, conv2.bias)
         return biased_residual(x, None, h, conv2.bias)
 
 
