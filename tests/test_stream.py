@@ -17,6 +17,7 @@ import demo
 import lipar
 import model as M
 import sample
+import stream
 import vae as V
 import video as io
 from tests.test_graphs import tiny_dit
@@ -116,6 +117,68 @@ def test_vae_pieces_with_one_cache_equal_the_whole_clip():
     torch.testing.assert_close(torch.cat(frames, dim=2), vae.decode(latents, chunked=False), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="4k frames"):
         vae.encode(video[:, :, :5], cache=cache)  # a later piece takes whole groups of 4
+
+
+# ---- the stopwatch on CUDA, with stand-in events ----
+
+
+class FakeGPU:
+    """A GPU timeline for stream.Stopwatch's CUDA path on the CPU: events take the
+    timeline's time when recorded and complete when finish() or a wait says so."""
+
+    def __init__(self):
+        self.now_ms, self.events, self.waits = 0.0, [], 0
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.at, self.done = None, False
+
+            def record(self):
+                self.at = gpu.now_ms
+                gpu.events.append(self)
+
+            def query(self):
+                return self.done
+
+            def synchronize(self):  # a wait only if the event has not completed
+                gpu.waits += not self.done
+                gpu.finish(upto=self)
+
+            def elapsed_time(self, end):
+                assert self.done and end.done, "read before it completed"
+                return end.at - self.at
+
+        self.Event = Event
+
+    def finish(self, upto=None):
+        """Complete every event recorded so far (or up to `upto`, as the stream runs them in order)."""
+        for event in self.events[: None if upto is None else self.events.index(upto) + 1]:
+            event.done = True
+
+
+def test_the_cuda_stopwatch_charges_each_stage_its_events_and_waits_only_when_read(monkeypatch):
+    gpu, peaks = FakeGPU(), iter([1.0, 3.0, 2.0, 0.5])
+    monkeypatch.setattr(torch.cuda, "Event", gpu.Event)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: next(peaks) * 2**30)
+    clock = stream.Stopwatch("cuda")
+    with clock("encode"):
+        gpu.now_ms += 5
+    with clock("dit"):  # encode's end has not completed: nothing read yet, nothing waited for
+        gpu.now_ms += 20
+    assert gpu.waits == 0 and len(clock._pending) == 2
+    gpu.finish()
+    with clock("encode"):  # the finished stages are read as the next one ends, without a wait
+        gpu.now_ms += 7
+    assert gpu.waits == 0 and [stage for stage, _, _ in clock._pending] == ["encode"]
+    gpu.now_ms += 100  # time between stages is no stage's
+    with clock("dit"):
+        gpu.now_ms += 4
+    assert clock.seconds == pytest.approx({"encode": 0.012, "dit": 0.024})
+    assert gpu.waits == 2  # reading them waited for the two stages still in flight
+    assert clock.peaks == {"encode": 2.0, "dit": 3.0}  # the largest of each stage's runs
 
 
 # ---- long clips: any length, flat memory ----
