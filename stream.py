@@ -37,8 +37,8 @@ class Stopwatch:
     Nothing waits for the GPU, so the host queues the next stage while the GPU still runs
     this one, and each stage is still charged its own work: the stream runs the stages in
     the order they were queued. The peaks need no wait either: the allocator counts memory
-    as the work is queued. Finished events are read as later stages start; `seconds`
-    waits for the last one."""
+    as the work is queued. Finished events are read as each stage ends; `seconds` waits
+    for the last one."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -59,7 +59,7 @@ class Stopwatch:
         yield
         end = torch.cuda.Event(enable_timing=True)
         end.record()
-        self.peaks[stage] = max(self.peaks.get(stage, 0.0), torch.cuda.max_memory_allocated(self.device) / 2**30)
+        self._record_peak(stage)
         self._pending.append((stage, start, end))
         self._read(wait=False)
 
@@ -77,6 +77,10 @@ class Stopwatch:
 
     def _add(self, stage, seconds):
         self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
+
+    def _record_peak(self, stage):
+        """The stage's peak GPU memory since its start (GiB): the largest of its runs."""
+        self.peaks[stage] = max(self.peaks.get(stage, 0.0), torch.cuda.max_memory_allocated(self.device) / 2**30)
 
 
 class Timeline:
