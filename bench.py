@@ -837,7 +837,8 @@ def tiny_vae_bench(timer, frames=81):
     graphs and the Triton kernels on: sample.py's defaults), timed by stream.Stopwatch and,
     as the baseline, by one that waits for the GPU at every stage boundary: three rounds
     of the two, alternating, each reported by its median run, and how far apart the two
-    clocks' last outputs are (the same computation: 0 unless the GPU's is not deterministic).
+    clocks' last output files are (the frames handed to the writers are the same run to
+    run; the files have differed where they were: BENCHMARKS.md, "Where two runs' files differ").
     Prints each line as soon as it is measured."""
     import triton_ops
     kernels = triton_ops.Kernels()

@@ -320,8 +320,11 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
     writers = cli.open_writers(outputs, settings.modes, reader, overwrite)
     kept = []
 
+    # Frames that only go to their writers need not be on the host before the next chunk starts
+    passed_through = fidelity is None and not set(outputs) & {"compare", "mask"}
+
     def render(chunk, count, sources, first):  # the frames each output gets from one chunk
-        edited = {mode: io.from_model(video)[:count] for mode, video in chunk.videos.items()}
+        edited = {mode: io.from_model(video, wait=not passed_through)[:count] for mode, video in chunk.videos.items()}
         if chunk.keep is not None:
             kept.append(chunk.keep)
         if fidelity is not None:

@@ -297,7 +297,9 @@ def run(reader, pieces, size, pipeline, render, writers, clock, keep_sources=Fal
     first) turns a chunk into {kind: uint8 frames [count, H, W, 3]}: the `count` source
     frames it replaces (its last chunk may be longer: the padding), `sources` those
     frames at model size (None unless keep_sources), `first` whether it is the first. Each
-    kind goes to writers[kind], in a writer thread. Returns (the writers' notes, the
+    kind goes to writers[kind], in a writer thread; on CUDA the frames may still be on
+    their way to the host, and each write first waits for the GPU to pass the point where
+    render returned. Returns (the writers' notes, the
     Timeline). Raises Interrupted on Ctrl-C or a closed standard output (the finished
     chunks are kept); on any other error every output is discarded."""
     waiting = deque()  # (source frame at model size or None, its time): not yet matched by edited frames
@@ -324,8 +326,14 @@ def run(reader, pieces, size, pipeline, render, writers, clock, keep_sources=Fal
             matched = [waiting.popleft() for _ in range(min(chunk.frames, len(waiting)))]
             sources = torch.stack([f for f, _ in matched]).cpu() if keep_sources and matched else None
             outputs, times = render(chunk, len(matched), sources, index == 0), [t for _, t in matched]
+            copied = None
+            if clock.cuda:  # render's frames may still be on their way from the GPU (video.from_model)
+                copied = torch.cuda.Event()
+                copied.record()
 
-            def write(outputs=outputs, times=times):
+            def write(outputs=outputs, times=times, copied=copied):
+                if copied is not None:
+                    copied.synchronize()
                 for kind, frames in outputs.items():
                     writers[kind].write(frames, times)
                 timeline.wrote(len(times))

@@ -217,12 +217,15 @@ def to_model(frames):
     return frames.permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1
 
 
-def from_model(video):
-    """Float video [1, 3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3] on the CPU."""
+def from_model(video, wait=True):
+    """Float video [1, 3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3] on the CPU.
+    wait=False: from CUDA the frames are copied into pinned memory without waiting; they
+    hold their values once the stream has reached the copy (stream.run waits for that
+    before writing them)."""
     if video.shape[0] != 1:
         raise ValueError(f"from_model takes one video (batch 1), got a batch of {video.shape[0]}")
     pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(1, 2, 3, 0).cpu()
+    return pixels.permute(1, 2, 3, 0).to("cpu", non_blocking=not wait)
 
 
 def padded_length(count):

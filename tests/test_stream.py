@@ -2,6 +2,7 @@
 whole-clip path, long clips in flat memory, pipes, audio, and the KV cache's positions
 far past the training horizon and past the 1,024 positions of Wan's RoPE table."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -178,6 +179,43 @@ def test_the_cuda_stopwatch_charges_each_stage_its_events_and_waits_only_when_re
     assert clock.seconds == pytest.approx({"encode": 0.012, "dit": 0.024})
     assert gpu.waits == 2  # reading them waited for the two stages still in flight
     assert clock.peaks == {"encode": 2.0, "dit": 3.0}  # the largest of each stage's runs
+
+
+def test_each_write_waits_for_the_copy_of_its_frames(monkeypatch):
+    """On CUDA render's frames may still be on their way to the host (video.from_model,
+    wait=False): stream.run records an event after each render, and the writer thread
+    waits for it before writing. Here with stand-in events that complete only when waited
+    for, and a clock that says CUDA while the frames stay on the CPU."""
+    gpu = FakeGPU()
+    monkeypatch.setattr(torch.cuda, "Event", gpu.Event)
+
+    class HostClock:
+        device, cuda = torch.device("cpu"), True
+
+        def __call__(self, stage):
+            return contextlib.nullcontext()
+
+    class Writer:
+        def __init__(self):
+            self.waited = []
+
+        def write(self, frames, times):  # the event recorded after this chunk's render is the i-th
+            self.waited.append(gpu.events[len(self.waited)].done)
+
+        def close(self):
+            return None
+
+    frames = torch.zeros(4, 16, 16, 3, dtype=torch.uint8)
+    pieces = [(frames, [0.1 * i for i in range(4)]) for _ in range(3)]
+
+    def pipeline(video):
+        for piece in video:
+            yield type("Chunk", (), {"frames": piece.shape[2]})()
+
+    writer = Writer()
+    stream.run(type("Reader", (), {"frame_count": 12})(), pieces, (16, 16), pipeline,
+               lambda chunk, count, sources, first: {"edit": frames[:count]}, {"edit": writer}, HostClock())
+    assert writer.waited == [True, True, True] and len(gpu.events) == 3
 
 
 # ---- long clips: any length, flat memory ----
