@@ -154,10 +154,11 @@ def add_edit_flags(p):
     p.add_argument("--fp8", action="store_true",
                    help="the DiT's feed-forward products in fp8 (e4m3, fp8.py): faster on GPUs with fp8 products "
                         "(compute capability 8.9+: Ada, Hopper), at a small error (BENCHMARKS.md)")
-    p.add_argument("--fusion", choices=["triton", "compile", "off"], default="triton",
+    p.add_argument("--fusion", choices=["triton", "compile", "off"],
                    help="how the elementwise chains of the DiT and the VAE run on CUDA: triton, hand-fused "
                         "kernels (triton_ops.py; compiled once per machine into Triton's cache, then loaded in "
-                        "milliseconds); compile, torch.compile in this process (15-50 s per process); off, op by op")
+                        "milliseconds; the default); compile, torch.compile in this process (15-50 s per process); "
+                        "off, op by op")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
@@ -206,9 +207,14 @@ def parse(argv=None):
             args.height, args.width = args.height or 240, args.width or 416
     modes = ["full", "lipar"] if args.compare else [args.mode or "lipar"]
     settings, problems = edit_settings(args, modes, mask_preview=args.save_mask)
+    if not args.prompt.strip():
+        problems.append("--prompt is empty; say what the edited video should show")
     problems += output_problems(args) + input_problems(args.video)
     refuse(problems)
     notes = []
+    if args.dtype in ("bfloat16", "float16") and torch.device(args.device).type == "cpu":
+        print(f"note: --dtype {args.dtype} on the CPU runs through PyTorch's slow fallbacks, many times float32's "
+              "time (the CPU's default); for speed drop --dtype or give --device cuda", file=sys.stderr)
     settle_size(settings, notes)
     return args, settings, notes
 
@@ -302,6 +308,11 @@ def value_problems(args, values):
             problems.append(f"{flag} {device!r}: {problem}")
     if args.fp8 and not device_problem(args.device) and (problem := fp8_problem(torch.device(args.device))):
         problems.append(problem)
+    cuda_only = [flag for flag, given in (("--no-graphs", args.no_graphs), ("--fusion", args.fusion)) if given]
+    if cuda_only and not device_problem(args.device) and torch.device(args.device).type == "cpu":
+        names, verb, them = flag_list(sorted(flag[2:] for flag in cuda_only), "changes", "change")
+        problems.append(f"{names} only {verb} how the models run on CUDA, and --device is cpu: drop {them} or "
+                        "give --device cuda")
     return problems
 
 
@@ -322,6 +333,8 @@ def device_problem(device):
         return "not a device; give cpu or cuda"
     if device.type not in ("cpu", "cuda"):
         return "not a device the models run on here; give cpu or cuda"
+    if device.type == "cpu" and device.index is not None:
+        return "the CPU takes no number; give cpu"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "this machine has no usable CUDA GPU; give cpu"
@@ -368,7 +381,7 @@ def fusion(args):
     off CUDA, where every fused function runs as written: Triton is a GPU-side package)."""
     if args.fusion == "off" or torch.device(args.device).type != "cuda":
         return None
-    if args.fusion == "compile":
+    if args.fusion == "compile":  # None: the default, triton
         return "compile"
     try:
         import triton_ops  # here, not at the top: CPU-only installs have no Triton

@@ -327,8 +327,8 @@ def parser():
     p.add_argument("--width", type=int, default=None, help="model width, a multiple of 16 (default 832; 112 with "
                                                            "random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--fusion", choices=["triton", "compile", "off"], default="triton",
-                   help="the fused kernels on CUDA, as sample.py --fusion")
+    p.add_argument("--fusion", choices=["triton", "compile", "off"],
+                   help="the fused kernels on CUDA, as sample.py --fusion (default triton)")
     return p
 
 
@@ -340,6 +340,11 @@ def settings_of(args, random_weights):
                 if value % 16 or not 16 <= value <= cli.MAX_SIDE]
     if (problem := cli.device_problem(args.device)):
         problems.append(f"--device {args.device!r}: {problem}")
+    elif args.fusion and torch.device(args.device).type == "cpu":
+        problems.append("--fusion only changes how the models run on CUDA, and --device is cpu: drop it or give "
+                        "--device cuda")
+    if not args.prompt.strip():
+        problems.append("--prompt is empty; say what the edited video should show")
     if not 0 < args.port < 65536:
         problems.append(f"--port {args.port} is not a port; give 1 to 65535")
     cli.refuse(problems)

@@ -214,7 +214,9 @@ def attention(q, k, v, key_mask=None, impl="sdpa"):
     return out.transpose(1, 2)
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """Wan's q, k, v, o projections with RMS norms on q and k (both attentions have them)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -222,6 +224,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
+
+class SelfAttention(Projections):
     def project(self, x, rope):
         """x [B, T, D] → queries (rotated to their positions), keys and values (not yet
         rotated: the KV cache and LIPAR's recovery work on pre-RoPE keys), [B, T, H, Dh]."""
@@ -231,16 +235,9 @@ class SelfAttention(nn.Module):
         return apply_rope(q, rope), k, self.v(x).unflatten(-1, heads)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Projections):
     """Tokens attend to the 512 prompt embeddings (no RoPE, no mask: Wan's T2V model
     sees the zero-padded prompt embedding in full)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
     def context_kv(self, context):
         heads = (self.num_heads, -1)

@@ -96,13 +96,13 @@ def test_fp8_on_a_gpu_without_fp8_products_is_one_sentence(monkeypatch):
 
 
 def test_the_fusion_flag_on_the_cpu_and_without_triton(monkeypatch, capsys):
-    """Off CUDA every fused function runs as written, whatever --fusion says; on CUDA
-    without Triton the default says so in one line and runs op by op."""
+    """Off CUDA every fused function runs as written: --fusion there is refused (it would
+    change nothing); on CUDA without Triton the default says so in one line and runs op by op."""
     for choice in ("triton", "compile", "off"):
-        args, _, _ = cli.parse(["--device", "cpu", "--fusion", choice])
-        assert cli.fusion(args) is None
+        with pytest.raises(cli.UsageError, match="--fusion only changes how the models run on CUDA"):
+            cli.parse(["--device", "cpu", "--fusion", choice])
     args, _, _ = cli.parse(["--device", "cpu"])
-    assert args.fusion == "triton"
+    assert args.fusion is None and cli.fusion(args) is None
     args.device = "cuda"  # as if on a GPU machine
     monkeypatch.setitem(sys.modules, "triton_ops", None)  # `import triton_ops` raises ImportError
     assert cli.fusion(args) is None

@@ -95,12 +95,12 @@ def test_each_mode_edits_a_clip_end_to_end(mode, clip, weights, tmp_path, monkey
 
 
 def test_speed_and_mask_flags_are_taken(clip, weights, tmp_path, monkeypatch, capsys):
-    """--mask-lookahead reaches the mask; --no-graphs and --fusion compile change nothing on the CPU."""
+    """--mask-lookahead reaches the mask."""
     monkeypatch.chdir(tmp_path)
     runs = {}
     for lookahead in ("0", "1"):
         args = ["--video", str(clip), "--out", f"{lookahead}.mp4", "--json", f"{lookahead}.json",
-                "--mask-lookahead", lookahead, "--no-graphs", "--fusion", "compile"]
+                "--mask-lookahead", lookahead]
         assert run_cli(args, weights) == 0
         runs[lookahead] = json.loads(Path(f"{lookahead}.json").read_text())
         assert runs[lookahead]["mask_lookahead"] == int(lookahead)
@@ -307,6 +307,8 @@ def test_short_clip_odd_size_and_existing_output(weights, tmp_path, monkeypatch,
     (["--mode", "tape", "--tape-selections", "0"], "--tape-selections 0 is not a count"),
     (["--mode", "tape", "--tape-selections", "5", "--tape-every", "6"], "--tape-every and --tape-selections both"),
     (["--recipe", "paper2"], "argument --recipe: invalid choice: 'paper2'"),
+    (["--prompt", " "], "--prompt is empty; say what the edited video should show"),
+    (["--device", "cpu:3"], "--device 'cpu:3': the CPU takes no number; give cpu"),
 ])
 def test_bad_flags_are_refused_before_any_work(flags, named, clip, weights, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -326,6 +328,9 @@ def test_bad_flags_are_refused_before_any_work(flags, named, clip, weights, tmp_
     (["--compare", "--mode", "tape"], "--compare runs full and lipar side by side; drop --mode tape"),
     (["--prune-ratio", "0.3"], "unrecognized arguments: --prune-ratio"),
     (["--manifest", "jobs.jsonl"], "unrecognized arguments: --manifest"),
+    (["--no-graphs"], "--no-graphs only changes how the models run on CUDA, and --device is cpu: drop it"),
+    (["--fusion", "off"], "--fusion only changes how the models run on CUDA, and --device is cpu: drop it"),
+    (["--fusion", "compile", "--no-graphs"], "--fusion, --no-graphs only change how the models run on CUDA"),
 ])
 def test_flags_without_effect_in_the_mode_are_refused(flags, named, clip, weights, tmp_path, monkeypatch, capsys):
     """A flag the chosen mode would silently ignore is refused in one sentence, before any work."""
@@ -433,3 +438,12 @@ def test_demo_without_arguments_runs_end_to_end(tmp_path, monkeypatch, capsys):
     for kind in ("input", "input_full", "input_lipar", "input_compare", "input_mask"):
         frames, fps = io.read_video(tmp_path / "results" / f"demo_{kind}.mp4")
         assert len(frames) == demo.DEMO_FRAMES and fps == pytest.approx(demo.DEMO_FPS)
+
+
+def test_half_precision_on_the_cpu_is_noted_at_once(capsys):
+    """bfloat16 and float16 run through PyTorch's slow CPU fallbacks: said before any work."""
+    for dtype in ("bfloat16", "float16"):
+        cli.parse(["--device", "cpu", "--dtype", dtype])
+        assert capsys.readouterr().err.startswith(f"note: --dtype {dtype} on the CPU runs through PyTorch's slow")
+    cli.parse(["--device", "cpu", "--dtype", "float32"])
+    assert capsys.readouterr().err == ""
