@@ -184,7 +184,7 @@ def job_settings(record, base, modes, manifest_folder, root=None):
     unknown = [k for k in record if k not in FIELDS]
     if unknown:
         return None, f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}"
-    missing = [k for k in ("video", "prompt") if not record.get(k)]
+    missing = [k for k in ("video", "prompt") if not str(record.get(k) or "").strip()]  # blank is missing
     if missing:
         return None, f"no {' and no '.join(missing)}; every job needs a video and a prompt"
     args = copy.copy(base)

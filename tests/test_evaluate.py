@@ -216,7 +216,8 @@ def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):
                         f"{clips / 'ball.mp4'},a ball,1,lipar,red\n"       # 5: unknown field
                         f"missing.mp4,a ball,1,lipar,\n"                   # 6: no such file
                         f"{clips / 'ball.mp4'},a ball,1,sharp,\n"          # 7: no such mode
-                        f"ball.mp4,a ball,2,full,\n")                      # 8: relative to the manifest: good
+                        f"ball.mp4,a ball,2,full,\n"                       # 8: relative to the manifest: good
+                        f"{clips / 'ball.mp4'},   ,1,lipar,\n")             # 9: a blank prompt
     (tmp_path / "ball.mp4").write_bytes((clips / "ball.mp4").read_bytes())
     base = evaluate.parser().parse_args(["--manifest", str(csv_path)])
     jobs, failures = evaluate.read_manifest(csv_path, base, ["lipar"], tmp_path / "out")
@@ -224,8 +225,8 @@ def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):
     assert jobs[1].video == str(tmp_path / "ball.mp4") and jobs[1].settings.modes == ["full"]
     assert jobs[0].out == str(tmp_path / "out" / "ball.mp4") and jobs[0].settings.seed == 1
     errors = {f["line"]: f["error"] for f in failures}
-    assert sorted(errors) == [3, 4, 5, 6, 7]
-    assert "prompt" in errors[3] and "seed 'one'" in errors[4] and "'colour'" in errors[5]
+    assert sorted(errors) == [3, 4, 5, 6, 7, 9]
+    assert "no prompt" in errors[3] and "no prompt" in errors[9] and "seed 'one'" in errors[4] and "'colour'" in errors[5]
     assert "missing.mp4 does not exist" in errors[6] and "'sharp'" in errors[7]
 
     jsonl = tmp_path / "jobs.jsonl"
