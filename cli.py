@@ -207,8 +207,8 @@ def parse(argv=None):
             args.height, args.width = args.height or 240, args.width or 416
     modes = ["full", "lipar"] if args.compare else [args.mode or "lipar"]
     settings, problems = edit_settings(args, modes, mask_preview=args.save_mask)
-    if not args.prompt.strip():
-        problems.append("--prompt is empty; say what the edited video should show")
+    if problem := prompt_problem(args.prompt):
+        problems.append(problem)
     problems += output_problems(args) + input_problems(args.video)
     refuse(problems)
     notes = []
@@ -308,12 +308,24 @@ def value_problems(args, values):
             problems.append(f"{flag} {device!r}: {problem}")
     if args.fp8 and not device_problem(args.device) and (problem := fp8_problem(torch.device(args.device))):
         problems.append(problem)
-    cuda_only = [flag for flag, given in (("--no-graphs", args.no_graphs), ("--fusion", args.fusion)) if given]
-    if cuda_only and not device_problem(args.device) and torch.device(args.device).type == "cpu":
-        names, verb, them = flag_list(sorted(flag[2:] for flag in cuda_only), "changes", "change")
-        problems.append(f"{names} only {verb} how the models run on CUDA, and --device is cpu: drop {them} or "
-                        "give --device cuda")
+    if problem := cuda_only_problem(args.device, {"no-graphs": args.no_graphs, "fusion": args.fusion}):
+        problems.append(problem)
     return problems
+
+
+def cuda_only_problem(device, flags):
+    """flags {name: value given or None/False}: the sentence refusing those given while
+    `device` is the CPU, where they would change nothing (sample.py, evaluate.py, live.py); or None."""
+    given = sorted(name for name, value in flags.items() if value)
+    if not given or device_problem(device) or torch.device(device).type != "cpu":
+        return None
+    names, verb, them = flag_list(given, "changes", "change")
+    return f"{names} only {verb} how the models run on CUDA, and --device is cpu: drop {them} or give --device cuda"
+
+
+def prompt_problem(prompt):
+    """A blank prompt is refused (sample.py, live.py); None otherwise."""
+    return None if prompt.strip() else "--prompt is empty; say what the edited video should show"
 
 
 def fp8_problem(device):
@@ -377,11 +389,12 @@ def vae_kind(args):
 
 
 def fusion(args):
-    """--fusion as model.fusion takes it: triton_ops.Kernels, "compile" or None (and None
-    off CUDA, where every fused function runs as written: Triton is a GPU-side package)."""
+    """--fusion as model.fusion takes it: triton_ops.Kernels (for "triton" and the default,
+    None), "compile" or None (and None off CUDA, where every fused function runs as
+    written: Triton is a GPU-side package)."""
     if args.fusion == "off" or torch.device(args.device).type != "cuda":
         return None
-    if args.fusion == "compile":  # None: the default, triton
+    if args.fusion == "compile":
         return "compile"
     try:
         import triton_ops  # here, not at the top: CPU-only installs have no Triton

@@ -340,11 +340,8 @@ def settings_of(args, random_weights):
                 if value % 16 or not 16 <= value <= cli.MAX_SIDE]
     if (problem := cli.device_problem(args.device)):
         problems.append(f"--device {args.device!r}: {problem}")
-    elif args.fusion and torch.device(args.device).type == "cpu":
-        problems.append("--fusion only changes how the models run on CUDA, and --device is cpu: drop it or give "
-                        "--device cuda")
-    if not args.prompt.strip():
-        problems.append("--prompt is empty; say what the edited video should show")
+    problems += [p for p in (cli.cuda_only_problem(args.device, {"fusion": args.fusion}),
+                             cli.prompt_problem(args.prompt)) if p]
     if not 0 < args.port < 65536:
         problems.append(f"--port {args.port} is not a port; give 1 to 65535")
     cli.refuse(problems)
