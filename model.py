@@ -494,6 +494,7 @@ class KVCache:
         self.context_kvs = model.context_kvs(context)
         self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask
         self.shift = 0  # frames by which the non-sink positions sit below the frames' true indices
+        self.ring_start = self.sink  # the frame in the ring's first slot (prompts.py moves it to re-cache)
         self.duplicated = None  # the source of the copies write_duplicates wrote last
 
     def reset(self, model, context):
@@ -504,7 +505,7 @@ class KVCache:
         self.memory_k.zero_()
         self.memory_v.zero_()
         self.slot_has_holes = [False] * self.num_slots
-        self.shift, self.duplicated = 0, None
+        self.shift, self.ring_start, self.duplicated = 0, self.sink, None
 
     def position_of(self, frame):
         """The RoPE time position of a non-sink frame: its index, less the rolled-back frames."""
@@ -524,7 +525,7 @@ class KVCache:
     def slot_of(self, frame):
         """A frame's slot (int, or a tensor of frames): the sink frames keep their own,
         later frames take turns in the ring."""
-        ring = self.sink + (frame - self.sink) % self.recent
+        ring = self.sink + (frame - self.ring_start) % self.recent
         return torch.where(frame < self.sink, frame, ring) if torch.is_tensor(frame) else (
             frame if frame < self.sink else ring)
 
@@ -552,7 +553,8 @@ class KVCache:
             self.key_valid.index_copy_(0, slots, chunk_valid)
         for frame in range(start_frame, start_frame + frames):  # host-side bookkeeping, no sync
             self.slot_has_holes[self.slot_of(frame)] = chunk_valid is not None
-        visible = min(start_frame + frames, self.num_slots)
+        end = start_frame + frames
+        visible = end if end <= self.sink else min(self.sink + end - self.ring_start, self.num_slots)
         return slots, visible * n, any(self.slot_has_holes[:visible])
 
     def write_duplicates(self, step, rope):

@@ -16,8 +16,10 @@ what the same clean latents would have written under the new prompt from the sta
 (and a switch to the same prompt changes nothing, bit for bit; tests/test_prompts.py).
 Past the window, the window's frames are written again as a clip of their own: the
 sink frames, then the recent chunks, each attending to those written before it
-(where it had attended to frames that have since left the window); every slot starts
-absent, so no key of the old prompt is ever attended. Only the chunks the window
+(where it had attended to frames that have since left the window), the oldest in the
+ring's first slot. Each replayed chunk then reads a prefix of the cache, the sink and
+the chunks written before it, with no mask (SDPA's fast kernels take none); every slot
+starts absent all the same, so no key of the old prompt is ever attended. Only the chunks the window
 holds are kept: the memory this takes is bounded by the window, however long the
 stream.
 """
@@ -89,10 +91,11 @@ class ScheduledEditor:
     def recache(self, context):
         """The cache under `context`: cross-attention rebuilt, then the window's frames
         written again by memory steps, in order, each attending to those written before
-        it. Every slot starts absent, so no key of the old prompt is ever attended. When
-        the held chunks follow the first one without a gap, that is the whole history;
-        past the window the first chunk is replayed for its sink frames only, since its
-        other frames have left the window."""
+        it, a prefix of the cache. Every slot starts absent, so no key of the old prompt
+        is ever attended. When the held chunks follow the first one without a gap, that
+        is the whole history, in the slots it had; past the window the first chunk is
+        replayed for its sink frames only, since its other frames have left the window,
+        and the ring is written afresh from its first slot."""
         editor, cache = self.editor, self.editor.cache
         cache.reset(self.dit, context)
         cache.key_valid.fill_(False)  # nothing written under the new prompt yet
@@ -102,10 +105,13 @@ class ScheduledEditor:
         gap = any(later[0] != earlier[0] + self.fpc for earlier, later in zip(chunks, chunks[1:]))
         # TAPE's forward closes its scores on a memory step; its bare memory step does not
         memory_step = getattr(editor.forward, "memory_step", None)
-        for start, x0, keep in chunks:
-            if gap and start < self.sink:
-                frames = self.sink - start
-                x0, keep = x0[:, :, :frames], None if keep is None else keep[:frames]
+        replay = [(start, x0[:, :, :self.sink - start], None if keep is None else keep[:self.sink - start])
+                  if gap and start < self.sink else (start, x0, keep) for start, x0, keep in chunks]
+        # the ring written afresh from the first replayed frame past the sink (the frame of
+        # its first slot already, inside the window)
+        cache.ring_start = next((max(start, self.sink) for start, x0, _ in replay if start + x0.shape[2] > self.sink),
+                                self.sink)
+        for start, x0, keep in replay:
             plan = lipar.recovery_plan(keep, editor.mode, has_memory=start > 0) if editor.prunes else None
             if memory_step is not None:
                 memory_step(x0.to(editor.dtype), zero, cache, start)

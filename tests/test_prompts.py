@@ -132,6 +132,41 @@ def test_past_the_window_only_its_frames_are_replayed_and_no_old_key_is_attended
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_past_the_window_the_replay_reads_a_prefix_and_matches_the_masked_one(monkeypatch):
+    """The re-cache writes the ring afresh from its first slot, so no replayed chunk reads
+    a slot it has not written (no mask, no gather). Against a reference written in the
+    stream's own slots, where chunk 9 sits between stale slots and its attention needs
+    the mask: the same keys per frame and the same next forward, up to float64 rounding
+    (the keys are summed in another order; 1e-12 is far above it for these sizes)."""
+    dit = tiny_dit().double()
+    latents, keep = clip_latents(6)
+    _, scheduled = editors(dit, "lipar", [])
+    x0 = [scheduled(latents[:, :, s:s + 3], keep[s:s + 3]) for s in range(0, 15, 3)]
+    claim, absent = scheduled.cache.claim, []
+    monkeypatch.setattr(scheduled.cache, "claim", lambda *a: absent.append(claim(*a)[2]) or claim(*a))
+    new = context(dit, 2)
+    scheduled.recache(new)
+    assert absent == [False, False, False]
+    reference = M.KVCache(dit, new, GRID, (1, 6))
+    reference.key_valid.fill_(False)
+    reference.slot_has_holes = [True] * reference.num_slots
+    zero = torch.zeros(1, 1, dtype=torch.float64)
+    for s, x, frames in ((0, x0[0], 1), (9, x0[3], 3), (12, x0[4], 3)):
+        plan = lipar.recovery_plan(keep[s:s + frames], "lipar", has_memory=s > 0)
+        dit.forward_chunk(x[:, :, :frames], zero, reference, s, memory_step=True, plan=plan)
+    n = GRID[0] * GRID[1]
+    rows = lambda slots: torch.cat([torch.arange(n) + slot * n for slot in slots])  # noqa: E731
+    for name in ("k", "v"):
+        ours, theirs = getattr(scheduled.cache, name), getattr(reference, name)
+        assert torch.allclose(ours[:, :, rows([0, 1, 2, 3, 4, 5, 6])], theirs[:, :, rows([0, 3, 4, 5, 6, 1, 2])],
+                              rtol=0, atol=1e-12), name
+    assert torch.allclose(scheduled.cache.memory_k, reference.memory_k, rtol=0, atol=1e-12)
+    x, t = latents[:, :, 15:18], torch.full((1, 1), 750.0, dtype=torch.float64)
+    plan = lipar.recovery_plan(keep[15:18], "lipar")
+    ours, theirs = dit.forward_chunk(x, t, scheduled.cache, 15, plan=plan), dit.forward_chunk(x, t, reference, 15,
+                                                                                               plan=plan)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12) and not torch.equal(ours, torch.zeros_like(ours))
+
 def test_tape_keeps_its_scores_across_a_re_cache():
     """TAPE's memory step closes a chunk's scores; the re-cache uses its bare memory step,
     so the previous chunk's smoothed scores survive the switch."""
