@@ -9,7 +9,9 @@ The page (live.html: plain HTML and JavaScript, no build step) captures frames a
 model's size and sends them over a WebSocket; the server runs them through the same
 chunk pipeline as sample.py (sample.edit_chunks: encode, mask, DiT, decode) and sends
 the edited frames back with each chunk's figures. A prompt typed on the page takes
-effect at the next chunk boundary through prompts.ScheduledEditor's KV re-cache.
+effect at the next chunk boundary through prompts.ScheduledEditor's KV re-cache; it
+is encoded as it arrives, in a thread beside the edit, so the boundary does not wait
+for the text encoder.
 
 Bounded everywhere: frames waiting for the GPU sit in a queue of two chunks' worth, and
 when they arrive faster than it edits, the oldest are dropped (and counted on the page);
@@ -37,6 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,7 +74,9 @@ class Session:
         self.paused = False
         self.stopped = threading.Event()
         self.prompt = settings.prompt
-        self.changes = deque()  # prompts typed, to take effect at the next boundary
+        self.typed = threading.Lock()
+        self.change = None  # (text, future context): the latest prompt typed, for the next boundary
+        self.encoding = ThreadPoolExecutor(1, thread_name_prefix="prompt")
         self.chunk_prompts = deque()  # the prompt each edited chunk was edited under, in order
         self.sent = deque(maxlen=32)  # (time, frames) of recent chunks: the edited frames/s
         self.read_at = None  # when the latest piece was taken: a chunk's latency runs from there
@@ -90,7 +95,18 @@ class Session:
             self.arrived.notify()
 
     def change_prompt(self, text):
-        self.changes.append(text)
+        """Encode `text` now, beside the edit. A prompt typed before the boundary replaces
+        it, and its encoding is cancelled if not yet started: at most one runs, one waits."""
+        with self.typed:
+            if self.change is not None:
+                self.change[1].cancel()
+            self.change = (text, self.encoding.submit(self.encode, text))
+
+    def take_change(self):
+        """At a boundary: (text, context) of the latest prompt typed, or None."""
+        with self.typed:
+            change, self.change = self.change, None
+        return None if change is None else (change[0], change[1].result())
 
     def pause(self, paused):
         with self.arrived:
@@ -134,6 +150,7 @@ class Session:
             self.send("json", {"type": "error", "message": f"the edit stopped: {err}"})
         finally:
             self.frames.clear()
+            self.encoding.shutdown(wait=False, cancel_futures=True)
 
     def _edit(self):
         vae, dit = self.models.vae(), self.models.dit()
@@ -174,11 +191,10 @@ class _Switching:
 
     def __call__(self, latents, keep=None):
         s = self.session
-        if s.changes:
-            while len(s.changes) > 1:  # several typed before one boundary: the last one wins
-                s.changes.popleft()
-            text = s.changes.popleft()
-            self.editor.schedule.append((0, text, s.encode(text)))
+        change = s.take_change()  # several typed before one boundary: the last one wins
+        if change is not None:
+            text, context = change
+            self.editor.schedule.append((0, text, context))
             s.prompt = text
         s.chunk_prompts.append(s.prompt)
         return self.editor(latents, keep)
@@ -356,8 +372,8 @@ def make_server(args):
     encoder = models.text_encoder()  # kept: every prompt typed is encoded with it
     models.vae(), models.dit()  # loaded now, not when the first page connects
 
-    def encode(text):
-        return sample.encode_prompts(lambda: encoder, [text], torch.device(args.device), models.dtype)[text]
+    def encode(text):  # beside the edit: the encoder stays, and no cache is emptied under the DiT's feet
+        return encoder.encode([text]).to(torch.device(args.device), models.dtype)
 
     return Server(models, settings, encode, fusion=cli.fusion(args)), random_weights
 

@@ -6,6 +6,7 @@ flood, one client at a time, and a client that leaves frees its state."""
 
 import asyncio
 import struct
+import threading
 import time
 
 import pytest
@@ -143,6 +144,33 @@ def test_a_typed_prompt_takes_effect_at_the_next_chunk(server):
     assert [c["prompt"] for c in done[1:3]] == ["a snowy street"] * 2
     assert done[1]["first_frame"] == done[0]["frames"] == 9
 
+
+def test_a_typed_prompt_is_encoded_as_it_arrives_and_a_flood_of_them_stays_bounded(server):
+    """The text encoder runs when the prompt arrives, in a thread of its own, not at the
+    boundary on the edit's; fifty typed during one encoding start at most two more
+    (each new one cancels the waiting one), and the boundary takes the last."""
+    calls, started = [], threading.Event()
+
+    def slow_encode(text):
+        calls.append((text, threading.current_thread().name))
+        started.set()
+        time.sleep(0.3)
+        return torch.full((1, 1), float(len(calls)))
+
+    session = live.Session(server.models, server.context, server.settings, lambda *a: None, slow_encode)
+    try:
+        session.change_prompt("first")
+        assert started.wait(TIMEOUT)
+        for i in range(50):
+            session.change_prompt(f"typed {i}")
+        editor = type("Editor", (), {"schedule": [], "__call__": lambda self, latents, keep=None: "edited"})()
+        assert live._Switching(editor, session)(None) == "edited"
+    finally:
+        session.encoding.shutdown(wait=True)
+    assert [text for text, _ in calls] == ["first", "typed 49"]
+    assert all(name.startswith("prompt") for _, name in calls)
+    assert [(f, text) for f, text, _ in editor.schedule] == [(0, "typed 49")] and session.prompt == "typed 49"
+    assert session.take_change() is None  # taken once
 
 def test_pause_stops_the_output_and_resume_restarts_it(server):
     clip = frames(60, server, seed=2)
