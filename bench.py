@@ -1020,7 +1020,9 @@ def recache_bench(timer, smoke=False):
     fixed coherent mask) and the whole causal cache for full, both in CUDA graphs. Five
     chunks are edited, then timed: one re-cache under another prompt (the held chunks'
     memory steps), one DiT forward of the next chunk (a denoising step), and that
-    chunk's whole edit (3 steps and its memory step). smoke: tiny models on the CPU."""
+    chunk's whole edit (3 steps and its memory step); then one more re-cache, each of its
+    memory steps timed on its own (the editor's forward, wrapped). smoke: tiny models on
+    the CPU."""
     torch.manual_seed(0)
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
     with torch.device(device):
@@ -1033,10 +1035,19 @@ def recache_bench(timer, smoke=False):
     runner = None if smoke else graphs.GraphRunner(dit)
     lines = ["| mode | held chunks | re-cache ms | one DiT forward ms | re-cache / forward | chunk edit ms |",
              "| --- | --- | --- | --- | --- | --- |"]
+    steps = []
     for mode in ("lipar", "full"):
         window = None if mode == "full" else (1, 6)
         forward, cache = sample.plugs(dit, runner, contexts[0], (h, w), mode, window)
-        editor = prompts.ScheduledEditor(sample.ChunkEditor(dit, contexts[0], (h, w), mode, window, 0, forward, cache),
+        forward = forward or dit.forward_chunk
+        replays = []  # (first frame, frames, start, end) of each call while `replays` is being read
+
+        def timed(x, t, cache, start, **kwargs):
+            begin = stamp(smoke)
+            out = forward(x, t, cache, start, **kwargs)
+            replays.append((start, x.shape[2], begin, stamp(smoke)))
+            return out
+        editor = prompts.ScheduledEditor(sample.ChunkEditor(dit, contexts[0], (h, w), mode, window, 0, timed, cache),
                                          dit, [])
         with torch.no_grad():
             for s in range(0, 15, 3):
@@ -1049,10 +1060,29 @@ def recache_bench(timer, smoke=False):
             forward_ms = timer(step)
             chunk_ms = timer(lambda: [step() for _ in range(3)]
                              + [editor.forward(x, t * 0, editor.cache, 15, memory_step=True, plan=plan)])
+            replays.clear()
+            editor.recache(contexts[1])
+            if not smoke:
+                torch.cuda.synchronize()
         held = len(editor.first) + len(editor.held)
         lines.append(f"| {mode} | {held} | {recache_ms:.1f} | {forward_ms:.1f} | {recache_ms / forward_ms:.2f} "
                      f"| {chunk_ms:.1f} |")
-    print("\n".join(lines), flush=True)
+        steps.append(f"{mode}'s re-cache, memory step by memory step: " + ", ".join(
+            f"latent frames {s}-{s + f - 1} {elapsed_ms(a, b):.1f} ms" for s, f, a, b in replays))
+    print("\n".join(lines + steps), flush=True)
+
+
+def stamp(smoke):
+    """A point in time for elapsed_ms: a recorded CUDA event (no wait), or the CPU's clock."""
+    if smoke:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def elapsed_ms(a, b):
+    return (b - a) * 1e3 if isinstance(a, float) else a.elapsed_time(b)
 
 
 def random_(module, std=0.02):
