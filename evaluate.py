@@ -308,6 +308,19 @@ def check_job_outputs(job, args):
     cli.check_paths(named + [("the stats", stats_path(job))], [job.video], args.weights, args.overwrite)
 
 
+def check_inputs_kept(jobs, manifest, folder):
+    """Refuse, before any work, a run that would write over what it reads: a job's video,
+    stats or the report on the manifest, or one job's output on another job's video."""
+    inputs = ([("the manifest", manifest)] if manifest else []) + [(f"the video of {j.name}", j.video) for j in jobs]
+    written = [(f"the report {folder / name}", folder / name) for name in ("report.json", "report.md")]
+    written += [(f"{j.name}'s output {path}", path) for j in jobs for path in [*job_outputs(j).values(), stats_path(j)]]
+    for what, path in written:
+        for source, source_path in inputs:
+            if files.same_file(path, source_path):
+                raise cli.UsageError(f"{what} would replace {source}; give that job another \"out\" (or the run "
+                                     "another --out folder)")
+
+
 def stats_path(job):
     return Path(job.out).with_suffix(".json")
 
@@ -422,6 +435,7 @@ def main(argv=None):
     if not jobs and not failures:
         raise cli.UsageError(f"the manifest {args.manifest} holds no jobs; write one per line, e.g. "
                              '{"video": "clip.mp4", "prompt": "..."}, or a .csv with a header row')
+    check_inputs_kept(jobs, args.manifest, folder)
     mine = jobs[rank::world]
     results, todo = {}, []
     for job in mine:

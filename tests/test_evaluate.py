@@ -364,3 +364,28 @@ def test_a_stopped_batch_keeps_its_finished_jobs_and_a_rerun_edits_only_the_rest
     rerun = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stdout.count("finished before, skipped") == 2 and "[1/1] long:" in rerun.stdout
+
+
+def test_a_run_that_would_write_over_its_manifest_or_a_later_jobs_video_is_refused(clips, weights, tmp_path, capsys):
+    """With --overwrite too: a job's stats (its out with .json) on the manifest, the report
+    on the manifest, and one job's output on another job's video are refused before any
+    work, and nothing is touched."""
+    ball = clips / "ball.mp4"
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"video": str(ball), "prompt": "p", "out": str(tmp_path / "m.mp4")}) + "\n")
+    before = manifest.read_bytes()
+    assert run_eval(manifest, weights, tmp_path / "r", "--overwrite") == 2
+    assert "would replace the manifest" in capsys.readouterr().err and manifest.read_bytes() == before
+    report = tmp_path / "r2" / "report.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps({"video": str(ball), "prompt": "p", "out": str(tmp_path / "x.mp4")}) + "\n")
+    assert run_eval(report, weights, report.parent, "--overwrite") == 2
+    assert "the report" in capsys.readouterr().err
+    second = tmp_path / "b_lipar.mp4"  # with --eval's two modes, job 1's lipar edit of out b.mp4
+    second.write_bytes(ball.read_bytes())
+    chained = tmp_path / "chain.jsonl"
+    chained.write_text(json.dumps({"video": str(ball), "prompt": "p", "out": str(tmp_path / "b.mp4")}) + "\n"
+                       + json.dumps({"video": str(second), "prompt": "q"}) + "\n")
+    assert run_eval(chained, weights, tmp_path / "r3", "--overwrite") == 2
+    assert "would replace the video of" in capsys.readouterr().err and second.read_bytes() == ball.read_bytes()
+    assert not (tmp_path / "m.mp4").exists() and not (tmp_path / "x.mp4").exists()
