@@ -134,7 +134,11 @@ def writing(target, overwrite=False):
 
 def write_text(target, text, overwrite=False):
     with writing(target, overwrite) as partial:
-        partial.write_text(text)
+        try:
+            partial.write_text(text)
+        except OSError as err:  # a full disk, a file-size limit: one sentence, the partial file removed
+            raise OutputError(f"could not write {target}: {err.strerror or err}; free some space or choose another "
+                              "path") from None
 
 
 def same_file(a, b):

@@ -603,3 +603,17 @@ def test_the_weight_tools_refuse_edit_flags_they_would_ignore(flags, named, tmp_
     monkeypatch.chdir(tmp_path)
     assert cli.guarded(sample.main, flags) == 2
     assert named in one_error(capsys) and list(tmp_path.iterdir()) == []
+
+
+def test_a_text_output_that_cannot_be_written_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk or a file-size limit while --json (or a report) is written: OutputError
+    (exit 2 through cli.guarded), neither the target nor its partial file left."""
+    import errno
+
+    def full(self, text):
+        raise OSError(errno.EFBIG, "File too large")
+    monkeypatch.setattr(Path, "write_text", full)
+    target = tmp_path / "stats.json"
+    with pytest.raises(files.OutputError, match="could not write .*File too large"):
+        files.write_text(target, "{}")
+    assert list(tmp_path.iterdir()) == []
