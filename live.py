@@ -349,8 +349,8 @@ def parser():
 
 
 def settings_of(args, random_weights):
-    height = args.height or (64 if random_weights else 480)
-    width = args.width or (112 if random_weights else 832)
+    height = (64 if random_weights else 480) if args.height is None else args.height  # 0 is refused, not a default
+    width = (112 if random_weights else 832) if args.width is None else args.width
     problems = [f"--{name} {value} is not a multiple of 16 from 16 to {cli.MAX_SIDE}"
                 for name, value in (("height", height), ("width", width))
                 if value % 16 or not 16 <= value <= cli.MAX_SIDE]

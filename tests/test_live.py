@@ -288,6 +288,7 @@ def test_one_client_at_a_time_and_a_client_that_leaves_frees_its_state(server):
 
 @pytest.mark.parametrize("flags, named", [(["--port", "0"], "--port 0 is not a port"),
                                           (["--height", "50"], "--height 50 is not a multiple of 16"),
+                                          (["--width", "0"], "--width 0 is not a multiple of 16"),
                                           (["--device", "tpu"], "--device 'tpu'"),
                                           (["--device", "cpu", "--fusion", "triton"], "--fusion only changes how"),
                                           (["--prompt", ""], "--prompt is empty")])
