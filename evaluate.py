@@ -311,14 +311,16 @@ def check_job_outputs(job, args):
 def check_inputs_kept(jobs, manifest, folder):
     """Refuse, before any work, a run that would write over what it reads: a job's video,
     stats or the report on the manifest, or one job's output on another job's video."""
-    inputs = ([("the manifest", manifest)] if manifest else []) + [(f"the video of {j.name}", j.video) for j in jobs]
+    inputs = {}  # file key -> what reads it (files.file_keys: one lookup per output, however many jobs)
+    for source, path in ([("the manifest", manifest)] if manifest else []) + [(f"the video of {j.name}", j.video)
+                                                                             for j in jobs]:
+        inputs.update((key, source) for key in files.file_keys(path) if key not in inputs)
     written = [(f"the report {folder / name}", folder / name) for name in ("report.json", "report.md")]
     written += [(f"{j.name}'s output {path}", path) for j in jobs for path in [*job_outputs(j).values(), stats_path(j)]]
     for what, path in written:
-        for source, source_path in inputs:
-            if files.same_file(path, source_path):
-                raise cli.UsageError(f"{what} would replace {source}; give that job another \"out\" (or the run "
-                                     "another --out folder)")
+        if source := next((inputs[key] for key in files.file_keys(path) if key in inputs), None):
+            raise cli.UsageError(f"{what} would replace {source}; give that job another \"out\" (or the run "
+                                 "another --out folder)")
 
 
 def stats_path(job):

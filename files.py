@@ -141,12 +141,19 @@ def write_text(target, text, overwrite=False):
                               "path") from None
 
 
-def same_file(a, b):
-    """Whether two paths name one file: the same path, or a link (hard or symbolic) to it."""
-    a, b = Path(a), Path(b)
+def file_keys(path):
+    """What names a file: its resolved path and, if it exists, its (device, inode). Two
+    paths name one file when their keys meet (a set of many paths' keys is one lookup)."""
+    path = Path(path)
+    keys = {path.resolve()}
     try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
+        stat = path.stat()
+        keys.add((stat.st_dev, stat.st_ino))
     except OSError:
         pass
-    return a.resolve() == b.resolve()
+    return keys
+
+
+def same_file(a, b):
+    """Whether two paths name one file: the same path, or a link (hard or symbolic) to it."""
+    return bool(file_keys(a) & file_keys(b))
