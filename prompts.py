@@ -19,9 +19,9 @@ sink frames, then the recent chunks, each attending to those written before it
 (where it had attended to frames that have since left the window), the oldest in the
 ring's first slot. Each replayed chunk then reads a prefix of the cache, the sink and
 the chunks written before it, with no mask (SDPA's fast kernels take none); every slot
-starts absent all the same, so no key of the old prompt is ever attended. Only the chunks the window
-holds are kept: the memory this takes is bounded by the window, however long the
-stream.
+starts absent all the same, so no key of the old prompt is ever attended. Only the
+chunks the window holds are kept: the memory this takes is bounded by the window,
+however long the stream.
 """
 
 from collections import deque

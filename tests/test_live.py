@@ -172,6 +172,7 @@ def test_a_typed_prompt_is_encoded_as_it_arrives_and_a_flood_of_them_stays_bound
     assert [(f, text) for f, text, _ in editor.schedule] == [(0, "typed 49")] and session.prompt == "typed 49"
     assert session.take_change() is None  # taken once
 
+
 def test_pause_stops_the_output_and_resume_restarts_it(server):
     clip = frames(60, server, seed=2)
 
