@@ -286,12 +286,8 @@ def value_problems(args, values):
         problems.append(f"--tape-selections {values['tape_selections']} is not a count; give 1 or more")
     if getattr(args, "tape_every", None) is not None and values["tape_selections"] is not None:
         problems.append("--tape-every and --tape-selections both set the reselections; give one of them")
-    if cannot_hold_a_chunk(values["m"]):
-        problems.append(f"--m {window_text(values['m'])} cannot hold a chunk; give SINK >= 0 and RECENT >= 3 "
-                        "latent frames (e.g. 1,6) or 'all'")
-    elif values["m"] != "all" and sum(values["m"]) > MAX_WINDOW:
-        problems.append(f"--m {window_text(values['m'])} spans more than the {MAX_WINDOW} latent frames the model "
-                        f"was trained on; give SINK + RECENT <= {MAX_WINDOW} (or 'all': the whole causal cache)")
+    if problem := window_problem("--m", values["m"]):
+        problems.append(problem)
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and not 0 < value <= MAX_SIDE:
@@ -360,9 +356,18 @@ def not_a_threshold(value, inf_allowed=False):
     return math.isnan(value) or value < 0 or (math.isinf(value) and not inf_allowed)
 
 
-def cannot_hold_a_chunk(window):
-    """An M-degree window (SINK, RECENT) must keep the current chunk's 3 frames."""
-    return window != "all" and (window[0] < 0 or window[1] < 3)
+def window_problem(flag, window):
+    """Why an M-degree window (SINK, RECENT) cannot be used (a sentence naming `flag`), or
+    None: it must keep the current chunk's 3 frames and stay inside the trained positions."""
+    if window == "all":
+        return None
+    if window[0] < 0 or window[1] < 3:
+        return (f"{flag} {window_text(window)} cannot hold a chunk; give SINK >= 0 and RECENT >= 3 latent frames "
+                "(e.g. 1,6) or 'all'")
+    if sum(window) > MAX_WINDOW:
+        return (f"{flag} {window_text(window)} spans more than the {MAX_WINDOW} latent frames the model was trained "
+                f"on; give SINK + RECENT <= {MAX_WINDOW} (or 'all': the whole causal cache)")
+    return None
 
 
 def output_problems(args):

@@ -114,9 +114,7 @@ def parse(argv=None):
     for theta in args.sweep_theta or []:
         if cli.not_a_threshold(theta):
             problems.append(f"--sweep-theta {theta} is not a threshold; give numbers >= 0")
-    for m in args.sweep_m or []:
-        if cli.cannot_hold_a_chunk(m):
-            problems.append(f"--sweep-m {cli.window_text(m)} cannot hold a chunk; give SINK >= 0 and RECENT >= 3")
+    problems += [problem for m in args.sweep_m or [] if (problem := cli.window_problem("--sweep-m", m))]
     modes = list(dict.fromkeys(args.eval_modes or ["full", "lipar"])) if args.eval else [args.mode or "lipar"]
     problems += cli.edit_settings(args, modes)[1]
     cli.refuse(problems)
@@ -170,6 +168,35 @@ def read_records(path):
     return records
 
 
+def whole_number(value):
+    """A manifest's integer: a JSON integer or its digits as text (a CSV cell), never 1.7 or true."""
+    if isinstance(value, (bool, float)):
+        raise ValueError(value)
+    return int(value)
+
+
+def real_number(value):
+    """A manifest's number: a JSON number or its digits as text, never true."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)
+
+
+def window(value):
+    """A manifest's window: "1,6", [1, 6] or "all"."""
+    if isinstance(value, list):
+        value = ",".join(str(whole_number(v)) for v in value)
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return cli.parse_window(value)
+
+
+TEXT_FIELDS = ("video", "prompt", "name", "out", "mode")
+CONVERTERS = {"seed": (whole_number, "a whole number"), "theta": (real_number, "a number"),
+              "theta2": (real_number, "a number"), "mask_lookahead": (whole_number, "a whole number"),
+              "tape_ratio": (real_number, "a number"), "m": (window, "a window SINK,RECENT")}
+
+
 def job_settings(record, base, modes, manifest_folder, root=None):
     """(video, out or None, EditSettings) of one manifest record, or (None, what is
     wrong): the record's fields override the command's flags in `base`, and are checked
@@ -184,19 +211,21 @@ def job_settings(record, base, modes, manifest_folder, root=None):
     unknown = [k for k in record if k not in FIELDS]
     if unknown:
         return None, f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}"
-    missing = [k for k in ("video", "prompt") if not str(record.get(k) or "").strip()]  # blank is missing
+    record = {k: v for k, v in record.items() if v is not None}  # JSON's null: the field is absent
+    not_text = [k for k in TEXT_FIELDS if k in record and not isinstance(record[k], str)]
+    if not_text:
+        return None, f"{not_text[0]} {record[not_text[0]]!r} is not text; write it as a JSON string, in quotes"
+    missing = [k for k in ("video", "prompt") if not record.get(k, "").strip()]  # blank is missing
     if missing:
         return None, f"no {' and no '.join(missing)}; every job needs a video and a prompt"
     args = copy.copy(base)
-    args.prompt = str(record["prompt"])
-    converters = {"seed": int, "theta": float, "theta2": float, "mask_lookahead": int, "tape_ratio": float,
-                  "m": lambda v: cli.parse_window(",".join(map(str, v)) if isinstance(v, list) else str(v))}
-    for key, convert in converters.items():
+    args.prompt = record["prompt"]
+    for key, (convert, kind) in CONVERTERS.items():
         if key in record:
             try:
                 setattr(args, key, convert(record[key]))
             except (TypeError, ValueError, argparse.ArgumentTypeError):
-                return None, f"{key} {record[key]!r} is not {'a window SINK,RECENT' if key == 'm' else convert.__name__}"
+                return None, f"{key} {record[key]!r} is not {kind}"
     if args.mask_lookahead not in (None, 0, 1):
         return None, f"mask_lookahead {args.mask_lookahead} is not 0 or 1"
     if "mode" in record:
@@ -415,11 +444,14 @@ def main(argv=None):
     rank, world = start_distributed(args.device)
     say = print if rank == 0 and world == 1 else (lambda *a, **k: print(f"[rank {rank}]", *a, **k))
     folder = Path(args.out or Path("results") / (Path(args.manifest).stem if args.manifest else "eval_demo"))
-    folder.mkdir(parents=True, exist_ok=True)
     weights = args.weights if Path(args.weights).exists() else None
     if weights is None and args.manifest:
         raise cli.UsageError(f"no weights at {args.weights}; download them as weights.md says (or run "
                              "`python evaluate.py --eval` for the random-weight demo clips)")
+    if problem := files.folder_problem(folder):
+        raise cli.UsageError(f"--out {folder}: {problem}")
+    if weights and folder.resolve().is_relative_to(Path(weights).resolve()):
+        raise cli.UsageError(f"--out {folder} is inside the weights folder {weights}; choose another results folder")
     settings = cli.edit_settings(args, modes)[0]
     models = sample.Models(weights, args.device, cli.model_dtype(args), args.text_device or args.device,
                            use_graphs=not args.no_graphs, vae=settings.vae, fp8=args.fp8)
@@ -438,6 +470,10 @@ def main(argv=None):
         raise cli.UsageError(f"the manifest {args.manifest} holds no jobs; write one per line, e.g. "
                              '{"video": "clip.mp4", "prompt": "..."}, or a .csv with a header row')
     check_inputs_kept(jobs, args.manifest, folder)
+    try:
+        files.prepare_folder(folder / "report.md")
+    except files.OutputError as err:
+        raise cli.UsageError(str(err)) from None
     mine = jobs[rank::world]
     results, todo = {}, []
     for job in mine:

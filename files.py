@@ -46,6 +46,18 @@ def target_problem(path, overwrite):
     return None
 
 
+def folder_problem(folder):
+    """Why `folder` cannot be an output folder (a sentence), or None: the nearest part of
+    it that exists must be a folder this process may write into. Makes nothing."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder; choose another output folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write into the folder {existing} (permission denied); choose another output folder"
+    return None
+
+
 def prepare_folder(path):
     """Make the target's folder and check that a file can be created there, before any work."""
     folder = Path(path).parent

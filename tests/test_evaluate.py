@@ -236,6 +236,21 @@ def test_bad_lines_are_named_with_their_line_numbers(clips, tmp_path):
     assert jobs == [] and [f["line"] for f in failures] == [1, 4, 5, 6]
     assert "full among them" in failures[0]["error"] and "not JSON" in failures[1]["error"]
     assert failures[3]["error"] == "both video and video_path; give one of them"
+    typed = tmp_path / "typed.jsonl"  # JSON's types are checked, not converted: 1.7 is no seed, 123 no path
+    typed.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"video": 123, "prompt": "p"}, {"video": "ball.mp4", "prompt": "p", "out": 5},
+        {"video": "ball.mp4", "prompt": "p", "seed": 1.7}, {"video": "ball.mp4", "prompt": "p", "seed": True},
+        {"video": "ball.mp4", "prompt": ["p"]}, {"video": "ball.mp4", "prompt": "p", "m": [1, 6.5]},
+        {"video": "ball.mp4", "prompt": "p", "theta": False},
+        {"video": "ball.mp4", "prompt": "p", "seed": "3", "m": [1, 6], "theta": "0.2", "out": None}]))
+    jobs, failures = evaluate.read_manifest(typed, base, ["lipar"], tmp_path / "out")
+    assert [(j.line, j.settings.seed, j.settings.window, j.settings.theta) for j in jobs] == [(8, 3, (1, 6), 0.2)]
+    assert [f["error"] for f in failures] == [
+        "video 123 is not text; write it as a JSON string, in quotes",
+        "out 5 is not text; write it as a JSON string, in quotes",
+        "seed 1.7 is not a whole number", "seed True is not a whole number",
+        "prompt ['p'] is not text; write it as a JSON string, in quotes",
+        "m [1, 6.5] is not a window SINK,RECENT", "theta False is not a number"]
     array = tmp_path / "jobs.json"  # a .json may also hold one array of jobs
     array.write_text(json.dumps([{"video_path": "ball.mp4", "prompt": "p"}, "not a job"]))
     jobs, failures = evaluate.read_manifest(array, base, ["lipar"], tmp_path / "out")
@@ -281,12 +296,17 @@ def test_the_authors_evaluation_list_runs_as_published(clips, weights, tmp_path,
     (["--eval", "--out", "report.mp4"], "results folder"),
     (["--eval", "--compare"], "--compare"),  # sample.py's, not evaluate.py's
     (["--eval", "--sweep-m", "1,2"], "cannot hold a chunk"),
+    (["--eval", "--sweep-m", "1,30"], "--sweep-m 1,30 spans more than the 21 latent frames"),
+    (["--eval", "--out", "taken"], "--out taken: taken is a file, not a folder"),
+    (["--eval", "--out", "taken/r"], "--out taken/r: taken is a file, not a folder"),
 ])
 def test_bad_batch_flags_are_refused(flags, named, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file where the results folder would go")
     assert cli.guarded(evaluate.main, flags) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing made, not even an empty folder
 
 
 # -----------------------------------------------------------------------------
@@ -333,6 +353,10 @@ def test_a_manifest_with_no_job_or_none_that_runs(weights, tmp_path, capsys):
                        "--out", str(tmp_path / "r")]) == 1
     md = (tmp_path / "r" / "report.md").read_text()
     assert "No job was edited" in md and "gone.mp4 does not exist" in md and "## Overall" not in md
+    inside = Path(weights) / "results"  # refused before anything is made there
+    assert cli.guarded(evaluate.main, ["--manifest", str(bad), "--weights", str(weights), "--device", "cpu",
+                       "--out", str(inside)]) == 2
+    assert "is inside the weights folder" in capsys.readouterr().err and not inside.exists()
 
 
 def test_a_stopped_batch_keeps_its_finished_jobs_and_a_rerun_edits_only_the_rest(clips, weights, tmp_path):
