@@ -179,7 +179,8 @@ def parser():
     p.add_argument("--compare", action="store_true",
                    help="run full and lipar from the same noise; write a side-by-side video and their PSNR")
     p.add_argument("--save-mask", action="store_true", help="write the input with pruned patches greyed out")
-    p.add_argument("--json", help="write all stats to this JSON file")
+    p.add_argument("--json", help="write all stats to this JSON file, or - for standard output (the summary "
+                   "then goes to standard error)")
     p.add_argument("--check-weights", action="store_true", help="verify the weights folder (names, shapes) and exit")
     p.add_argument("--convert-checkpoint", nargs=2, metavar=("PT", "SAFETENSORS"),
                    help="convert Self-Forcing's self_forcing_dmd.pt to safetensors once, and exit")
@@ -188,14 +189,13 @@ def parser():
 
 def parse(argv=None):
     """sample.py's flags: (args, EditSettings, notes), every problem refused in one UsageError."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     tool = "--check-weights" if args.check_weights else "--convert-checkpoint" if args.convert_checkpoint else None
-    if tool:
-        given = [flag for flag, value in (("--video", args.video), ("--out", args.out), ("--json", args.json),
-                                          ("--mode", args.mode), ("--compare", args.compare),
-                                          ("--save-mask", args.save_mask), ("--prompt-at", args.prompt_at), ("--fp8", args.fp8),
-                                          ("--convert-checkpoint", args.check_weights and args.convert_checkpoint))
-                 if value]
+    if tool:  # it reads --weights (--check-weights) or writes its target (--overwrite); any other flag is an edit's
+        takes = {"check_weights": {"weights"}, "convert_checkpoint": {"overwrite"}}[tool[2:].replace("-", "_")]
+        given = ["--" + name.replace("_", "-") for name, value in vars(args).items()
+                 if name not in takes and name != tool[2:].replace("-", "_") and value != p.get_default(name)]
         if given:
             raise UsageError(f"{tool} runs on its own and edits nothing; drop {', '.join(given)}")
     if args.compare and args.mode is not None:
@@ -371,13 +371,26 @@ def window_problem(flag, window):
 
 
 def output_problems(args):
+    """--out is an .mp4 or - ; --json a file name or - ; standard output, when named, is open and named once."""
+    problems = []
     if args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() != ".mp4":
-        return [f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name"]
-    return []
+        problems.append(f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name")
+    if args.json is not None and not args.json.strip():
+        problems.append("--json is empty; give a file name for the stats, or - for standard output")
+    if args.out == io.STDIO and args.json == io.STDIO:
+        problems.append("--out - and --json - both name standard output; give --json a file name")
+    elif io.STDIO in (args.out, args.json) and sys.stdout is None:
+        problems.append(f"{'--out' if args.out == io.STDIO else '--json'} - writes to standard output, which is "
+                        "closed; give a file name or run the command with its output open")
+    return problems
 
 
 def input_problems(video):
     """A video must be a file, a named pipe (also /dev/fd/N, <(...)), a camera or -."""
+    if video == io.STDIO and sys.stdin is None:
+        return ["--video - reads standard input, which is closed; pipe a video in or give a file"]
+    if not (video is None or video.strip()):
+        return ["--video is empty; give the path of a video file, a camera device or - (standard input)"]
     if video in (None, io.STDIO) or io.is_camera(video) or io.is_pipe(video) or Path(video).is_file():
         return []
     state = "is a folder" if Path(video).is_dir() else "does not exist"
@@ -477,7 +490,7 @@ def check_outputs(args, settings):
     outputs = {kind: io.STDIO if args.out == io.STDIO else output_path(args, kind, several=len(kinds) > 1)
                for kind in kinds}
     named = [(f"the {kind} output", path) for kind, path in outputs.items() if path != io.STDIO]
-    if args.json:
+    if args.json not in (None, io.STDIO):
         named.append(("--json", Path(args.json)))
     check_paths(named, [args.video], args.weights, args.overwrite)
     return outputs
@@ -546,7 +559,11 @@ def render_outputs(edited, outputs, sources, keep, first):
 
 
 def write_json(path, stats, overwrite=False):
-    files.write_text(path, json.dumps(stats, indent=2), overwrite)
+    """The stats as JSON to the file `path`, or to standard output for -."""
+    if path == io.STDIO:
+        print(json.dumps(stats, indent=2), flush=True)
+    else:
+        files.write_text(path, json.dumps(stats, indent=2), overwrite)
 
 
 def guarded(main, argv=None):

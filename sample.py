@@ -367,7 +367,7 @@ def main(argv=None):
     demo_run = args.video is None
     models = Models(cli.weights_folder(args, demo_run), args.device, cli.model_dtype(args),
                     args.text_device or args.device, use_graphs=not args.no_graphs, vae=settings.vae, fp8=args.fp8)
-    report = sys.stderr if args.out == io.STDIO else sys.stdout  # standard output may be the video
+    report = sys.stderr if io.STDIO in (args.out, args.json) else sys.stdout  # stdout may be the video or stats
     if demo_run:
         args.video = cli.write_demo_clip()
         print(f"demo: editing {args.video} with the prompt {args.prompt!r}", file=report)
@@ -385,7 +385,7 @@ def main(argv=None):
         stats = edit_video(reader, models, contexts[args.prompt], settings, outputs, clock, notes,
                            overwrite=args.overwrite, schedule=[(f, p, contexts[p]) for f, p in settings.prompt_at])
     summary.print_summary(stats, report)
-    if args.json:
+    if args.json is not None:
         cli.write_json(args.json, stats, args.overwrite)
     return 0
 

@@ -598,6 +598,9 @@ def test_the_demo_honours_mode_and_refuses_what_that_mode_ignores(tmp_path, monk
      "--convert-checkpoint runs on its own and edits nothing; drop --out, --json"),
     (["--check-weights", "--convert-checkpoint", "a.pt", "b.safetensors"], "drop --convert-checkpoint"),
     (["--check-weights", "--fp8"], "--check-weights runs on its own and edits nothing; drop --fp8"),
+    (["--check-weights", "--theta", "0.2", "--seed", "3", "--overwrite"], "drop --theta, --seed, --overwrite"),
+    (["--convert-checkpoint", "a.pt", "b.safetensors", "--prompt", "a cat", "--weights", "w"],
+     "drop --prompt, --weights"),
 ])
 def test_the_weight_tools_refuse_edit_flags_they_would_ignore(flags, named, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -269,12 +269,33 @@ def test_standard_input_to_standard_output_with_audio(weights, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_stats_to_standard_output(weights, tmp_path, monkeypatch, capsys):
+    """--json - : standard output holds the stats and nothing else (for `| jq`); the
+    summary goes to standard error."""
+    monkeypatch.chdir(tmp_path)
+    io.write_video(tmp_path / "in.mp4", moving_clip(9), 24)
+    assert run_cli(["--video", "in.mp4", "--out", "edit.mp4", "--json", "-"], weights) == 0
+    out, err = capsys.readouterr()
+    stats = json.loads(out)
+    assert stats["frames"] == 9 and "wrote lipar: edit.mp4" in err and not (tmp_path / "-").exists()
+
+
 def test_stream_flags_are_checked(weights, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run_cli(["--video", "-", "--out", "-", "--compare"], weights) == 2
-    assert "--out - writes one video" in capsys.readouterr().err
-    assert run_cli(["--video", "/dev/video-nonexistent"], weights) == 2
-    assert "a camera device or - (standard input)" in capsys.readouterr().err
+    for flags, named in [(["--video", "-", "--out", "-", "--compare"], "--out - writes one video"),
+                         (["--video", "/dev/video-nonexistent"], "a camera device or - (standard input)"),
+                         (["--video", "-", "--out", "-", "--json", "-"], "both name standard output"),
+                         (["--video", "-", "--json", ""], "--json is empty"),
+                         (["--video", ""], "--video is empty; give the path of a video file")]:
+        assert run_cli(flags, weights) == 2
+        assert named in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    for flags, closed, named in [("--video -", "<&-", "--video - reads standard input, which is closed"),
+                                 ("--video in.mp4 --out -", ">&-", "--out - writes to standard output, which is closed"),
+                                 ("--video in.mp4 --json -", ">&-", "--json - writes to standard output, which is")]:
+        result = subprocess.run(["bash", "-c", f'"{sys.executable}" "{ROOT / "sample.py"}" {flags} --device cpu '
+                                 f"{closed}"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 # ---- positions past the training horizon and past RoPE's table ----
