@@ -477,7 +477,9 @@ def convert_checkpoint(source, target, overwrite=False):
     whole or not at all (files.py).
     """
     import pickle
+    import warnings
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     source, target = Path(source), Path(target)
@@ -496,7 +498,9 @@ def convert_checkpoint(source, target, overwrite=False):
         raise WeightsError(str(err)) from None
     for mmap in (True, False):  # mmap reads only zip checkpoints; older (legacy) ones are read whole
         try:
-            checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+            with warnings.catch_warnings():  # torch's notes on old pickles: the user can do nothing about them
+                warnings.simplefilter("ignore")
+                checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
             break
         except pickle.UnpicklingError as err:
             if "Weights only load failed" in str(err):
@@ -519,10 +523,43 @@ def convert_checkpoint(source, target, overwrite=False):
         raise WeightsError(f"{source} holds no state dict of tensors (found {type(state).__name__}"
                            + (" with other values" if isinstance(state, dict) else "") + "); give the checkpoint "
                            "whose weights to convert")
-    tensors = {str(k).removeprefix("model."): v.contiguous() for k, v in state.items()}
+    tensors = checkpoint_tensors(state, source)
     try:
         with files.writing(target, overwrite) as partial:
-            save_file(tensors, str(partial))
+            try:
+                save_file(tensors, str(partial))
+            except (OSError, SafetensorError) as err:  # a full disk, a file-size limit
+                raise WeightsError(f"could not write {target} ({getattr(err, 'strerror', None) or err}); free some "
+                                   "space or choose another path") from None
     except files.OutputError as err:
         raise WeightsError(str(err)) from None
     return f"wrote {len(tensors)} tensors to {target}"
+
+
+def checkpoint_tensors(state, source):
+    """{name: tensor} to save from a checkpoint's state dict: names without the "model."
+    prefix, each tensor dense and with its own memory (safetensors stores no views);
+    a state dict safetensors cannot hold as the loaders read it is one WeightsError."""
+    if not state:
+        raise WeightsError(f"{source} holds an empty state dict; give the checkpoint whose weights to convert")
+    tensors, names, storages = {}, {}, set()
+    for key, tensor in state.items():
+        name = str(key).removeprefix("model.")
+        if name in names:
+            raise WeightsError(f"{source} holds both {names[name]!r} and {key!r}, one name once the \"model.\" "
+                               "prefix is dropped; give the checkpoint as its authors published it")
+        if name == "__metadata__":
+            raise WeightsError(f"{source} holds a tensor named __metadata__, a name safetensors keeps for itself; "
+                               "give the checkpoint as its authors published it")
+        kind = "sparse" if tensor.layout != torch.strided else "quantized" if tensor.is_quantized else \
+            "without data (on the meta device)" if tensor.is_meta else None
+        if kind:
+            raise WeightsError(f"the tensor {key!r} in {source} is {kind}, which the loaders do not read; give the "
+                               "checkpoint of dense weights as its authors published it")
+        tensor = tensor.contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages and tensor.numel():  # tied weights: safetensors stores each once, by name
+            tensor = tensor.clone()
+        storages.add(storage)
+        tensors[name], names[name] = tensor, key
+    return tensors

@@ -344,7 +344,14 @@ def convert(argv, capsys):
     (lambda p: torch.save([torch.ones(2)], p), "holds no state dict of tensors (found list)"),
     (lambda p: torch.save({"w": Payload()}, p), "holds objects other than tensors"),
     (lambda p: torch.save({"w": Payload()}, p, _use_new_zipfile_serialization=False), "holds objects other than"),
+    (lambda p: torch.save({"generator_ema": {}}, p), "holds an empty state dict"),
+    (lambda p: torch.save({"model.a": torch.ones(2), "a": torch.zeros(2)}, p), "holds both 'model.a' and 'a'"),
+    (lambda p: torch.save({"__metadata__": torch.ones(2)}, p), "a tensor named __metadata__"),
+    (lambda p: torch.save({"w": torch.eye(2).to_sparse()}, p), "the tensor 'w' in"),
+    (lambda p: torch.save({"w": torch.empty(2, device="meta")}, p), "is without data (on the meta device)"),
+    (lambda p: torch.save({"w": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)}, p), "is quantized"),
 ])
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")  # making the quantized case; not the code's
 def test_bad_checkpoints_are_one_sentence_and_run_nothing(make, named, tmp_path, capsys):
     pwned = Path(os.environ.get("TMPDIR", "/tmp")) / "lipar-pwned"
     pwned.unlink(missing_ok=True)
@@ -373,6 +380,32 @@ def test_a_legacy_checkpoint_converts_and_an_existing_target_needs_overwrite(tmp
     assert code == 2 and "safetensors name" in printed.err
     code, printed = convert([source, tmp_path / "old.safetensors"], capsys)
     assert code == 0
+
+
+def test_tied_tensors_convert_each_under_its_name_and_a_full_disk_is_one_sentence(tmp_path, capsys, monkeypatch):
+    """Tensors that share memory (tied weights, views of one buffer), which safetensors
+    refuses to save as they are, are written each whole; a write that fails part-way
+    (a full disk) is one sentence and leaves nothing."""
+    import errno
+
+    import safetensors.torch
+
+    shared, buffer = torch.randn(3, 2), torch.arange(8.0)
+    source = tmp_path / "tied.pt"
+    torch.save({"embed": shared, "head": shared, "low": buffer[:4], "high": buffer[4:]}, source)
+    code, printed = convert([source, tmp_path / "tied.safetensors"], capsys)
+    assert code == 0, printed.err
+    written = load_file(tmp_path / "tied.safetensors")
+    assert written["embed"].tolist() == written["head"].tolist() == shared.tolist()
+    assert written["low"].tolist() == [0, 1, 2, 3] and written["high"].tolist() == [4, 5, 6, 7]
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    code, printed = convert([source, tmp_path / "full.safetensors"], capsys)
+    assert code == 2 and "could not write" in printed.err and "No space left on device" in printed.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tied.pt", "tied.safetensors"]
 
 
 def test_an_unwritable_target_folder_is_refused_before_the_checkpoint_is_read(tmp_path, capsys, monkeypatch):
