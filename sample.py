@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import demo
 import graphs
@@ -362,7 +363,7 @@ def main(argv=None):
         print(W.check_weights(args.weights))
         return 0
     if args.convert_checkpoint:
-        print(W.convert_checkpoint(*args.convert_checkpoint, overwrite=args.overwrite))
+        print(checkpoint.convert_checkpoint(*args.convert_checkpoint, overwrite=args.overwrite))
         return 0
     demo_run = args.video is None
     models = Models(cli.weights_folder(args, demo_run), args.device, cli.model_dtype(args),

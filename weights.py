@@ -8,12 +8,13 @@ tiny_vae.py, text_encoder.py) know nothing of files; this module builds them fro
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-import files
+from configs import ConfigError, agree, build, value_problem
 from fp8 import quantize_ffn
 from model import CausalWanModel, DiTConfig
 from text_encoder import T5Config, TextEncoder, Tokenizer, UMT5Encoder
@@ -60,11 +61,16 @@ def read_safetensors(path, shapes_only=False):
     if path.is_dir():
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if indexes:
-            weight_map = read_json(indexes[0], "the index of the shards").get("weight_map")
+            index = read_json(indexes[0], "the index of the shards")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
                 raise WeightsError(f"{indexes[0]} has no weight_map of tensor names to shard files; download it "
                                    "again")
-            shards = sorted({path / str(name) for name in weight_map.values()})
+            if outside := [name for name in weight_map.values() if not isinstance(name, str) or Path(name).name != name
+                           or name in ("", ".", "..")]:
+                raise WeightsError(f"{indexes[0]} names the shard {outside[0]!r}, not a file in {path}; download "
+                                   "the index again")
+            shards = sorted({path / name for name in weight_map.values()})
         else:
             shards = sorted(path.glob("*.safetensors"))
         if not shards:
@@ -192,26 +198,53 @@ def native_dit_tensors(tensors):
     return tensors, layout or "native Wan"
 
 
+def config_path(path):
+    """The config.json beside the weights at `path` (a file or its folder)."""
+    path = Path(path)
+    return (path if path.is_dir() else path.parent) / "config.json"
+
+
+def block_count(tensors, prefix="blocks."):
+    """How many numbered blocks (`blocks.N...`) the tensors hold."""
+    return len({k[len(prefix):].split(".")[0] for k in tensors if k.startswith(prefix)})
+
+
+@contextmanager
+def reading_config():
+    """A config.json value that cannot build the network (configs.py) is a WeightsError."""
+    try:
+        yield
+    except ConfigError as err:
+        raise WeightsError(str(err)) from None
+
+
 def dit_config(config, tensors, path):
     """The DiTConfig of a checkpoint: from either release's config.json (native Wan:
     dim, num_heads, ...; diffusers: num_attention_heads, ...) or, without one, from the
     tensors' shapes (every released model has 128-dim heads)."""
     if config is not None:
-        if "num_attention_heads" in config:  # diffusers
+        where, names = config_path(path), {"in_channels": "in_dim", "out_channels": "out_dim"}
+        if "num_attention_heads" in config:  # diffusers: the width is heads × head width
+            names = {"num_heads": "num_attention_heads"}
+            for key in ("num_attention_heads", "attention_head_dim"):
+                if problem := value_problem(config.get(key), 1):
+                    raise WeightsError(f"{where}: {key}={config.get(key)!r} {problem}; download the config.json again")
             config = dict(config, dim=config["num_attention_heads"] * config["attention_head_dim"],
                           num_heads=config["num_attention_heads"], in_dim=config.get("in_channels"),
                           out_dim=config.get("out_channels"))
         renamed = dict(config, in_channels=config.get("in_dim"), out_channels=config.get("out_dim"))
         known = {f.name for f in fields(DiTConfig)}
-        values = {k: v for k, v in renamed.items() if k in known and v is not None}
-        if "patch_size" in values:
-            values["patch_size"] = tuple(values["patch_size"])
-        return DiTConfig(**values)
+        with reading_config():
+            cfg = build(DiTConfig, {k: v for k, v in renamed.items() if k in known and v is not None}, where, names)
+            if cfg.dim % cfg.num_heads or cfg.head_dim % 2:
+                raise ConfigError(f"{where}: dim={cfg.dim} does not split into num_heads={cfg.num_heads} heads of "
+                                  "an even width (rotary embeddings turn pairs); download the config.json again")
+            agree(where, f"num_layers={cfg.num_layers}", cfg.num_layers, block_count(tensors), "DiT blocks")
+        return cfg
     dim, in_channels = tensors["patch_embedding.weight"].shape[:2]
     if dim % 128:
         raise WeightsError(f"{path}: cannot infer the head count of a {dim}-wide DiT without a config.json")
-    return DiTConfig(dim=dim, in_channels=in_channels, num_heads=dim // 128,
-                     num_layers=len({k.split(".")[1] for k in tensors if k.startswith("blocks.")}),
+    return DiTConfig(dim=dim, in_channels=in_channels, num_heads=dim // 128, num_layers=block_count(tensors),
                      ffn_dim=tensors["blocks.0.ffn.0.weight"].shape[0],
                      freq_dim=tensors["time_embedding.0.weight"].shape[1],
                      text_dim=tensors["text_embedding.0.weight"].shape[1],
@@ -239,16 +272,20 @@ def load_dit(path, device="cpu", dtype=torch.float32, fp8=False):
 # The umT5 text encoder and its tokenizer
 
 
-def t5_config_from_hf(config):
+T5_HF_CONFIG = {"vocab": "vocab_size", "dim": "d_model", "ffn": "d_ff", "heads": "num_heads", "head_dim": "d_kv",
+                "layers": "num_layers", "buckets": "relative_attention_num_buckets",
+                "max_distance": "relative_attention_max_distance", "eps": "layer_norm_epsilon"}  # ours: theirs
+
+
+def t5_config_from_hf(config, where="the text encoder's config.json"):
     """From a transformers UMT5Config dict (the config.json of the diffusers text_encoder/)."""
     if config.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
-        raise WeightsError(f"text encoder config.json has feed_forward_proj={config['feed_forward_proj']!r}; "
-                           "umT5 uses 'gated-gelu'")
-    return T5Config(vocab=config["vocab_size"], dim=config["d_model"], ffn=config["d_ff"],
-                    heads=config["num_heads"], head_dim=config["d_kv"], layers=config["num_layers"],
-                    buckets=config.get("relative_attention_num_buckets", 32),
-                    max_distance=config.get("relative_attention_max_distance", 128),
-                    eps=config.get("layer_norm_epsilon", 1e-6))
+        raise WeightsError(f"{where} has feed_forward_proj={config['feed_forward_proj']!r}; umT5 uses 'gated-gelu'")
+    if missing := [key for key in list(T5_HF_CONFIG.values())[:6] if key not in config]:
+        raise WeightsError(f"{where} has no {', '.join(missing)}; download the config.json again")
+    with reading_config():
+        return build(T5Config, {ours: config[theirs] for ours, theirs in T5_HF_CONFIG.items() if theirs in config},
+                     where, T5_HF_CONFIG)
 
 
 def t5_config_from_tensors(tensors):
@@ -326,7 +363,12 @@ def load_text_encoder(path, tokenizer_path, device="cpu", dtype=torch.float32):
     """
     tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
     tensors, layout = t5_to_native(tensors)
-    cfg = t5_config_from_hf(config) if config and "d_model" in config else t5_config_from_tensors(tensors)
+    if config and ("d_model" in config or "feed_forward_proj" in config):  # a T5 config, not the DiT's
+        cfg = t5_config_from_hf(config, config_path(path))
+        with reading_config():
+            agree(config_path(path), f"num_layers={cfg.layers}", cfg.layers, block_count(tensors), "encoder blocks")
+    else:
+        cfg = t5_config_from_tensors(tensors)
     with torch.device("meta"):
         encoder = UMT5Encoder(cfg)
     load_into(encoder, tensors, layout, "umT5 text encoder", device=device, dtype=dtype)
@@ -337,7 +379,7 @@ def load_text_encoder(path, tokenizer_path, device="cpu", dtype=torch.float32):
 # The Wan VAE
 
 
-def vae_config_from_diffusers(config):
+def vae_config_from_diffusers(config, where="the VAE's config.json"):
     """A diffusers AutoencoderKLWan config.json as a VAEConfig; refuse settings this (Wan 2.1) VAE does not implement."""
     if config.get("_class_name", "AutoencoderKLWan") != "AutoencoderKLWan":
         raise WeightsError(f"the config.json beside the VAE weights is for {config['_class_name']}, "
@@ -347,11 +389,11 @@ def vae_config_from_diffusers(config):
     other = [f"{key}={config[key]!r}" for key, value in wan21.items() if key in config and config[key] != value]
     if other:
         raise WeightsError(f"the VAE config.json asks for {', '.join(other)}, but only the Wan 2.1 VAE is implemented")
-    defaults = VAEConfig()
-    return VAEConfig(base_dim=config.get("base_dim", defaults.base_dim),
-                     dim_mult=tuple(config.get("dim_mult", defaults.dim_mult)),
-                     num_res_blocks=config.get("num_res_blocks", defaults.num_res_blocks),
-                     temporal_downsample=tuple(config.get("temperal_downsample", defaults.temporal_downsample)))
+    names = {"base_dim": "base_dim", "dim_mult": "dim_mult", "num_res_blocks": "num_res_blocks",
+             "temporal_downsample": "temperal_downsample"}  # ours: theirs
+    with reading_config():
+        return build(VAEConfig, {ours: config[theirs] for ours, theirs in names.items() if theirs in config}, where,
+                     names)
 
 
 def vae_config_to_diffusers(cfg):
@@ -414,7 +456,11 @@ def load_vae(path, device="cpu", dtype=torch.float32):
     """
     tensors, file_config = read_safetensors(path, shapes_only=str(device) == "meta")
     diffusers = is_diffusers_layout(tensors)
-    config = vae_config_from_diffusers(file_config) if file_config else VAEConfig()
+    config = vae_config_from_diffusers(file_config, config_path(path)) if file_config else VAEConfig()
+    levels = len(config.dim_mult)  # the encoder: num_res_blocks blocks a level, a downsampling between levels
+    with reading_config():
+        agree(config_path(path), f"num_res_blocks={config.num_res_blocks}", levels * config.num_res_blocks + levels - 1,
+              block_count(tensors, "encoder.down_blocks." if diffusers else "encoder.downsamples."), "encoder blocks")
     if diffusers:
         tensors = diffusers_to_native(tensors, config)
     with torch.device("meta"):
@@ -433,10 +479,10 @@ def load_tiny_vae(path, device="cpu", dtype=torch.float32):
     only the file header is read (a check of names and shapes).
     """
     tensors, config = read_safetensors(path, shapes_only=str(device) == "meta")
-    if config:  # our own, for narrow test models; the published file comes without one
-        config = dict(config, decoder_channels=tuple(config["decoder_channels"]))
+    with reading_config():  # a config.json is our own, for narrow test models; taew2_1 comes without one
+        cfg = build(TinyVAEConfig, config, config_path(path)) if config else TinyVAEConfig()
     with torch.device("meta"):
-        vae = TinyVAE(TinyVAEConfig(**config) if config else TinyVAEConfig())
+        vae = TinyVAE(cfg)
     # The reference loader (taehv.py, patch_tgrow_layers) accepts temporal-growth
     # layers stored with more output rows than the model uses (a checkpoint that grows
     # time more than this model does) and keeps the *last* rows: the latest
@@ -449,7 +495,7 @@ def load_tiny_vae(path, device="cpu", dtype=torch.float32):
 
 
 # -----------------------------------------------------------------------------
-# Checking and converting
+# Checking
 
 
 def check_weights(weights):
@@ -465,101 +511,3 @@ def check_weights(weights):
         return f"{weights}: DiT, VAE, tiny VAE, text encoder and tokenizer present, all names and shapes as expected"
     return (f"{weights}: DiT, VAE, text encoder and tokenizer present, all names and shapes as expected (no tiny VAE, "
             f"which --vae tiny needs: see weights.md)")
-
-
-def convert_checkpoint(source, target, overwrite=False):
-    """One-time conversion of Self-Forcing's pickled self_forcing_dmd.pt (or taew2_1.pth)
-    to safetensors.
-
-    The .pt is read with weights_only=True (tensors and plain containers only: no code
-    runs); we keep the EMA generator, which is what the authors sample with. Every
-    problem with the source or the target is one WeightsError; the target is written
-    whole or not at all (files.py).
-    """
-    import pickle
-    import warnings
-
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    source, target = Path(source), Path(target)
-    if not source.is_file():
-        state = "is a folder" if source.is_dir() else "does not exist"
-        raise WeightsError(f"the checkpoint {source} {state}; give the path of the .pt or .pth file")
-    if target.suffix != ".safetensors":
-        raise WeightsError(f"{target}: the converted file is a safetensors file; give it a .safetensors name")
-    if files.same_file(source, target):
-        raise WeightsError(f"{target} is the checkpoint itself; choose another path")
-    if problem := files.target_problem(target, overwrite):
-        raise WeightsError(problem)
-    try:
-        files.prepare_folder(target)  # before reading a multi-GB checkpoint
-    except files.OutputError as err:
-        raise WeightsError(str(err)) from None
-    for mmap in (True, False):  # mmap reads only zip checkpoints; older (legacy) ones are read whole
-        try:
-            with warnings.catch_warnings():  # torch's notes on old pickles: the user can do nothing about them
-                warnings.simplefilter("ignore")
-                checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
-            break
-        except pickle.UnpicklingError as err:
-            if "Weights only load failed" in str(err):
-                raise WeightsError(f"{source} holds objects other than tensors and plain containers, which are "
-                                   "refused unread (no code from a checkpoint ever runs); give the checkpoint as "
-                                   "its authors published it") from None
-            failure = err
-        except Exception as err:  # torch.load's errors on a file that is no checkpoint vary by what it holds
-            if mmap and "mmap" in str(err):
-                continue
-            failure = err
-        if isinstance(failure, OSError):
-            raise WeightsError(f"cannot read {source} ({failure.strerror or failure}); check its permissions") \
-                from None
-        raise WeightsError(f"{source} is not a PyTorch checkpoint (torch.load cannot read it); give the .pt or "
-                           ".pth file as downloaded, or download it again") from None
-    state = checkpoint.get("generator_ema", checkpoint.get("generator", checkpoint)) \
-        if isinstance(checkpoint, dict) else checkpoint
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{source} holds no state dict of tensors (found {type(state).__name__}"
-                           + (" with other values" if isinstance(state, dict) else "") + "); give the checkpoint "
-                           "whose weights to convert")
-    tensors = checkpoint_tensors(state, source)
-    try:
-        with files.writing(target, overwrite) as partial:
-            try:
-                save_file(tensors, str(partial))
-            except (OSError, SafetensorError) as err:  # a full disk, a file-size limit
-                raise WeightsError(f"could not write {target} ({getattr(err, 'strerror', None) or err}); free some "
-                                   "space or choose another path") from None
-    except files.OutputError as err:
-        raise WeightsError(str(err)) from None
-    return f"wrote {len(tensors)} tensors to {target}"
-
-
-def checkpoint_tensors(state, source):
-    """{name: tensor} to save from a checkpoint's state dict: names without the "model."
-    prefix, each tensor dense and with its own memory (safetensors stores no views);
-    a state dict safetensors cannot hold as the loaders read it is one WeightsError."""
-    if not state:
-        raise WeightsError(f"{source} holds an empty state dict; give the checkpoint whose weights to convert")
-    tensors, names, storages = {}, {}, set()
-    for key, tensor in state.items():
-        name = str(key).removeprefix("model.")
-        if name in names:
-            raise WeightsError(f"{source} holds both {names[name]!r} and {key!r}, one name once the \"model.\" "
-                               "prefix is dropped; give the checkpoint as its authors published it")
-        if name == "__metadata__":
-            raise WeightsError(f"{source} holds a tensor named __metadata__, a name safetensors keeps for itself; "
-                               "give the checkpoint as its authors published it")
-        kind = "sparse" if tensor.layout != torch.strided else "quantized" if tensor.is_quantized else \
-            "without data (on the meta device)" if tensor.is_meta else None
-        if kind:
-            raise WeightsError(f"the tensor {key!r} in {source} is {kind}, which the loaders do not read; give the "
-                               "checkpoint of dense weights as its authors published it")
-        tensor = tensor.contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in storages and tensor.numel():  # tied weights: safetensors stores each once, by name
-            tensor = tensor.clone()
-        storages.add(storage)
-        tensors[name], names[name] = tensor, key
-    return tensors

@@ -123,7 +123,8 @@ def test_config_from_either_config_json():
               "out_dim": 16, "text_len": 512, "eps": 1e-6, "patch_size": [1, 2, 2], "model_type": "t2v"}
     diffusers = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30,
                  "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "patch_size": [1, 2, 2]}
-    assert W.dit_config(native, None, "native") == M.DiTConfig() == W.dit_config(diffusers, None, "diffusers")
+    blocks = {f"blocks.{i}.ffn.0.weight": torch.empty(0) for i in range(30)}  # the block count is checked too
+    assert W.dit_config(native, blocks, "native") == M.DiTConfig() == W.dit_config(diffusers, blocks, "diffusers")
 
 
 def test_loader_names_missing_and_misshaped_tensors(diffusers_dit, tmp_path):

@@ -444,6 +444,44 @@ def test_check_weights_refuses_an_integer_weight(weights, tmp_path, capsys):
     assert code == 2 and f"not floating-point 1: {name} int32" in err and len(err.strip().splitlines()) == 1
 
 
+def set_config(folder, **changes):
+    path = folder / "config.json"
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **changes}))
+
+
+T5 = {"vocab_size": 300, "d_model": 32, "d_ff": 48, "num_heads": 4, "d_kv": 8, "num_layers": 2}
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda w: set_config(w / "dit", dim="64"), "dim='64' is not a whole number from 1 to 1048576"),
+    (lambda w: set_config(w / "dit", dim=64.0), "dim=64.0 is not a whole number"),
+    (lambda w: set_config(w / "dit", patch_size=5), "patch_size=5 is not a list of 3 whole numbers"),
+    (lambda w: set_config(w / "dit", num_heads=0), "num_heads=0 is not a whole number"),
+    (lambda w: set_config(w / "dit", num_heads=3), "dim=64 does not split into num_heads=3 heads"),
+    (lambda w: set_config(w / "dit", eps="small"), "eps='small' is not a positive number"),
+    (lambda w: set_config(w / "dit", num_layers=10 ** 6), "num_layers=1000000 makes 1000000 DiT blocks, but the "
+                                                           "weights hold 2"),
+    (lambda w: set_config(w / "vae", dim_mult=4), "dim_mult=4 is not a list of 4 whole numbers"),
+    (lambda w: set_config(w / "vae", num_res_blocks=7), "num_res_blocks=7 makes 31 encoder blocks, but the weights "
+                                                         "hold 11"),
+    (lambda w: set_config(w / "tiny_vae", channels="8"), "channels='8' is not a whole number"),
+    (lambda w: set_config(w / "tiny_vae", decoder_channels=8), "decoder_channels=8 is not a list of 4"),
+    (lambda w: set_config(w / "tiny_vae", width=8), "'width' is no setting of this network"),
+    (lambda w: set_config(w / "text_encoder", **{k: v for k, v in T5.items() if k != "num_layers"}),
+     "has no num_layers"),
+    (lambda w: set_config(w / "text_encoder", **T5, feed_forward_proj="relu"), "feed_forward_proj='relu'"),
+    (lambda w: set_config(w / "text_encoder", **T5, layer_norm_epsilon=True), "layer_norm_epsilon=True is not a"),
+    (lambda w: (w / "vae" / "model.safetensors.index.json").write_text("[1]"), "has no weight_map"),
+    (lambda w: (w / "vae" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../dit/model.safetensors"}})), "names the shard '../dit/model.safetensors'"),
+])
+def test_check_weights_refuses_config_values_that_cannot_build_the_network(damage, named, weights, tmp_path, capsys):
+    copy = damaged_copy(weights, tmp_path)
+    damage(copy)
+    code, err = check(copy, capsys)
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("damage, named", [
     (lambda w: (w / "dit" / "config.json").write_text("{not json"), "config.json (the model's configuration) "
                                                                      "cannot be read as JSON"),
