@@ -34,6 +34,7 @@ on message sizes built in. Messages (JSON unless said):
 import asyncio
 import base64
 import json
+import socket
 import struct
 import sys
 import threading
@@ -360,6 +361,12 @@ def settings_of(args, random_weights):
                              cli.prompt_problem(args.prompt)) if p]
     if not 0 < args.port < 65536:
         problems.append(f"--port {args.port} is not a port; give 1 to 65535")
+    else:
+        try:
+            socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            problems.append(f"--host {args.host!r} is no address of this machine; give 127.0.0.1, 0.0.0.0 (every "
+                            "interface) or a name that resolves")
     cli.refuse(problems)
     return EditSettings(prompt=args.prompt, modes=["lipar"], vae=args.vae, height=height, width=width)
 
@@ -389,7 +396,11 @@ def main(argv=None):
         print(f"No weights at {args.weights}: tiny RANDOM-weight models; the page works, the pixels are no edit.")
     from aiohttp import web
     print(f"live page: http://{args.host}:{args.port}  (Ctrl-C stops the server)")
-    web.run_app(server.app(), host=args.host, port=args.port, print=None)
+    try:
+        web.run_app(server.app(), host=args.host, port=args.port, print=None)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        raise cli.UsageError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err}); give another --port "
+                             "or --host") from None
     return 0
 
 

@@ -292,8 +292,22 @@ def test_one_client_at_a_time_and_a_client_that_leaves_frees_its_state(server):
                                           (["--width", "0"], "--width 0 is not a multiple of 16"),
                                           (["--device", "tpu"], "--device 'tpu'"),
                                           (["--device", "cpu", "--fusion", "triton"], "--fusion only changes how"),
-                                          (["--prompt", ""], "--prompt is empty")])
+                                          (["--prompt", ""], "--prompt is empty"),
+                                          (["--host", "no-such-host.invalid"], "is no address of this machine")])
 def test_bad_flags_are_one_sentence(flags, named, capsys):
     assert cli.guarded(live.main, ["--weights", "/nonexistent", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and named in err and err.count("\n") == 1
+
+
+def test_a_port_in_use_is_one_sentence(capsys):
+    """The models load, then the bind fails: one sentence naming the address, exit code 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.guarded(live.main, ["--weights", "/nonexistent", "--device", "cpu", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
