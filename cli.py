@@ -372,9 +372,8 @@ def window_problem(flag, window):
 
 def output_problems(args):
     """--out is an .mp4 or - ; --json a file name or - ; standard output, when named, is open and named once."""
-    problems = []
-    if args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() != ".mp4":
-        problems.append(f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name")
+    problems = [f"--out {args.out}: sample.py writes H.264 mp4 files; give the output a .mp4 name"] \
+        if args.out not in (None, io.STDIO) and Path(args.out).suffix.lower() != ".mp4" else []
     if args.json is not None and not args.json.strip():
         problems.append("--json is empty; give a file name for the stats, or - for standard output")
     if args.out == io.STDIO and args.json == io.STDIO:
