@@ -191,13 +191,13 @@ def parse(argv=None):
     """sample.py's flags: (args, EditSettings, notes), every problem refused in one UsageError."""
     p = parser()
     args = p.parse_args(argv)
-    tool = "--check-weights" if args.check_weights else "--convert-checkpoint" if args.convert_checkpoint else None
+    tool = "check_weights" if args.check_weights else "convert_checkpoint" if args.convert_checkpoint else None
     if tool:  # it reads --weights (--check-weights) or writes its target (--overwrite); any other flag is an edit's
-        takes = {"check_weights": {"weights"}, "convert_checkpoint": {"overwrite"}}[tool[2:].replace("-", "_")]
+        takes = {"check_weights": {"check_weights", "weights"}, "convert_checkpoint": {"convert_checkpoint", "overwrite"}}
         given = ["--" + name.replace("_", "-") for name, value in vars(args).items()
-                 if name not in takes and name != tool[2:].replace("-", "_") and value != p.get_default(name)]
+                 if name not in takes[tool] and value != p.get_default(name)]
         if given:
-            raise UsageError(f"{tool} runs on its own and edits nothing; drop {', '.join(given)}")
+            raise UsageError(f"--{tool.replace('_', '-')} runs on its own and edits nothing; drop {', '.join(given)}")
     if args.compare and args.mode is not None:
         raise UsageError(f"--compare runs full and lipar side by side; drop --mode {args.mode}")
     if args.video is None and not (args.check_weights or args.convert_checkpoint):

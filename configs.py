@@ -44,10 +44,14 @@ def build(cls, values, where, names=None):
         raise ConfigError(f"{where}: {unknown[0]!r} is no setting of this network (it takes {', '.join(defaults)}); "
                           "download the config.json again")
     for name, value in values.items():
-        if problem := value_problem(value, defaults[name]):
-            key = (names or {}).get(name, name)
-            raise ConfigError(f"{where}: {key}={value!r} {problem}; download the config.json again")
+        check(where, (names or {}).get(name, name), value, defaults[name])
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check(where, key, value, default):
+    """One ConfigError naming `where` and `key` if `value` is not of the kind of `default` (value_problem)."""
+    if problem := value_problem(value, default):
+        raise ConfigError(f"{where}: {key}={value!r} {problem}; download the config.json again")
 
 
 def agree(where, claim, expected, held, what):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from configs import ConfigError, agree, build, value_problem
+from configs import ConfigError, agree, build, check
 from fp8 import quantize_ffn
 from model import CausalWanModel, DiTConfig
 from text_encoder import T5Config, TextEncoder, Tokenizer, UMT5Encoder
@@ -226,9 +226,9 @@ def dit_config(config, tensors, path):
         where, names = config_path(path), {"in_channels": "in_dim", "out_channels": "out_dim"}
         if "num_attention_heads" in config:  # diffusers: the width is heads × head width
             names = {"num_heads": "num_attention_heads"}
-            for key in ("num_attention_heads", "attention_head_dim"):
-                if problem := value_problem(config.get(key), 1):
-                    raise WeightsError(f"{where}: {key}={config.get(key)!r} {problem}; download the config.json again")
+            with reading_config():
+                for key in ("num_attention_heads", "attention_head_dim"):
+                    check(where, key, config.get(key), 1)
             config = dict(config, dim=config["num_attention_heads"] * config["attention_head_dim"],
                           num_heads=config["num_attention_heads"], in_dim=config.get("in_channels"),
                           out_dim=config.get("out_channels"))
