@@ -1017,12 +1017,13 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5), smoke=False):
 def recache_bench(timer, smoke=False):
     """A prompt change's cost (prompts.py) beside the chunk work it interrupts, at real
     shapes: random bf16 DiT, 832x480, the M-degree window (1, 6) for LIPAR (35 %, a
-    fixed coherent mask) and the whole causal cache for full, both in CUDA graphs. Five
-    chunks are edited, then timed: one re-cache under another prompt (the held chunks'
-    memory steps), one DiT forward of the next chunk (a denoising step), and that
-    chunk's whole edit (3 steps and its memory step); then one more re-cache, each of its
-    memory steps timed on its own (the editor's forward, wrapped). smoke: tiny models on
-    the CPU."""
+    fixed coherent mask) and the whole causal cache for full, both in CUDA graphs with
+    sample.py's default fusion. Five chunks are edited, then timed: the re-cache under
+    another prompt in one pass (the default) and chunk by chunk (at_once=False), one DiT
+    forward of the next chunk (a denoising step), and that chunk's whole edit (3 steps
+    and its memory step); then one more re-cache chunk by chunk, each of its memory
+    steps timed on its own (the editor's forward, wrapped). The two re-caches' keys are
+    compared (bf16: they differ by rounding only). smoke: tiny models on the CPU."""
     torch.manual_seed(0)
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
     with torch.device(device):
@@ -1033,8 +1034,12 @@ def recache_bench(timer, smoke=False):
     latents = realistic_latents(L, 2 * h, 2 * w).transpose(0, 1)[None].to(device)
     keep = coherent_mask(L, h, w, 0.35).to(device)
     runner = None if smoke else graphs.GraphRunner(dit)
-    lines = ["| mode | held chunks | re-cache ms | one DiT forward ms | re-cache / forward | chunk edit ms |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    if not smoke:
+        import triton_ops  # Triton: CUDA builds only
+    kernels = None if smoke else triton_ops.Kernels()
+    lines = ["| mode | held chunks | re-cache ms, one pass | chunk by chunk | one DiT forward ms "
+             "| re-cache / forward: one pass | chunk by chunk | chunk edit ms | keys, one pass vs chunk by chunk |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     steps = []
     for mode in ("lipar", "full"):
         window = None if mode == "full" else (1, 6)
@@ -1049,26 +1054,41 @@ def recache_bench(timer, smoke=False):
             return out
         editor = prompts.ScheduledEditor(sample.ChunkEditor(dit, contexts[0], (h, w), mode, window, 0, timed, cache),
                                          dit, [])
-        with torch.no_grad():
+        prompt = iter(contexts[::-1] * 1000)  # never the one in force: every call re-caches
+
+        def recache(at_once=True):
+            editor.recache(next(prompt), at_once)
+        with torch.no_grad(), M.fusion(kernels):
             for s in range(0, 15, 3):
                 editor(latents[:, :, s:s + 3], keep[s:s + 3])
             x, part = latents[:, :, 15:18].to(dtype), keep[15:18]
             plan = lipar.recovery_plan(part, mode) if mode != "full" else None
             t = torch.full((1, 1), sample.editing_schedule()[0][0], device=device)
             step = lambda: editor.forward(x, t, editor.cache, 15, plan=plan)  # noqa: E731
-            recache_ms = timer(lambda: editor.recache(contexts[1]))
+            at_once_ms = timer(recache)
+            one_by_one_ms = timer(lambda: recache(at_once=False))
             forward_ms = timer(step)
             chunk_ms = timer(lambda: [step() for _ in range(3)]
                              + [editor.forward(x, t * 0, editor.cache, 15, memory_step=True, plan=plan)])
-            replays.clear()
-            editor.recache(contexts[1])
+            keys = []
+            for at_once in (True, False):
+                editor.recache(contexts[0])  # then contexts[1] is a change
+                replays.clear()
+                editor.recache(contexts[1], at_once)
+                keys.append(editor.cache.k[:, :, editor.cache.key_valid])  # the rows the re-cache wrote
             if not smoke:
                 torch.cuda.synchronize()
+        error = (sum((a.float() - b.float()).norm() ** 2 for a, b in zip(*keys)).sqrt()
+                 / sum(b.float().norm() ** 2 for b in keys[1]).sqrt()).item()
         held = len(editor.first) + len(editor.held)
-        lines.append(f"| {mode} | {held} | {recache_ms:.1f} | {forward_ms:.1f} | {recache_ms / forward_ms:.2f} "
-                     f"| {chunk_ms:.1f} |")
-        steps.append(f"{mode}'s re-cache, memory step by memory step: " + ", ".join(
+        lines.append(f"| {mode} | {held} | {at_once_ms:.1f} | {one_by_one_ms:.1f} | {forward_ms:.1f} "
+                     f"| {at_once_ms / forward_ms:.2f} | {one_by_one_ms / forward_ms:.2f} | {chunk_ms:.1f} "
+                     f"| relative error {error:.1e} |")
+        steps.append(f"{mode}'s re-cache chunk by chunk, memory step by memory step: " + ", ".join(
             f"latent frames {s}-{s + f - 1} {elapsed_ms(a, b):.1f} ms" for s, f, a, b in replays))
+        if error > 2e-2:
+            raise SystemExit(f"{mode}: the re-cache in one pass wrote other keys than chunk by chunk "
+                             f"(relative error {error:.1e} > 2e-2)")
     print("\n".join(lines + steps), flush=True)
 
 

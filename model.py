@@ -77,11 +77,9 @@ def fused(fn):
     The float32 islands of a block (norms, adaLN modulation, gated residuals, RoPE)
     are chains of cheap elementwise ops: one op at a time they cost as much GPU time
     as the matrix products. Each block is fused as two regions around its KV-cache
-    write, as are the rotation of a chunk's keys (`rotate_keys`) and the VAE's norm +
-    SiLU (vae.rms_norm_silu); triton_ops.py writes them as hand-fused kernels. With
-    torch.compile, a changed size (the kept-token count) recompiles once with that
-    dimension dynamic. On the CPU the plain code runs as written.
-    """
+    write, as are `rotate_keys` and the VAE's norm + SiLU (vae.rms_norm_silu);
+    triton_ops.py writes them as hand-fused kernels. torch.compile recompiles once
+    when a size (the kept-token count) changes, with that dimension dynamic."""
     compiled = None  # made on the first CUDA call: CPU-only runs never load the compiler
 
     @functools.wraps(fn)
@@ -124,8 +122,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
@@ -198,10 +195,13 @@ def grid_positions(frames, rows, cols, start_frame=0, device=None):
 def attention(q, k, v, key_mask=None, impl="sdpa"):
     """softmax(q kᵀ / √Dh) v for q [B, Tq, H, Dh], k/v [B, Tk, H, Dh].
 
-    key_mask (bool, broadcastable to [Tq, Tk]) marks the keys a query may see.
-    impl="math" is the plain float32 formula, the reference the tests read; "sdpa"
-    hands the same computation to PyTorch's fused kernels (flash / cuDNN on CUDA).
+    key_mask (bool, broadcastable to [Tq, Tk]) marks the keys a query may see, or is a
+    BlockCausal. impl="math" is the plain float32 formula, the reference the tests
+    read; "sdpa" hands the same computation to PyTorch's fused kernels (flash / cuDNN).
     """
+    if isinstance(key_mask, BlockCausal):  # each run of queries over its own prefix of the keys: no mask
+        return torch.cat([attention(q[:, a:b], k[:, :e], v[:, :e], None if key_mask.valid is None
+                                    else key_mask.valid[:e], impl) for a, b, e in key_mask.runs], dim=1)
     if impl == "math":
         scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
         if key_mask is not None:
@@ -212,6 +212,15 @@ def attention(q, k, v, key_mask=None, impl="sdpa"):
         key_mask = torch.atleast_2d(key_mask)  # SDPA wants at least [Tq or 1, Tk]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=key_mask)
     return out.transpose(1, 2)
+
+
+@dataclass
+class BlockCausal:
+    """A key mask in runs: queries [a, b) see keys [0, e) (the `valid` ones, if given) for
+    each (a, b, e): chunks in one pass, each seeing itself and those before it (prompts.py)."""
+
+    runs: list
+    valid: torch.Tensor | None = None
 
 
 class Projections(nn.Module):
@@ -285,8 +294,7 @@ class Block(nn.Module):
 class Head(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.eps = cfg.eps
-        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.eps, self.head = cfg.eps, nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e):
@@ -308,8 +316,7 @@ class CausalWanModel(nn.Module):
 
     `forward` evaluates a whole latent video at once (chunk c attends to chunks ≤ c);
     `forward_chunk` evaluates one chunk against a KVCache, which is how the sampler
-    runs it. Both share every weight and every line of the blocks.
-    """
+    runs it. Both share every weight and every line of the blocks."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -377,8 +384,7 @@ class CausalWanModel(nn.Module):
         its timesteps; start_frame its first latent frame in the video. The chunk's
         keys/values are written into `cache` (a memory step, t = 0, writes the clean
         ones that later chunks read). With a LIPAR `plan` (lipar.RecoveryPlan) only its
-        kept tokens are computed; their velocity is returned in place, pruned ones zero.
-        """
+        kept tokens are computed; their velocity is returned in place, pruned ones zero."""
         step = self.chunk_step(x, cache, start_frame, memory_step, plan)
         if step.absent_keys:  # gathered away: SDPA's fused kernels take no mask (the one GPU sync of a step)
             step.present = cache.key_valid[: step.visible].nonzero().squeeze(1)
@@ -464,9 +470,8 @@ class KVCache:
     Positions roll with the window, as in the authors' streaming code: Self-Forcing
     was trained on frame positions 0..20 only, so a chunk past frame 20 is placed at
     frames 18..20 and every cached non-sink key is rotated back by as many frames
-    (their distances to the chunk stay true). A stream can run for ever.
-
-    With rolled_positions=False (the authors' first release) every frame keeps its
+    (their distances to the chunk stay true). A stream can run for ever. With
+    rolled_positions=False (the authors' first release) every frame keeps its
     absolute index as its position, up to the 1,024 of the RoPE table.
 
     For LIPAR it also keeps the memory: each layer's pre-RoPE keys/values of the last
@@ -485,12 +490,10 @@ class KVCache:
         self.rolled_positions = rolled_positions
         self.num_slots = self.sink + self.recent
         shape = (cfg.num_layers, context.shape[0], self.num_slots * n, cfg.num_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, device=param.device, dtype=param.dtype)
-        self.v = torch.zeros_like(self.k)
+        self.k, self.v = (torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in "kv")
         self.key_valid = torch.ones(self.num_slots * n, dtype=torch.bool, device=param.device)
         memory_shape = (cfg.num_layers, context.shape[0], n, cfg.num_heads, cfg.head_dim)
-        self.memory_k = torch.zeros(memory_shape, device=param.device, dtype=param.dtype)
-        self.memory_v = torch.zeros_like(self.memory_k)
+        self.memory_k, self.memory_v = (torch.zeros(memory_shape, device=param.device, dtype=param.dtype) for _ in "kv")
         self.context_kvs = model.context_kvs(context)
         self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask
         self.shift = 0  # frames by which the non-sink positions sit below the frames' true indices
@@ -502,8 +505,7 @@ class KVCache:
         for (k, v), (new_k, new_v) in zip(self.context_kvs, model.context_kvs(context)):
             k.copy_(new_k), v.copy_(new_v)
         self.key_valid.fill_(True)
-        self.memory_k.zero_()
-        self.memory_v.zero_()
+        self.memory_k.zero_(), self.memory_v.zero_()
         self.slot_has_holes = [False] * self.num_slots
         self.shift, self.ring_start, self.duplicated = 0, self.sink, None
 
@@ -542,7 +544,7 @@ class KVCache:
         if not self.rolled_positions and start_frame + frames > MAX_POSITIONS:
             raise ValueError(f"absolute positions end at latent frame {MAX_POSITIONS - 1} (RoPE's table)")
         shift = max(0, start_frame + frames - self.trained_frames) if self.rolled_positions else 0
-        if shift != self.shift:  # a new chunk past frame 20: positions roll (see the class)
+        if shift > self.shift:  # a new chunk past frame 20: positions roll (see the class)
             self._roll_positions(shift)
         # slots formed on the device: a host list copied over would stall the CPU on the GPU
         frame_slots = self.slot_of(torch.arange(start_frame, start_frame + frames, device=device))
@@ -586,8 +588,7 @@ class KVCache:
                     k = complete_chunk(self.memory_k[layer], k, step.source)
                     v = complete_chunk(self.memory_v[layer], v, step.source)
                     if step.memory_step:  # the next chunk's memory: this chunk's clean last frame
-                        self.memory_k[layer].copy_(k[:, -n:])
-                        self.memory_v[layer].copy_(v[:, -n:])
+                        self.memory_k[layer].copy_(k[:, -n:]), self.memory_v[layer].copy_(v[:, -n:])
                 self.k[layer].index_copy_(1, step.slots, rotate_keys(k, rope))
                 self.v[layer].index_copy_(1, step.slots, v)
                 k_all, v_all = self.k[layer][:, : step.visible], self.v[layer][:, : step.visible]

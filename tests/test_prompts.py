@@ -64,12 +64,16 @@ def test_a_switch_to_the_same_prompt_changes_nothing(mode):
         assert torch.equal(getattr(scheduled.cache, name), getattr(plain.cache, name)), name
 
 
+@pytest.mark.parametrize("at_once", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_after_a_switch_the_cache_is_what_the_clean_latents_write_under_the_new_prompt(mode):
+def test_after_a_switch_the_cache_is_what_the_clean_latents_write_under_the_new_prompt(mode, at_once):
     """Switch before chunk 2 (video frame 21): the cache equals a fresh cache under the new
     prompt into which the two edited chunks' clean x0 were written by their memory steps
     (each with its mask's recovery plan); the edit of chunk 2 then differs from the
-    unswitched one."""
+    unswitched one. Chunk by chunk these are the same operations: bit for bit. In one
+    pass (the default) the same sums in float64 over other row counts and, for the
+    pruned modes, one plan for both chunks: 1e-12 is far above float64's rounding at
+    these sizes (about 1e-15) and far below any wrong key."""
     dit = tiny_dit().double()
     latents, keep = clip_latents(3)
     new = context(dit, 2)
@@ -77,13 +81,20 @@ def test_after_a_switch_the_cache_is_what_the_clean_latents_write_under_the_new_
     x0 = [scheduled(latents[:, :, s:s + 3], keep[s:s + 3]) for s in (0, 3)]
     for s in (0, 3):
         plain(latents[:, :, s:s + 3], keep[s:s + 3])
-    scheduled.recache(new)  # what the next call does first, done here to look at the cache
+    scheduled.recache(new, at_once=at_once)  # what the next call does first, done here to look at the cache
     reference = M.KVCache(dit, new, GRID, None if mode == "full" else (1, 6))
     for c, s in enumerate((0, 3)):
         plan = None if mode == "full" else lipar.recovery_plan(keep[s:s + 3], mode, has_memory=s > 0)
         dit.forward_chunk(x0[c], torch.zeros(1, 1, dtype=torch.float64), reference, s, memory_step=True, plan=plan)
+    # naive's pruned keys are absent, never read: in one pass their rows hold other copies
+    rows = {"k": reference.key_valid, "v": reference.key_valid, "memory_k": keep[5].flatten(),
+            "memory_v": keep[5].flatten()} if mode == "naive" and at_once else {}
     for name in ("k", "v", "memory_k", "memory_v"):
-        assert torch.equal(getattr(scheduled.cache, name), getattr(reference, name)), name
+        ours, theirs = (getattr(c, name)[:, :, rows.get(name, slice(None))] for c in (scheduled.cache, reference))
+        assert torch.equal(ours, theirs) if not at_once else torch.allclose(ours, theirs, rtol=0, atol=1e-12), name
+    written = 6 * GRID[0] * GRID[1]  # the rows of frames 0-5; the rest are absent after a re-cache
+    assert torch.equal(scheduled.cache.key_valid[:written], reference.key_valid[:written])
+    assert not scheduled.cache.key_valid[written:].any()
     for (k, v), (ref_k, ref_v) in zip(scheduled.cache.context_kvs, reference.context_kvs):
         assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
     edited = scheduled(latents[:, :, 6:9], keep[6:9])
@@ -104,7 +115,8 @@ def test_a_change_inside_a_chunk_waits_for_its_boundary():
     assert scheduled.switches == [(21, "new")] and prompts.first_video_frame(6) == 21
 
 
-def test_past_the_window_only_its_frames_are_replayed_and_no_old_key_is_attended(monkeypatch):
+@pytest.mark.parametrize("at_once", [False, True])
+def test_past_the_window_only_its_frames_are_replayed_and_no_old_key_is_attended(monkeypatch, at_once):
     """Window (1, 6) over 5 chunks: the first chunk (the sink) and the latest two are held,
     whatever the length. A switch replays frame 0 alone (frames 1-2 have left the
     window), then chunks 9 and 12; the cache's old contents never reach the result:
@@ -115,20 +127,18 @@ def test_past_the_window_only_its_frames_are_replayed_and_no_old_key_is_attended
     for s in range(0, 15, 3):
         scheduled(latents[:, :, s:s + 3], keep[s:s + 3])
     assert [c[0] for c in scheduled.first] == [0] and [c[0] for c in scheduled.held] == [9, 12]
-    replayed = []
-    forward = scheduled.editor.forward
-
-    def spy(x, t, cache, start, memory_step=False, plan=None):
-        replayed.append((start, x.shape[2], memory_step))
-        return forward(x, t, cache, start, memory_step=memory_step, plan=plan)
-    monkeypatch.setattr(scheduled.editor, "forward", spy)
-    results = []
+    cache, claimed, results = scheduled.cache, [], []
+    claim = cache.claim
+    monkeypatch.setattr(cache, "claim", lambda start, frames, valid=None: claimed.append((start, frames))
+                        or claim(start, frames, valid))
     for stale in (1e4, 0.0):
-        scheduled.cache.k.fill_(stale)
-        scheduled.cache.v.fill_(stale)
-        scheduled.recache(context(dit, 2))
-        results.append([getattr(scheduled.cache, name).clone() for name in ("k", "v", "memory_k", "memory_v")])
-    assert replayed[:3] == [(0, 1, True), (9, 3, True), (12, 3, True)]
+        cache.k.fill_(stale)
+        cache.v.fill_(stale)
+        claimed.clear()
+        scheduled.recache(context(dit, 2), at_once=at_once)
+        results.append([getattr(cache, name).clone() for name in ("k", "v", "memory_k", "memory_v")])
+        assert claimed == [(0, 1), (9, 3), (12, 3)]
+        scheduled.recache(context(dit, 3), at_once=at_once)  # another prompt between: the next one is a change
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -166,6 +176,54 @@ def test_past_the_window_the_replay_reads_a_prefix_and_matches_the_masked_one(mo
     ours, theirs = dit.forward_chunk(x, t, scheduled.cache, 15, plan=plan), dit.forward_chunk(x, t, reference, 15,
                                                                                                plan=plan)
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-12) and not torch.equal(ours, torch.zeros_like(ours))
+
+def test_in_one_pass_past_frame_20_the_window_is_written_where_the_next_chunk_reads_it():
+    """`full` over 9 chunks (27 latent frames): the positions have rolled by 6 frames and
+    the window holds the latest 7 chunks. Chunk by chunk, the replay rolls the cached
+    keys as it goes (a chunk ending past frame 20 rotates them back); in one pass every
+    key is placed at once where the last chunk's roll puts it. Without a sink only
+    distances between positions enter attention, so both write the same cache and give
+    the same next forward, up to the RoPE angles' rounding: they are float32 tables
+    (sample.py's), 6e-8 relative, on keys and outputs of size ~1 through two layers:
+    1e-5 leaves a factor of ~100."""
+    dit = tiny_dit().double()
+    latents, keep = clip_latents(10)
+    pair = [editors(dit, "full", [])[1] for _ in range(2)]
+    for scheduled in pair:
+        for s in range(0, 27, 3):
+            scheduled(latents[:, :, s:s + 3], keep[s:s + 3])
+    assert pair[0].cache.shift == 6 and [c[0] for c in pair[0].held] == list(range(6, 27, 3))
+    new = context(dit, 2)
+    for scheduled, at_once in zip(pair, (False, True)):
+        scheduled.recache(new, at_once=at_once)
+    ours, theirs = (scheduled.cache for scheduled in pair)
+    assert ours.shift == theirs.shift == 6 and torch.equal(ours.key_valid, theirs.key_valid)
+    for name in ("k", "v"):
+        assert torch.allclose(getattr(ours, name), getattr(theirs, name), rtol=0, atol=1e-5), name
+    x, t = latents[:, :, 27:30], torch.full((1, 1), 750.0, dtype=torch.float64)
+    after = [dit.forward_chunk(x, t, cache, 27) for cache in (ours, theirs)]
+    assert torch.allclose(*after, rtol=0, atol=1e-5)
+    assert not torch.allclose(getattr(ours, "k"), M.KVCache(dit, new, GRID).k, atol=1e-3)
+
+
+def test_a_window_that_the_replay_overflows_is_replayed_chunk_by_chunk():
+    """Window (1, 7): three chunks hold its recent frames, 9 frames for 7 ring slots, so
+    the replay cannot be written side by side; it goes chunk by chunk as at_once=False
+    does, the same operations: bit for bit."""
+    dit = tiny_dit().double()
+    latents, keep = clip_latents(6)
+    pair = []
+    for _ in range(2):
+        editor = sample.ChunkEditor(dit, context(dit, 1), GRID, "lipar", (1, 7), seed=0)
+        pair.append(prompts.ScheduledEditor(editor, dit, []))
+        for s in range(0, 18, 3):
+            pair[-1](latents[:, :, s:s + 3], keep[s:s + 3])
+    assert len(pair[0].held) == 3
+    for scheduled, at_once in zip(pair, (False, True)):
+        scheduled.recache(context(dit, 2), at_once=at_once)
+    for name in ("k", "v", "memory_k", "memory_v", "key_valid"):
+        assert torch.equal(getattr(pair[0].cache, name), getattr(pair[1].cache, name)), name
+
 
 def test_tape_keeps_its_scores_across_a_re_cache():
     """TAPE's memory step closes a chunk's scores; the re-cache uses its bare memory step,
