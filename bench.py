@@ -43,7 +43,7 @@ import vae_layout
 import video as io
 from cli import EditSettings
 from demo import coherent_mask, realistic_latents
-from flops import dit_flops, tape_flops
+from flops import dit_flops, linear_flops_per_token, tape_flops
 from metrics import Fidelity, psnr
 from text_encoder import T5Config, UMT5Encoder
 from tiny_vae import TinyVAE
@@ -1038,8 +1038,8 @@ def recache_bench(timer, smoke=False):
         import triton_ops  # Triton: CUDA builds only
     kernels = None if smoke else triton_ops.Kernels()
     lines = ["| mode | held chunks | re-cache ms, one pass | chunk by chunk | one DiT forward ms "
-             "| re-cache / forward: one pass | chunk by chunk | chunk edit ms | keys, one pass vs chunk by chunk |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| re-cache / forward: one pass | chunk by chunk | FLOPs re-cache / forward | chunk edit ms "
+             "| keys, one pass vs chunk by chunk |", "| --- |" + " --- |" * 9]
     steps = []
     for mode in ("lipar", "full"):
         window = None if mode == "full" else (1, 6)
@@ -1080,16 +1080,29 @@ def recache_bench(timer, smoke=False):
                 torch.cuda.synchronize()
         error = (sum((a.float() - b.float()).norm() ** 2 for a, b in zip(*keys)).sqrt()
                  / sum(b.float().norm() ** 2 for b in keys[1]).sqrt()).item()
-        held = len(editor.first) + len(editor.held)
-        lines.append(f"| {mode} | {held} | {at_once_ms:.1f} | {one_by_one_ms:.1f} | {forward_ms:.1f} "
-                     f"| {at_once_ms / forward_ms:.2f} | {one_by_one_ms / forward_ms:.2f} | {chunk_ms:.1f} "
-                     f"| relative error {error:.1e} |")
+        held = [*editor.first, *editor.held]
+        # FLOPs (flops.py's count) of the replay, chunk by chunk with the keys each sees, against the forward's
+        sink = editor.cache.sink
+        gap = any(b[0] != a[0] + 3 for a, b in zip(held, held[1:]))
+        replayed = [(start, min(3, sink - start) if gap and start < sink else 3) for start, _, _ in held]
+        seen = [sum(f for _, f in replayed[:i + 1]) for i in range(len(replayed))]
+        queries = lambda start, f: f * h * w if mode == "full" else int(keep[start:start + f].sum())  # noqa: E731
+        recache_flops = sum(step_flops(dit.cfg, queries(s, f), keys * h * w) for (s, f), keys in zip(replayed, seen))
+        forward_flops = step_flops(dit.cfg, queries(15, 3), (seen[-1] + 3 if mode == "full" else 7) * h * w)
+        lines.append(f"| {mode} | {len(held)} | {at_once_ms:.1f} | {one_by_one_ms:.1f} | {forward_ms:.1f} "
+                     f"| {at_once_ms / forward_ms:.2f} | {one_by_one_ms / forward_ms:.2f} "
+                     f"| {recache_flops / forward_flops:.2f} | {chunk_ms:.1f} | relative error {error:.1e} |")
         steps.append(f"{mode}'s re-cache chunk by chunk, memory step by memory step: " + ", ".join(
             f"latent frames {s}-{s + f - 1} {elapsed_ms(a, b):.1f} ms" for s, f, a, b in replays))
         if error > 2e-2:
             raise SystemExit(f"{mode}: the re-cache in one pass wrote other keys than chunk by chunk "
                              f"(relative error {error:.1e} > 2e-2)")
     print("\n".join(lines + steps), flush=True)
+
+
+def step_flops(cfg, queries, keys):
+    """FLOPs of one DiT call on `queries` tokens that attend to `keys` (flops.py's count)."""
+    return cfg.num_layers * queries * (linear_flops_per_token(cfg) + 4 * keys * cfg.dim + 4 * 512 * cfg.dim)
 
 
 def stamp(smoke):
