@@ -242,7 +242,9 @@ def test_a_flood_of_frames_is_dropped_oldest_first_never_queued_without_bound(se
     got, jsons = run(server, script)
     limit = server.queue_chunks * server.models.vae().chunk_frames(3, False)
     assert seen[0] <= limit
-    assert chunks(jsons)[0]["dropped"] >= 200 - limit - 12
+    # every frame is dropped, waiting, or taken by a chunk being edited; on a loaded 2-core
+    # machine the server takes a few chunks of 12 while the flood arrives: allow four
+    assert chunks(jsons)[0]["dropped"] >= 200 - limit - 4 * 12
     assert got[-1][0] > got[0][0]
 
 
