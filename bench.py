@@ -1082,9 +1082,7 @@ def recache_bench(timer, smoke=False):
                  / sum(b.float().norm() ** 2 for b in keys[1]).sqrt()).item()
         held = [*editor.first, *editor.held]
         # FLOPs (flops.py's count) of the replay, chunk by chunk with the keys each sees, against the forward's
-        sink = editor.cache.sink
-        gap = any(b[0] != a[0] + 3 for a, b in zip(held, held[1:]))
-        replayed = [(start, min(3, sink - start) if gap and start < sink else 3) for start, _, _ in held]
+        replayed = [(start, x0.shape[2]) for start, x0, _ in editor.replayed()]
         seen = [sum(f for _, f in replayed[:i + 1]) for i in range(len(replayed))]
         queries = lambda start, f: f * h * w if mode == "full" else int(keep[start:start + f].sum())  # noqa: E731
         recache_flops = sum(step_flops(dit.cfg, queries(s, f), keys * h * w) for (s, f), keys in zip(replayed, seen))

@@ -500,9 +500,9 @@ class KVCache:
         self.ring_start = self.sink  # the frame in the ring's first slot (prompts.py moves it to re-cache)
         self.duplicated = None  # the source of the copies write_duplicates wrote last
 
-    def reset(self, model, context):
-        """Start a new clip in the same storage (graphs.py replays graphs that point at it)."""
-        for (k, v), (new_k, new_v) in zip(self.context_kvs, model.context_kvs(context)):
+    def reset(self, model, context, context_kvs=None):
+        """Start a new clip in the same storage (graphs.py's graphs point at it); context_kvs if computed."""
+        for (k, v), (new_k, new_v) in zip(self.context_kvs, context_kvs or model.context_kvs(context)):
             k.copy_(new_k), v.copy_(new_v)
         self.key_valid.fill_(True)
         self.memory_k.zero_(), self.memory_v.zero_()

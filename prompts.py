@@ -91,6 +91,14 @@ class ScheduledEditor:
                  for f, p in self.overridden]
                 + [f"--prompt-at {f}:{p!r} never took effect: the video ended before frame {f}" for f, p in late])
 
+    def replayed(self):
+        """The chunks a re-cache replays, [(start, x0, keep)] in order: the held ones, the
+        first cut to its sink frames when the others do not follow it (past the window)."""
+        chunks = [*self.first, *self.held]
+        gap = any(later[0] != earlier[0] + self.fpc for earlier, later in zip(chunks, chunks[1:]))
+        return [(start, x0[:, :, :self.sink - start], None if keep is None else keep[:self.sink - start])
+                if gap and start < self.sink else (start, x0, keep) for start, x0, keep in chunks]
+
     @torch.no_grad()
     def recache(self, context, at_once=True):
         """The cache under `context`: cross-attention rebuilt, then the window's frames
@@ -104,26 +112,22 @@ class ScheduledEditor:
         TAPE, one memory step per chunk, in order. A prompt whose cross-attention
         keys/values the cache already holds changes nothing."""
         editor, cache = self.editor, self.editor.cache
+        context_kvs = self.dit.context_kvs(context)
         if all(torch.equal(k, new_k) and torch.equal(v, new_v)
-               for (k, v), (new_k, new_v) in zip(cache.context_kvs, self.dit.context_kvs(context))):
+               for (k, v), (new_k, new_v) in zip(cache.context_kvs, context_kvs)):
             return
-        cache.reset(self.dit, context)
+        cache.reset(self.dit, context, context_kvs)
         cache.key_valid.fill_(False)  # nothing written under the new prompt yet
         cache.slot_has_holes = [True] * cache.num_slots
         zero = torch.zeros(1, 1, device=editor.device)
-        chunks = [*self.first, *self.held]
-        gap = any(later[0] != earlier[0] + self.fpc for earlier, later in zip(chunks, chunks[1:]))
         # TAPE's forward closes its scores on a memory step; its bare memory step does not
         memory_step = getattr(editor.forward, "memory_step", None)
-        replay = [(start, x0[:, :, :self.sink - start], None if keep is None else keep[:self.sink - start])
-                  if gap and start < self.sink else (start, x0, keep) for start, x0, keep in chunks]
+        replay = self.replayed()
         # the ring written afresh from the first replayed frame past the sink (the frame of
         # its first slot already, inside the window)
         cache.ring_start = next((max(start, self.sink) for start, x0, _ in replay if start + x0.shape[2] > self.sink),
                                 self.sink)
-        if not replay:
-            return
-        if at_once and memory_step is None and sum(x0.shape[2] for _, x0, _ in replay) <= cache.num_slots:
+        if at_once and replay and memory_step is None and sum(x0.shape[2] for _, x0, _ in replay) <= cache.num_slots:
             return self.replay_at_once(replay, zero)
         for start, x0, keep in replay:
             plan = lipar.recovery_plan(keep, editor.mode, has_memory=start > 0) if editor.prunes else None
