@@ -159,8 +159,7 @@ def rope_tables(head_dim, theta, device, dtype, max_position=MAX_POSITIONS):
     """Per axis (frame, row, col): cos and sin [max_position, d/2] of position × frequency.
 
     Formed once in float64 and rounded once: position × frequency reaches ~10³ rad,
-    where a float32 product would already be off by ~1e-4.
-    """
+    where a float32 product would already be off by ~1e-4."""
     tables = []
     for d in rope_axis_dims(head_dim):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -197,8 +196,7 @@ def attention(q, k, v, key_mask=None, impl="sdpa"):
 
     key_mask (bool, broadcastable to [Tq, Tk]) marks the keys a query may see, or is a
     BlockCausal. impl="math" is the plain float32 formula, the reference the tests
-    read; "sdpa" hands the same computation to PyTorch's fused kernels (flash / cuDNN).
-    """
+    read; "sdpa" hands the same computation to PyTorch's fused kernels (flash / cuDNN)."""
     if isinstance(key_mask, BlockCausal):  # each run of queries over its own prefix of the keys: no mask
         return torch.cat([attention(q[:, a:b], k[:, :e], v[:, :e], None if key_mask.valid is None
                                     else key_mask.valid[:e], impl) for a, b, e in key_mask.runs], dim=1)
@@ -347,16 +345,19 @@ class CausalWanModel(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # B C f pt h ph w pw
         return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
 
-    def run_blocks(self, tokens, t, frame_of_token, rope, keys_values, context_kvs):
+    def run_blocks(self, tokens, t, frame_of_token, rope, keys_values, context_kvs, keys_only=False):
         """The transformer proper, for any subset of tokens: tokens [B, T, D] → head output [B, T, 64].
 
         frame_of_token [T] picks each token's per-frame timestep (None when t is [B, 1]);
         keys_values(layer) gives the self-attention's key/value source of that layer.
-        """
+        keys_only (a re-cache): the last block stops once its keys/values are written; None."""
         e, e0 = self.embed_time(t)
         if frame_of_token is not None:
             e, e0 = e[:, frame_of_token], e0[:, frame_of_token]
         for i, block in enumerate(self.blocks):
+            if keys_only and i == len(self.blocks) - 1:
+                keys_values(i)(*block.before_attention(tokens, e0, rope)[1:])
+                return None
             tokens = block(tokens, e0, rope, keys_values(i), context_kvs[i], self.attn_impl)
         return self.head(tokens, e)
 
@@ -413,10 +414,11 @@ class CausalWanModel(nn.Module):
         if step.kept is not None:  # LIPAR: only the kept tokens run through the blocks
             tokens, positions, rope = tokens[:, step.kept], positions[step.kept], tuple(r[step.kept] for r in rope_chunk)
         frame_of_token = None if t.shape[1] == 1 else positions[:, 0] - step.positions[0, 0]
-        out = self.run_blocks(tokens, t, frame_of_token, rope, cache.keys_values(step, rope_chunk), cache.context_kvs)
-        if step.kept is not None:  # back in place; pruned positions are zero
+        out = self.run_blocks(tokens, t, frame_of_token, rope, cache.keys_values(step, rope_chunk), cache.context_kvs,
+                              step.keys_only)
+        if step.kept is not None and out is not None:  # back in place; pruned positions are zero
             out = out.new_zeros(out.shape[0], step.positions.shape[0], out.shape[2]).index_copy_(1, step.kept, out)
-        return self.unpatchify(out, grid)
+        return None if out is None else self.unpatchify(out, grid)
 
 
 rotate_keys = fused(apply_rope)  # the cache write rotates every key of the chunk in every layer: one kernel
@@ -441,6 +443,7 @@ class ChunkStep:
     present [P] or None   then: the rows that do, gathered before attention;
     key_mask [visible]    or the same as a mask (graphs.py: a fixed key count)
     memory_step           t = 0: also store this chunk's last frame as the next memory
+    keys_only             only the cache is written, no velocity returned (a re-cache)
     """
 
     positions: torch.Tensor
@@ -452,6 +455,7 @@ class ChunkStep:
     memory_step: bool
     present: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    keys_only: bool = False
 
 
 class KVCache:
@@ -475,8 +479,7 @@ class KVCache:
     absolute index as its position, up to the 1,024 of the RoPE table.
 
     For LIPAR it also keeps the memory: each layer's pre-RoPE keys/values of the last
-    frame of the previous chunk, from which pruned tokens are recovered (Eq. 3–4).
-    """
+    frame of the previous chunk, from which pruned tokens are recovered (Eq. 3–4)."""
 
     def __init__(self, model, context, grid_hw, window=None, rolled_positions=True):
         cfg = model.cfg
@@ -494,7 +497,7 @@ class KVCache:
         self.key_valid = torch.ones(self.num_slots * n, dtype=torch.bool, device=param.device)
         memory_shape = (cfg.num_layers, context.shape[0], n, cfg.num_heads, cfg.head_dim)
         self.memory_k, self.memory_v = (torch.zeros(memory_shape, device=param.device, dtype=param.dtype) for _ in "kv")
-        self.context_kvs = model.context_kvs(context)
+        self.context, self.context_kvs = context, model.context_kvs(context)  # the prompt in force
         self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask
         self.shift = 0  # frames by which the non-sink positions sit below the frames' true indices
         self.ring_start = self.sink  # the frame in the ring's first slot (prompts.py moves it to re-cache)
@@ -507,7 +510,7 @@ class KVCache:
         self.key_valid.fill_(True)
         self.memory_k.zero_(), self.memory_v.zero_()
         self.slot_has_holes = [False] * self.num_slots
-        self.shift, self.ring_start, self.duplicated = 0, self.sink, None
+        self.shift, self.ring_start, self.duplicated, self.context = 0, self.sink, None, context
 
     def position_of(self, frame):
         """The RoPE time position of a non-sink frame: its index, less the rolled-back frames."""
@@ -537,8 +540,7 @@ class KVCache:
         chunk_valid [F·N] or None: which of the chunk's keys will exist (a plan's
         key_valid). Returns (slots [F·N], visible, absent_keys): the cache rows the
         chunk writes, how many rows its queries read, and whether some of those hold
-        no key (then `key_valid[:visible]` says which do).
-        """
+        no key (then `key_valid[:visible]` says which do)."""
         n = self.tokens_per_frame
         device = self.k.device
         if not self.rolled_positions and start_frame + frames > MAX_POSITIONS:
@@ -575,11 +577,9 @@ class KVCache:
     def keys_values(self, step, rope):
         """Per-layer key/value sources for a chunk step; rope: (cos, sin) of every token of the chunk.
 
-        Each layer's source takes the chunk's pre-RoPE k/v (of its kept tokens, with
-        LIPAR), completes the chunk with recovered keys/values, rotates them to their
-        positions, writes them into the chunk's slots, and returns every cached
-        key/value the chunk may attend to.
-        """
+        Each layer's source completes the chunk's pre-RoPE k/v (its kept tokens', with
+        LIPAR) with recovered ones, rotates them to their positions, writes them into the
+        chunk's slots and returns every cached key/value the chunk may attend to."""
         n = self.tokens_per_frame
 
         def keys_values(layer):

@@ -30,6 +30,7 @@ bounded by the window, however long the stream.
 from collections import deque
 
 import torch
+import torch.nn.functional as F
 
 import lipar
 import model as M
@@ -44,6 +45,26 @@ def parse_prompt_at(text):
     if int(frame) == 0:
         raise ValueError("frame 0 takes --prompt; give a later frame")
     return int(frame), prompt.strip()
+
+
+def context_kvs(dit, context, group=10):
+    """dit.context_kvs(context) in a few wide products: the keys (and the values) of
+    `group` layers from one matrix product, their weights side by side, and one norm
+    over them all. The same sums as one layer at a time, up to rounding (tests); a
+    prompt change then launches a dozen kernels instead of ~10 per layer, which on
+    the GPU took longer than the re-cache's first block (BENCHMARKS.md)."""
+    text = dit.text_embedding(context)
+    layers = [block.cross_attn for block in dit.blocks]
+    heads = (layers[0].num_heads, -1)
+    kvs = []
+    for first in range(0, len(layers), group):
+        part = layers[first:first + group]
+        k, v = (F.linear(text, torch.cat([getattr(a, name).weight for a in part]),
+                         torch.cat([getattr(a, name).bias for a in part])).unflatten(-1, (len(part), -1))
+                for name in "kv")  # [B, L, layers, D]
+        k = M.rms_norm(k, torch.stack([a.norm_k.weight for a in part]), part[0].norm_k.eps)
+        kvs += [(k[:, :, i].unflatten(-1, heads), v[:, :, i].unflatten(-1, heads)) for i in range(len(part))]
+    return kvs
 
 
 def first_video_frame(latent_frame):
@@ -109,14 +130,12 @@ class ScheduledEditor:
         for its sink frames only, since its other frames have left the window, and the
         ring is written afresh from its first slot. at_once: all chunks in one memory
         step (replay_at_once) where they fit the cache side by side; otherwise, and for
-        TAPE, one memory step per chunk, in order. A prompt whose cross-attention
-        keys/values the cache already holds changes nothing."""
+        TAPE, one memory step per chunk, in order. The prompt already in force (the same
+        context) changes nothing."""
         editor, cache = self.editor, self.editor.cache
-        context_kvs = self.dit.context_kvs(context)
-        if all(torch.equal(k, new_k) and torch.equal(v, new_v)
-               for (k, v), (new_k, new_v) in zip(cache.context_kvs, context_kvs)):
+        if torch.equal(cache.context, context):
             return
-        cache.reset(self.dit, context, context_kvs)
+        cache.reset(self.dit, context, context_kvs(self.dit, context))
         cache.key_valid.fill_(False)  # nothing written under the new prompt yet
         cache.slot_has_holes = [True] * cache.num_slots
         zero = torch.zeros(1, 1, device=editor.device)
@@ -173,6 +192,6 @@ class ScheduledEditor:
             row, first_query = row + frames * n, first_query + count
         step = M.ChunkStep(positions=torch.cat(positions), kept=None if plan is None else plan.kept,
                            slots=torch.cat(slots), source=None if plan is None else plan.source(True),
-                           visible=visible, absent_keys=False, memory_step=True,
+                           visible=visible, absent_keys=False, memory_step=True, keys_only=True,
                            key_mask=M.BlockCausal(runs, None if chunk_valid is None else cache.key_valid))
         dit.run_chunk(torch.cat([x0 for _, x0, _ in replay], 2).to(editor.dtype), zero, cache, step)

@@ -33,6 +33,15 @@ def context(dit, seed):
     return torch.randn(1, 7, dit.cfg.text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
+def new_cache(dit, context, window):
+    """A fresh cache under `context` whose cross-attention keys/values are those a re-cache
+    computes (prompts.context_kvs, held to the model's own below): the replay is then
+    compared with the history it stands for, operation for operation."""
+    cache = M.KVCache(dit, context, GRID, window)
+    cache.reset(dit, context, prompts.context_kvs(dit, context))
+    return cache
+
+
 def clip_latents(chunks, seed=3):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, 16, 3 * chunks, 8, 12, generator=g, dtype=torch.float64)
@@ -82,7 +91,7 @@ def test_after_a_switch_the_cache_is_what_the_clean_latents_write_under_the_new_
     for s in (0, 3):
         plain(latents[:, :, s:s + 3], keep[s:s + 3])
     scheduled.recache(new, at_once=at_once)  # what the next call does first, done here to look at the cache
-    reference = M.KVCache(dit, new, GRID, None if mode == "full" else (1, 6))
+    reference = new_cache(dit, new, None if mode == "full" else (1, 6))
     for c, s in enumerate((0, 3)):
         plan = None if mode == "full" else lipar.recovery_plan(keep[s:s + 3], mode, has_memory=s > 0)
         dit.forward_chunk(x0[c], torch.zeros(1, 1, dtype=torch.float64), reference, s, memory_step=True, plan=plan)
@@ -157,7 +166,7 @@ def test_past_the_window_the_replay_reads_a_prefix_and_matches_the_masked_one(mo
     new = context(dit, 2)
     scheduled.recache(new)
     assert absent == [False, False, False]
-    reference = M.KVCache(dit, new, GRID, (1, 6))
+    reference = new_cache(dit, new, (1, 6))
     reference.key_valid.fill_(False)
     reference.slot_has_holes = [True] * reference.num_slots
     zero = torch.zeros(1, 1, dtype=torch.float64)
@@ -262,3 +271,21 @@ def test_the_command_line_says_where_each_prompt_took_effect(clip, weights, tmp_
     assert "prompt from frame 9: 'a blue ball'" in capsys.readouterr().out
     assert run_cli(["--video", str(clip), "--out", "f.mp4", "--prompt-at", "5:a", "--prompt-at", "5:b"], weights) == 2
     assert "two --prompt-at changes at one frame" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group", [1, 10])
+def test_the_new_prompts_cross_attention_in_wide_products_is_the_models(group):
+    """prompts.context_kvs (a group of layers per matrix product) against the model's own,
+    one layer at a time, in float64: the same sums, possibly blocked otherwise by the
+    matrix library (1e-12 is far above float64's rounding for these sizes, far below
+    a wrong weight or norm). With three layers, 10 leaves one partial group."""
+    torch.manual_seed(0)
+    dit = M.CausalWanModel(M.DiTConfig(**{**vars(M.DiTConfig.tiny()), "num_layers": 3})).double()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0, 0.5)
+        ours, theirs = prompts.context_kvs(dit, context(dit, 4), group), dit.context_kvs(context(dit, 4))
+    assert len(ours) == len(theirs) == 3
+    for (k, v), (ref_k, ref_v) in zip(ours, theirs):
+        assert k.shape == ref_k.shape and v.shape == ref_v.shape
+        assert torch.allclose(k, ref_k, rtol=1e-12, atol=1e-12) and torch.allclose(v, ref_v, rtol=1e-12, atol=1e-12)
