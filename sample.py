@@ -227,12 +227,10 @@ def encode_prompts(text_encoder_loader, prompts, device, dtype, notes=None):
 
 
 class Models:
-    """The networks, loaded lazily so that the text encoder is gone before the DiT arrives.
-
-    weights=None stands in tiny random-weight models (demo.py: the demo without downloads).
-    vae: "wan" (the Wan 2.1 VAE) or "tiny" (TAEHV). use_graphs: run the DiT through CUDA
-    graphs (graphs.py) when on CUDA. fp8: the DiT's FFN in fp8 (fp8.py).
-    """
+    """The networks, loaded lazily so that the text encoder is gone before the DiT arrives; as a
+    context manager, the demo's random weights are removed on leaving it. weights=None: tiny
+    random-weight models (demo.py). vae: "wan" (Wan 2.1) or "tiny" (TAEHV). use_graphs: the
+    DiT through CUDA graphs (graphs.py) when on CUDA. fp8: the DiT's FFN in fp8 (fp8.py)."""
 
     def __init__(self, weights, device, dtype, text_device, use_graphs=True, vae="wan", fp8=False):
         self.device, self.dtype, self.text_device, self.vae_kind, self.fp8 = device, dtype, text_device, vae, fp8
@@ -244,6 +242,13 @@ class Models:
             self.weights = demo.write_random_weights(self._tmp.name)
         else:
             self.weights = Path(weights)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.random:
+            self._tmp.cleanup()
 
     def vae(self):
         if self._vae is None:
@@ -366,18 +371,18 @@ def main(argv=None):
         print(checkpoint.convert_checkpoint(*args.convert_checkpoint, overwrite=args.overwrite))
         return 0
     demo_run = args.video is None
-    models = Models(cli.weights_folder(args, demo_run), args.device, cli.model_dtype(args),
-                    args.text_device or args.device, use_graphs=not args.no_graphs, vae=settings.vae, fp8=args.fp8)
     report = sys.stderr if io.STDIO in (args.out, args.json) else sys.stdout  # stdout may be the video or stats
     if demo_run:
         args.video = cli.write_demo_clip()
         print(f"demo: editing {args.video} with the prompt {args.prompt!r}", file=report)
     outputs = cli.check_outputs(args, settings)
-    if models.random:
-        print(f"No weights at {args.weights}: running tiny RANDOM-weight models. The pipeline runs end to end, "
-              "but the pixels are not an edit. See weights.md to get the real ones.", file=report)
     clock = stream.Stopwatch(args.device)
-    with io.VideoReader(args.video) as reader, M.fusion(cli.fusion(args)):  # the input is checked before loading
+    with Models(cli.weights_folder(args, demo_run), args.device, cli.model_dtype(args), args.text_device or args.device,
+                use_graphs=not args.no_graphs, vae=settings.vae, fp8=args.fp8) as models, \
+            io.VideoReader(args.video) as reader, M.fusion(cli.fusion(args)):  # the input is checked before loading
+        if models.random:
+            print(f"No weights at {args.weights}: running tiny RANDOM-weight models. The pipeline runs end to end, "
+                  "but the pixels are not an edit. See weights.md to get the real ones.", file=report)
         with clock("text"):  # step 4, first: the text encoder is freed before the DiT arrives
             contexts = encode_prompts(models.text_encoder, [args.prompt, *(p for _, p in settings.prompt_at)],
                                       torch.device(args.device), models.dtype, notes)
@@ -392,4 +397,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli.guarded(main))
+    signals.exit_at_once(cli.guarded(main))  # every output is closed: skip the ~1 s of teardown

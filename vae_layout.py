@@ -87,6 +87,15 @@ def sum_taps(taps, carry, bias, residual=None):
     return out, terms[:, T:].to(taps.dtype, copy=True)
 
 
+def shell(cls, *sizes):
+    """cls(*sizes) built on the meta device: a module whose parameters from_conv/from_block
+    replace with the original's at once, so their random initialisation (about 1 s for the
+    VAE's 384-channel convs on the CPU) is never computed. channels_last checks that none
+    is left on meta."""
+    with torch.device("meta"):
+        return cls(*sizes)
+
+
 class TapCausalConv3d(V.CausalConv3d):
     """A CausalConv3d (kernel 3 x kh x kw, the same weight and bias) run as one 2-D conv and a sum.
 
@@ -99,7 +108,7 @@ class TapCausalConv3d(V.CausalConv3d):
 
     @classmethod
     def from_conv(cls, conv):
-        tap = cls(conv.in_channels, conv.out_channels, conv.kernel_size).to(conv.weight.device, conv.weight.dtype)
+        tap = shell(cls, conv.in_channels, conv.out_channels, conv.kernel_size)
         tap.weight, tap.bias = conv.weight, conv.bias
         C_out, C_in, kt, kh, kw = conv.weight.shape
         taps_weight = conv.weight.detach().permute(2, 0, 1, 3, 4).reshape(kt * C_out, C_in, kh, kw)  # row k·C_out + o
@@ -122,7 +131,7 @@ class TapResidualBlock(V.ResidualBlock):
 
     @classmethod
     def from_block(cls, block):
-        tap = cls(block.residual[2].in_channels, block.residual[6].out_channels)
+        tap = shell(cls, block.residual[2].in_channels, block.residual[6].out_channels)
         tap.residual, tap.shortcut = block.residual, block.shortcut
         return tap
 
@@ -138,7 +147,7 @@ class BiasLaterCausalConv3d(V.CausalConv3d):
 
     @classmethod
     def from_conv(cls, conv):
-        later = cls(conv.in_channels, conv.out_channels, conv.kernel_size).to(conv.weight.device, conv.weight.dtype)
+        later = shell(cls, conv.in_channels, conv.out_channels, conv.kernel_size)
         later.weight, later.bias = conv.weight, conv.bias
         return later
 
@@ -170,7 +179,7 @@ class FoldedResidualBlock(V.ResidualBlock):
 
     @classmethod
     def from_block(cls, block):
-        folded = cls(block.residual[2].in_channels, block.residual[6].out_channels)
+        folded = shell(cls, block.residual[2].in_channels, block.residual[6].out_channels)
         folded.residual, folded.shortcut = block.residual, block.shortcut
         for i in (2, 6):
             folded.residual[i] = BiasLaterCausalConv3d.from_conv(block.residual[i])
@@ -229,6 +238,8 @@ def channels_last(vae, taps=True, fold=True):
         split_into_taps(vae, vae.cfg.base_dim)
     if fold:
         fold_biases(vae)
+    on_meta = [name for name, t in [*vae.named_parameters(), *vae.named_buffers()] if t.is_meta]
+    assert not on_meta, f"a shell kept its own tensors: {on_meta[:3]}"
     return vae
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -429,15 +430,40 @@ def test_entry_point_reports_one_line_without_traceback(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_demo_without_arguments_runs_end_to_end(tmp_path, monkeypatch, capsys):
-    """`python sample.py` on a fresh machine: generated clip, random models, every output."""
-    monkeypatch.chdir(tmp_path)
-    assert cli.guarded(sample.main, ["--height", "64", "--width", "112", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert "RANDOM-weight models" in printed and "pixels are not an edit" in printed
+def buffered(**variables):
+    """The environment with `variables` and print() buffering as it does by default (no
+    PYTHONUNBUFFERED): what a process prints to a pipe stays in its buffer until flushed."""
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **variables}
+
+
+def test_demo_without_arguments_runs_end_to_end(tmp_path):
+    """`python sample.py` on a fresh machine: generated clip, random models, every output. The
+    entry point ends the process at once (signals.exit_at_once): what it printed to a pipe
+    still arrives, and the random weights it wrote to the temporary folder are gone."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--height", "64", "--width", "112", "--device",
+                             "cpu"], capture_output=True, text=True, cwd=tmp_path,
+                            env=buffered(TMPDIR=str(temporary)))
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM-weight models" in result.stdout and "pixels are not an edit" in result.stdout
+    assert result.stdout.rstrip().endswith(f"wrote mask: {Path('results') / 'demo_input_mask.mp4'}")
     for kind in ("input", "input_full", "input_lipar", "input_compare", "input_mask"):
         frames, fps = io.read_video(tmp_path / "results" / f"demo_{kind}.mp4")
         assert len(frames) == demo.DEMO_FRAMES and fps == pytest.approx(demo.DEMO_FPS)
+    assert [p.name for p in temporary.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's cache stays
+
+
+def test_exit_at_once_flushes_what_was_printed_and_keeps_the_code(tmp_path):
+    code = "import signals, sys; print('printed last'); sys.stderr.write('and an error'); signals.exit_at_once(3)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=buffered())
+    assert (result.returncode, result.stdout, result.stderr) == (3, "printed last\n", "and an error")
+    # the reader is gone before the flush: nothing more can be said, and no traceback either
+    closed = subprocess.run(f'"{sys.executable}" -c "import signals, time; print(1); time.sleep(0.5); '
+                            'signals.exit_at_once(0)" | true; echo "${PIPESTATUS[0]}"', shell=True,
+                            executable="/bin/bash", capture_output=True, text=True, cwd=ROOT,
+                            env=buffered())
+    assert (closed.stdout, closed.stderr) == ("0\n", ""), closed
 
 
 def test_half_precision_on_the_cpu_is_noted_at_once(capsys):
