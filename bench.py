@@ -172,9 +172,9 @@ def cli_bench(timer, runs_folder=None):
     clip = folder / "clip.mp4"
     io.write_video(clip, demo.demo_frames(480, 832, 81), 16)
     # A pip install compiles every module's bytecode once. The GPU machines' image ships torch
-    # without it and sets PYTHONDONTWRITEBYTECODE, so each process there compiled torch's
-    # sources again (seconds, 2026-12-06) that a user never pays: here the processes write
-    # bytecode to a folder of their own, which the first one fills.
+    # without it and sets PYTHONDONTWRITEBYTECODE, so each process there would compile torch's
+    # sources again, seconds that a user never pays: here the processes write bytecode to a
+    # folder of their own, which the first one fills.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), TRITON_CACHE_DIR=str(folder / "triton"),
                PYTHONPYCACHEPREFIX=str(folder / "bytecode"), PYTHONUNBUFFERED="1")

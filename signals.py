@@ -58,11 +58,14 @@ def handled():
 def exit_at_once(code):
     """End the process with `code` now, skipping the interpreter's and CUDA's teardown
     (freeing every module, the cached GPU memory and the context: about 1 s at real
-    shapes, BENCHMARKS.md "The user's command"). Only for a command whose files are all
-    closed: standard output and error, which Python would still flush, are flushed here."""
-    for stream in (sys.stdout, sys.stderr):  # None where the process was started with it closed
+    shapes, BENCHMARKS.md "The user's command, where its time goes"). Only for a command
+    whose files are all closed: standard output and error, which Python would still
+    flush, are flushed here."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # the process was started with it closed
+            continue
         try:
             stream.flush()
-        except (AttributeError, OSError, ValueError):  # closed: nothing more can reach it
+        except (OSError, ValueError):  # a reader gone or a stream closed: nothing more can reach it
             pass
     os._exit(code)
