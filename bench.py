@@ -171,13 +171,8 @@ def cli_bench(timer, runs_folder=None):
     weights = real_shape_weights(folder)
     clip = folder / "clip.mp4"
     io.write_video(clip, demo.demo_frames(480, 832, 81), 16)
-    # A pip install compiles every module's bytecode once. The GPU machines' image ships torch
-    # without it and sets PYTHONDONTWRITEBYTECODE, so each process there would compile torch's
-    # sources again, seconds that a user never pays: here the processes write bytecode to a
-    # folder of their own, which the first one fills.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env.update(TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"), TRITON_CACHE_DIR=str(folder / "triton"),
-               PYTHONPYCACHEPREFIX=str(folder / "bytecode"), PYTHONUNBUFFERED="1")
+    env = fresh_env(folder / "bytecode", TORCHINDUCTOR_CACHE_DIR=str(folder / "inductor"),
+                    TRITON_CACHE_DIR=str(folder / "triton"), PYTHONUNBUFFERED="1")
     lines = []
     for run, flags in (("first (defaults: --fusion triton, empty Triton and bytecode caches)", []), ("second", []),
                        ("--fusion off", ["--fusion", "off"])):
@@ -329,7 +324,8 @@ def kernels_bench(timer):
         frames_bf16, frames_fp8 = (io.from_model(vae.decode(x)).float() for x in (bf16_out, fp8_out))
         lines.append(f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16 "
                      f"(eager, no fusion); decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
-    done = subprocess.run([sys.executable, "-c", KERNEL_LOAD], capture_output=True, text=True, cwd=Path(__file__).parent)
+    done = subprocess.run([sys.executable, "-c", KERNEL_LOAD], capture_output=True, text=True, cwd=Path(__file__).parent,
+                          env=fresh_env())
     lines.append(done.stdout.strip() or done.stderr[-2000:])
     return lines
 
@@ -462,7 +458,7 @@ def live_bench(frames=240, folder=None, smoke=False):
         with open(log, "w") as out:
             server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("live.py")), "--weights", weights,
                                        "--vae", kind, "--port", str(port), *size], stdout=out,
-                                      stderr=subprocess.STDOUT)
+                                      stderr=subprocess.STDOUT, env=fresh_env())
         try:
             started = time.perf_counter()
             while True:  # the port opens once the models are loaded
@@ -705,9 +701,32 @@ def real_shape_weights(folder, full_text_encoder=False):
     return weights
 
 
+_SHARED_BYTECODE = Path(tempfile.gettempdir()) / "lipar_bench_bytecode"
+
+
+def fresh_env(bytecode=None, **extra):
+    """os.environ for a fresh process the bench times, as a pip install leaves Python:
+    with bytecode. The GPU machines' image ships torch without it and sets
+    PYTHONDONTWRITEBYTECODE, so each process there would compile torch's sources again
+    (4.5 s, BENCHMARKS "The user's command, where its time goes"), which a user never
+    pays. bytecode: a folder of the caller's own, empty at first (its first process fills
+    it, and pays for it); by default one shared by the bench's processes, filled by an
+    untimed process that imports what they import (Dynamo too: building the models on
+    the meta device imports it) before the first is timed. `extra` variables are set
+    on top."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PYTHONPYCACHEPREFIX=str(bytecode or _SHARED_BYTECODE), **extra)
+    if bytecode is None and not _SHARED_BYTECODE.exists():
+        subprocess.run([sys.executable, "-c", "import sample, evaluate, live, torch._dynamo\ntry: import triton_ops\n"
+                        "except ImportError: pass"], env=env, check=True, cwd=Path(__file__).parent, capture_output=True)
+    return env
+
+
 def run_sample(args, env=None):
-    """sample.py in a fresh process with --json; returns (wall seconds, its stats, its stdout)."""
+    """sample.py in a fresh process (fresh_env() by default) with --json; returns (wall
+    seconds, its stats, its stdout)."""
     stats_file = Path(tempfile.mkdtemp(prefix="lipar_stats_")) / "stats.json"
+    env = env or fresh_env()
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("sample.py")), *map(str, args),
                            "--overwrite", "--json", str(stats_file)], env=env, capture_output=True, text=True)
@@ -946,7 +965,8 @@ def batch_bench(clips=8):
         print(f"separate call {i}: {wall:.1f} s", flush=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("evaluate.py")), "--manifest", str(manifest),
-                           "--weights", str(weights), "--out", str(folder / "batch")], capture_output=True, text=True)
+                           "--weights", str(weights), "--out", str(folder / "batch")], capture_output=True, text=True,
+                          env=fresh_env())
     batch = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"evaluate.py --manifest failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
