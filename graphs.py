@@ -38,15 +38,13 @@ the same padded static buffers are used, so the tests check the bucketing.
 their static buffers kept by the runner (`buffers`) as the model's are.
 """
 
-import contextvars
-import threading
 import time
 from dataclasses import replace
 
 import torch
 
 from lipar import recovery_plan
-from model import KVCache, fusing
+from model import KVCache
 
 
 def bucket_size(count, total, bucket):
@@ -99,17 +97,7 @@ class GraphRunner:
         self.launched = set()  # graph keys run once eagerly
         self.graphs = {}   # graph key -> (CUDAGraph, static output)
         self.pool = None   # one memory pool for every graph
-        self.warming = None  # the warm-up thread (warm_up), until the first forward waits for it
-        self.stats = {"eager": 0, "captures": 0, "replays": 0, "capture_s": 0.0, "warm_up_s": 0.0,
-                      "warm_up_wait_s": 0.0}
-
-    def ready(self):
-        """Wait for the warm-up thread, if one runs, and raise what it raised (stats:
-        warm_up_s, the warm-up's own time; warm_up_wait_s, the part the DiT waited)."""
-        if self.warming is not None:
-            warming, self.warming = self.warming, None
-            self.stats["warm_up_wait_s"] += warming.wait()
-            self.stats["warm_up_s"] += warming.seconds
+        self.stats = {"eager": 0, "captures": 0, "replays": 0, "capture_s": 0.0}
 
     def kv_cache(self, context, grid_hw, window=None, owner=None, rolled_positions=True):
         """A KVCache for a clip, in storage that persists (and that the graphs point at);
@@ -123,7 +111,6 @@ class GraphRunner:
         return cache
 
     def forward_chunk(self, x, t, cache, start_frame, memory_step=False, plan=None):
-        self.ready()
         step = self.model.chunk_step(x, cache, start_frame, memory_step, plan)
         if step.kept is not None and step.kept.numel() == 0:
             return self.model.run_chunk(x, t, cache, step)  # no graph: see the module docstring
@@ -148,7 +135,6 @@ class GraphRunner:
         """run() (a function of static buffers only, the same each time for one key) for
         the graph `key`: eager the first time, captured the second, replayed after.
         Returns its output, a tensor or a tuple of them, copied out of the pool."""
-        self.ready()
         if key not in self.launched or not self.capture:
             self.launched.add(key)
             self.stats["eager"] += 1
@@ -180,7 +166,6 @@ class GraphRunner:
 
     def release(self):
         """Drop every graph, buffer and cache (their memory returns to the allocator)."""
-        self.ready()
         self.caches.clear()
         self.inputs.clear()
         self.launched.clear()
@@ -188,26 +173,11 @@ class GraphRunner:
         self.pool = None
 
 
-def warm_up(dit, context, grid_hw, runner=None):
-    """The first forwards of the DiT (first_forwards), before the edit's: the first CUDA
-    calls load the fused kernels (or compile them, the first time on a machine) and build
-    cuDNN and cuBLAS plans, outside the time charged to the DiT. With a runner and
-    Triton's kernels (a callable model.fusion), in a thread of its own, started now,
-    while the caller goes on to read and encode the first pieces: loading kernels is host
-    work that the VAE's GPU-bound first calls leave room for. The runner's first forward
-    waits for it (GraphRunner.ready). torch.compile's "compile" stays in the caller's
-    thread."""
-    if runner is not None and callable(fusing()):
-        runner.warming = Behind(first_forwards, dit, context, grid_hw)
-    else:
-        first_forwards(dit, context, grid_hw)
-
-
 @torch.no_grad()
-def first_forwards(dit, context, grid_hw):
-    """Forwards of a first chunk on a scratch cache, unpruned and half pruned (Inductor
-    caches torch.compile's code on disk and Triton its kernels, so a second run of the
-    command is quicker)."""
+def warm_up(dit, context, grid_hw):
+    """Forwards of a first chunk on a scratch cache, unpruned and half pruned: the first
+    CUDA calls compile the fused regions (torch.compile; Inductor caches its code on
+    disk, so a second run of the command is quicker), outside the time charged to the DiT."""
     fpc = dit.cfg.frames_per_chunk
     param = dit.head.head.weight
     chunk = torch.zeros(1, dit.cfg.in_channels, fpc, 2 * grid_hw[0], 2 * grid_hw[1], device=param.device,
@@ -217,38 +187,3 @@ def first_forwards(dit, context, grid_hw):
     cache = KVCache(dit, context, grid_hw, window=(0, fpc))
     for plan in (None, recovery_plan(keep, has_memory=False)):
         dit.forward_chunk(chunk, torch.zeros(1, 1, device=param.device), cache, 0, plan=plan)
-
-
-class Behind:
-    """fn(*args) in a background thread, started now, in the caller's context variables
-    (model.fusion's choice among them) and, on CUDA, on a stream of its own, so that the
-    caller's stream, and the stage times read from it, hold only the caller's work.
-    wait() joins it, raises what it raised and returns the seconds it waited; `seconds`
-    is then fn's own time."""
-
-    def __init__(self, fn, *args):
-        self.seconds, self._error = None, None
-        self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run, fn, *args),
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, fn, *args):
-        start = time.perf_counter()
-        try:
-            if self._stream is None:
-                fn(*args)
-            else:
-                with torch.cuda.stream(self._stream):
-                    fn(*args)
-                self._stream.synchronize()
-        except BaseException as err:  # raised again in the caller's thread, by wait()
-            self._error = err
-        self.seconds = time.perf_counter() - start
-
-    def wait(self):
-        start = time.perf_counter()
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return time.perf_counter() - start

@@ -310,16 +310,17 @@ def edit_video(reader, models, context, settings, outputs, clock, notes, masks=N
     masks: what computes the mask (default: a lipar.MaskStream of the settings, when a
     mode prunes or a preview is asked for); fidelity: a metrics.Fidelity (default: one
     when `full` runs beside another mode); schedule: prompt changes, as make_editors takes them."""
-    vae, dit, runner = models.vae(), models.dit(), models.runner()
+    vae, dit = models.vae(), models.dit()
     grid = (settings.height // 16, settings.width // 16)
-    if clock.cuda and M.fusing():  # with graphs, beside the first encodes: the runner's first forward waits for it
+    if clock.cuda and M.fusing():
         with clock("compile"):
-            graphs.warm_up(dit, context, grid) if runner is None else runner.warm_up_behind(context, grid)
+            graphs.warm_up(dit, context, grid)
     if fidelity is None and "full" in settings.modes and len(settings.modes) > 1:
         fidelity = Fidelity()
     if masks is None and ("mask" in outputs or set(settings.modes) & set(lipar.MODES[1:])):
         masks = lipar.MaskStream(settings.theta, settings.theta2, dit.cfg.frames_per_chunk, settings.mask_lookahead,
                                  settings.recipe.dilation_frames, settings.recipe.bound_after_cleanup)
+    runner = models.runner()
     graphs_before = dict(runner.stats) if runner else None
     editors = make_editors(models, context, grid, settings, schedule)
     writers = cli.open_writers(outputs, settings.modes, reader, overwrite)

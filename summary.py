@@ -94,14 +94,8 @@ def print_summary(stats, file=sys.stdout):
     sec = next(iter(stats["modes"].values()))["seconds"]
     what = {"triton": "loading the fused kernels (compiling them, the first time on a machine)",
             "compile": "compiling the DiT"}.get(stats["fusion"])
-    graphs = next((m["cuda_graphs"] for m in stats["modes"].values() if m["cuda_graphs"]), {})
-    if graphs.get("warm_up_s"):  # in a thread beside the first encodes (graphs.GraphRunner.warm_up_behind)
-        print(f"loading the weights took {sec['load']:.2f}s (not in the times above); {what} and warming up "
-              f"{graphs['warm_up_s']:.2f}s, beside the first encodes (the DiT waited {graphs['warm_up_wait_s']:.2f}s "
-              "of it, in its time)")
-    else:
-        compiling = f", {what} and warming up {sec['compile']:.2f}s" if sec["compile"] else ""
-        print(f"loading the weights took {sec['load']:.2f}s{compiling} (not in the times above)")
+    compiling = f", {what} and warming up {sec['compile']:.2f}s" if sec["compile"] else ""
+    print(f"loading the weights took {sec['load']:.2f}s{compiling} (not in the times above)")
     timeline = stats["stream"]
     if timeline:
         steady = f"{timeline['steady_fps']:.1f} frames/s" if timeline["steady_fps"] else "- (one chunk)"

@@ -2,8 +2,6 @@
 replay, run eagerly. Padded query rows must never reach the cache or the output, and
 the runner must compute what model.forward_chunk computes, clip after clip."""
 
-import threading
-
 import pytest
 import torch
 
@@ -99,56 +97,3 @@ def test_models_use_no_runner_off_cuda():
     import sample
 
     assert sample.Models(None, "cpu", torch.float32, "cpu").runner() is None
-
-
-def test_the_warm_up_runs_beside_the_caller_and_the_first_forward_waits_for_it(monkeypatch):
-    """With a runner and Triton's kernels (a callable fusion) graphs.warm_up returns at
-    once: the first forwards run in a thread that sees the caller's fusion, and the
-    runner's first forward waits for them to end before it computes what
-    model.forward_chunk computes (the same operations: compared exactly)."""
-    import threading
-
-    dit = tiny_dit(5)
-    x, keep, context = clip_and_mask(6)
-    seen, release = [], threading.Event()
-
-    def first_forwards(*args):  # stands in for the real one (which does nothing visible on the CPU)
-        release.wait(10)
-        seen.append((threading.current_thread() is threading.main_thread(), M.fusing()))
-
-    monkeypatch.setattr(graphs, "first_forwards", first_forwards)
-    kernels = lambda fn, *args: fn(*args)  # noqa: E731 - a callable fusion, as triton_ops.Kernels is
-    runner = graphs.GraphRunner(dit, bucket=4)
-    with torch.no_grad(), M.fusion(kernels):
-        graphs.warm_up(dit, context, (3, 4), runner)
-        assert seen == []  # returned before the warm-up ran: it waits for `release`
-        release.set()
-        got = runner.forward_chunk(x[:, :, :3], torch.zeros(1, 1), runner.kv_cache(context, (3, 4)), 0)
-        assert seen == [(False, kernels)]  # in another thread, with the caller's fusion; done before the forward
-        expected = dit.forward_chunk(x[:, :, :3], torch.zeros(1, 1), M.KVCache(dit, context, (3, 4)), 0)
-    assert torch.equal(got, expected)
-    assert runner.stats["warm_up_s"] > 0 and runner.stats["warm_up_wait_s"] > 0 and runner.warming is None
-
-
-def test_an_error_in_the_warm_up_thread_is_raised_by_the_first_forward():
-    dit = tiny_dit()
-    x, _, context = clip_and_mask(1)
-    runner = graphs.GraphRunner(dit, bucket=4)
-    with torch.no_grad(), M.fusion(lambda fn, *args: fn(*args)):
-        graphs.warm_up(dit, context[:, :, :7], (3, 4), runner)  # a context of the wrong width
-        with pytest.raises(RuntimeError):
-            runner.forward_chunk(x[:, :, :3], torch.zeros(1, 1), runner.kv_cache(context, (3, 4)), 0)
-        # raised once: the runner goes on
-        runner.forward_chunk(x[:, :, :3], torch.zeros(1, 1), runner.kv_cache(context, (3, 4)), 0)
-
-
-def test_without_a_runner_or_with_torch_compile_the_warm_up_runs_in_the_callers_thread(monkeypatch):
-    threads = []
-    monkeypatch.setattr(graphs, "first_forwards", lambda *args: threads.append(threading.current_thread().name))
-    dit = tiny_dit()
-    runner = graphs.GraphRunner(dit)
-    for how, given in ((lambda fn, *args: fn(*args), None), ("compile", runner)):
-        with M.fusion(how):
-            graphs.warm_up(dit, None, (3, 4), given)
-    assert threads == ["MainThread", "MainThread"] and runner.warming is None
-

@@ -95,37 +95,6 @@ def test_each_mode_edits_a_clip_end_to_end(mode, clip, weights, tmp_path, monkey
         assert s["prune_ratio"] == 0.3 and s["tape"]["ratio_per_step"] == pytest.approx([0.4, 0.3, 0.2])
 
 
-def test_the_summary_says_where_the_warm_up_went(clip, weights, tmp_path, monkeypatch):
-    """The warm-up's line: in the caller's thread, its seconds outside the times above;
-    beside the first encodes (a runner's warm-up thread, graphs.warm_up), its own time
-    and the part the DiT waited. The stats come from a real edit (CPU: no warm-up), the
-    warm-up's figures are set as a CUDA run records them."""
-    import io as text_io
-
-    import summary
-
-    monkeypatch.chdir(tmp_path)
-    assert run_cli(["--video", str(clip), "--out", "e.mp4", "--json", "s.json"], weights) == 0
-    stats = json.loads(Path("s.json").read_text())
-    lipar_stats = stats["modes"]["lipar"]
-    lipar_stats["seconds"].update(load=0.5, compile=0.86)
-    stats["fusion"] = "triton"
-    lines = {}
-    for where, graph_stats in (("inline", None), ("behind", {"eager": 2, "replays": 9, "captures": 3, "capture_s": 0.1,
-                                                            "warm_up_s": 0.91, "warm_up_wait_s": 0.12})):
-        lipar_stats["cuda_graphs"] = graph_stats
-        if graph_stats:
-            lipar_stats["seconds"]["compile"] = 0.0  # the stage only started the thread
-        out = text_io.StringIO()
-        summary.print_summary(stats, out)
-        lines[where] = next(line for line in out.getvalue().splitlines() if line.startswith("loading the weights"))
-    assert lines["inline"] == ("loading the weights took 0.50s, loading the fused kernels (compiling them, the first "
-                               "time on a machine) and warming up 0.86s (not in the times above)")
-    assert lines["behind"] == ("loading the weights took 0.50s (not in the times above); loading the fused kernels "
-                               "(compiling them, the first time on a machine) and warming up 0.91s, beside the first "
-                               "encodes (the DiT waited 0.12s of it, in its time)")
-
-
 def test_speed_and_mask_flags_are_taken(clip, weights, tmp_path, monkeypatch, capsys):
     """--mask-lookahead reaches the mask."""
     monkeypatch.chdir(tmp_path)
