@@ -500,7 +500,7 @@ def edit_state_lines(window=(1, 6), height=480, width=832):
     shared = {"DiT weights": gib(dit.parameters()), "Wan VAE weights": gib(vae.parameters())}
     per_mode = {}
     for mode, w in (("full", None), ("lipar", window)):
-        cache = M.KVCache(dit, context, (height // 16, width // 16), w)
+        cache = M.KVCache(dit, context, (height // 16, width // 16), w, memory=mode != "full")
         per_mode[mode] = {"KV cache": gib([cache.k, cache.v]), "LIPAR memory and cross-attention keys": gib(
             [cache.memory_k, cache.memory_v, *(t for kv in cache.context_kvs for t in kv)])}
     for name, network, shape in (("encoder", vae.encoder, (1, 3, fpc * vae.cfg.time_stride, height, width)),

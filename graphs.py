@@ -99,13 +99,13 @@ class GraphRunner:
         self.pool = None   # one memory pool for every graph
         self.stats = {"eager": 0, "captures": 0, "replays": 0, "capture_s": 0.0}
 
-    def kv_cache(self, context, grid_hw, window=None, owner=None, rolled_positions=True):
+    def kv_cache(self, context, grid_hw, window=None, owner=None, rolled_positions=True, memory=True):
         """A KVCache for a clip, in storage that persists (and that the graphs point at);
         `owner` tells apart caches that live side by side (sample.py: one per mode)."""
-        key = (tuple(context.shape), tuple(grid_hw), window, owner, rolled_positions)
+        key = (tuple(context.shape), tuple(grid_hw), window, owner, rolled_positions, memory)
         cache = self.caches.get(key)
         if cache is None:
-            cache = self.caches[key] = KVCache(self.model, context, grid_hw, window, rolled_positions)
+            cache = self.caches[key] = KVCache(self.model, context, grid_hw, window, rolled_positions, memory)
         else:
             cache.reset(self.model, context)
         return cache

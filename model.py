@@ -478,10 +478,10 @@ class KVCache:
     rolled_positions=False (the authors' first release) every frame keeps its
     absolute index as its position, up to the 1,024 of the RoPE table.
 
-    For LIPAR it also keeps the memory: each layer's pre-RoPE keys/values of the last
-    frame of the previous chunk, from which pruned tokens are recovered (Eq. 3–4)."""
+    With memory (LIPAR; `full` never reads it) it keeps each layer's pre-RoPE keys/values
+    of the previous chunk's last frame, from which pruned tokens are recovered (Eq. 3–4)."""
 
-    def __init__(self, model, context, grid_hw, window=None, rolled_positions=True):
+    def __init__(self, model, context, grid_hw, window=None, rolled_positions=True, memory=True):
         cfg = model.cfg
         param = model.head.head.weight
         self.tokens_per_frame = n = grid_hw[0] * grid_hw[1]
@@ -495,7 +495,7 @@ class KVCache:
         shape = (cfg.num_layers, context.shape[0], self.num_slots * n, cfg.num_heads, cfg.head_dim)
         self.k, self.v = (torch.zeros(shape, device=param.device, dtype=param.dtype) for _ in "kv")
         self.key_valid = torch.ones(self.num_slots * n, dtype=torch.bool, device=param.device)
-        memory_shape = (cfg.num_layers, context.shape[0], n, cfg.num_heads, cfg.head_dim)
+        memory_shape = (cfg.num_layers, context.shape[0], n if memory else 0, cfg.num_heads, cfg.head_dim)
         self.memory_k, self.memory_v = (torch.zeros(memory_shape, device=param.device, dtype=param.dtype) for _ in "kv")
         self.context, self.context_kvs = context, model.context_kvs(context)  # the prompt in force
         self.slot_has_holes = [False] * self.num_slots  # host-side copy: no sync to decide on a mask

@@ -103,7 +103,7 @@ class ChunkEditor:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.prunes = mode in lipar.MODES and mode != "full"
         self.cache = cache or M.KVCache(dit, context, grid_hw, None if mode == "full" else window,
-                                        recipe.rolled_positions)
+                                        recipe.rolled_positions, memory=mode != "full")
         self.forward = forward or dit.forward_chunk
         self.start = 0          # the chunk's first latent frame
         self.memory_x0 = None   # the previous chunk's last frame of x0: the substitute of pruned latents
@@ -285,7 +285,7 @@ def plugs(dit, runner, context, grid_hw, mode, window, tape_cfg=None, rolled_pos
         return tape.TapeForward(dit, tape_cfg, runner=runner), cache
     if runner is not None:
         return runner.forward_chunk, runner.kv_cache(context, grid_hw, None if mode == "full" else window, mode,
-                                                     rolled_positions)
+                                                     rolled_positions, memory=mode != "full")
     return None, None
 
 

@@ -97,3 +97,22 @@ def test_models_use_no_runner_off_cuda():
     import sample
 
     assert sample.Models(None, "cpu", torch.float32, "cpu").runner() is None
+
+
+def test_full_keeps_no_lipar_memory_and_edits_as_with_one():
+    """`full` never reads LIPAR's memory: its caches, plain and the runner's, hold none
+    (0.27 GiB at 832x480), and its edit equals the edit on a cache that holds one (the
+    same operations: compared exactly)."""
+    import sample
+
+    dit = tiny_dit(7)
+    x, keep, context = clip_and_mask(8, frames=12)
+    grid = (x.shape[3] // 2, x.shape[4] // 2)
+    runner = graphs.GraphRunner(dit, bucket=8)
+    assert sample.ChunkEditor(dit, context, grid, "full", (1, 3), 0).cache.memory_k.numel() == 0
+    assert sample.plugs(dit, runner, context, grid, "full", (1, 3))[1].memory_v.numel() == 0
+    assert sample.plugs(dit, runner, context, grid, "lipar", (1, 3))[1].memory_k.shape == (2, 1, 12, 2, 32)
+    without = sample.edit_latents(dit, x, context, keep, "full", None, seed=5, progress=False)
+    with_memory = sample.edit_latents(dit, x, context, keep, "full", None, seed=5, progress=False,
+                                      cache=M.KVCache(dit, context, grid))
+    assert torch.equal(without, with_memory)

@@ -33,11 +33,12 @@ def context(dit, seed):
     return torch.randn(1, 7, dit.cfg.text_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-def new_cache(dit, context, window):
+def new_cache(dit, context, window, memory=True):
     """A fresh cache under `context` whose cross-attention keys/values are those a re-cache
     computes (prompts.context_kvs, held to the model's own below): the replay is then
-    compared with the history it stands for, operation for operation."""
-    cache = M.KVCache(dit, context, GRID, window)
+    compared with the history it stands for, operation for operation. memory: LIPAR's,
+    which a `full` editor's cache does not hold."""
+    cache = M.KVCache(dit, context, GRID, window, memory=memory)
     cache.reset(dit, context, prompts.context_kvs(dit, context))
     return cache
 
@@ -91,7 +92,7 @@ def test_after_a_switch_the_cache_is_what_the_clean_latents_write_under_the_new_
     for s in (0, 3):
         plain(latents[:, :, s:s + 3], keep[s:s + 3])
     scheduled.recache(new, at_once=at_once)  # what the next call does first, done here to look at the cache
-    reference = new_cache(dit, new, None if mode == "full" else (1, 6))
+    reference = new_cache(dit, new, None if mode == "full" else (1, 6), memory=mode != "full")
     for c, s in enumerate((0, 3)):
         plan = None if mode == "full" else lipar.recovery_plan(keep[s:s + 3], mode, has_memory=s > 0)
         dit.forward_chunk(x0[c], torch.zeros(1, 1, dtype=torch.float64), reference, s, memory_step=True, plan=plan)
