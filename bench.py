@@ -17,12 +17,14 @@ import asyncio
 import copy
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -159,14 +161,15 @@ def vae_variants(vae, video, timer, profile=False):
     return lines
 
 
-def cli_bench(timer, runs_folder=None):
+def cli_bench(timer, runs_folder=None, figures=None):
     """The user's command at real shapes: `python sample.py --video clip.mp4 ...` (lipar) in
     fresh processes: twice with the defaults (the first compiles the Triton kernels into
     a new Triton cache, the second loads them), once with --fusion off; against the same
     edit in this process once everything is loaded and captured: the steady state. Weights are random
     and real-shape, written in weights.md's layout, except the text encoder: one umT5
     layer at full width with a small vocabulary, whose stage the comparison leaves out.
-    Returns printed lines."""
+    Returns printed lines; `figures` (a dict), if given, gets the second run's seconds
+    without the text stage and the steady state's (defaults)."""
     folder = Path(runs_folder or tempfile.mkdtemp(prefix="lipar_cli_"))
     weights = real_shape_weights(folder)
     clip = folder / "clip.mp4"
@@ -180,6 +183,8 @@ def cli_bench(timer, runs_folder=None):
                                          env)
         print(stdout)
         seconds = stats["modes"]["lipar"]["seconds"]
+        if run == "second" and figures is not None:
+            figures["cli_second_s"] = wall - seconds["text"]
         peaks = "  ".join(f"{k} {v:.2f}" for k, v in stats["peak_gpu_memory_gib_per_stage"].items())
         lines.append(f"CLI {run}: {wall:.1f} s wall, {wall - seconds['text']:.1f} s without the text stage; "
                      f"stages (s): " + "  ".join(f"{k} {v:.2f}" for k, v in seconds.items())
@@ -203,6 +208,8 @@ def cli_bench(timer, runs_folder=None):
 
                 steady_ms = timer(whole_edit)
                 runner.release()
+                if how is not None and figures is not None:
+                    figures["cli_steady_s"] = steady_ms / 1e3
                 lines.append(f"CLI steady state with {label} (the same edit in one process, everything loaded "
                              f"and captured): {steady_ms / 1e3:.2f} s (encode, mask, DiT, decode)")
     return lines
@@ -255,7 +262,7 @@ KERNEL_LOAD = (  # a fresh process loading the Triton kernels from a warm cache:
     "{(t3 - t2) - (time.perf_counter() - t3):.2f} s to load')")
 
 
-def kernels_bench(timer):
+def kernels_bench(timer, figures=None):
     """The fusion choices side by side at real shapes, CUDA graphs on: op by op (`--fusion
     off`), torch.compile in this process (`compile`) and the Triton kernels (`triton`,
     sample.py's default, compiled into a fresh Triton cache first: the one-time cost),
@@ -263,7 +270,8 @@ def kernels_bench(timer):
     process loading the kernels from that cache (what a later command pays); and `--fp8`
     with the Triton kernels: its DiT time and its error against the bf16 edit (latents,
     and PSNR of the frames decoded by a random Wan VAE: random weights, so a bound on the
-    drift, not a quality figure). Returns printed lines."""
+    drift, not a quality figure). Returns printed lines; `figures` (a dict), if given,
+    gets the DiT times per fusion, the kernels' load time and fp8's speed-up."""
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="lipar_triton_")  # cold: the first process's cost
     import triton_ops  # here: CPU-only installs (bench.py --smoke) have no Triton
     torch.manual_seed(0)
@@ -327,15 +335,20 @@ def kernels_bench(timer):
     done = subprocess.run([sys.executable, "-c", KERNEL_LOAD], capture_output=True, text=True, cwd=Path(__file__).parent,
                           env=fresh_env())
     lines.append(done.stdout.strip() or done.stderr[-2000:])
+    if figures is not None:
+        figures.update({f"dit_ms {label} {name}": ms for (label, name), ms in times.items() if name != "vae"})
+        loaded = re.search(r"the kernels cost (-?[0-9.]+) s to load", done.stdout)
+        figures["kernel_load_s"] = float(loaded.group(1)) if loaded else None
     return lines
 
 
-def floor_bench(timer):
+def floor_bench(timer, figures=None):
     """Edits that prune nearly everything, at real shapes (random bf16 DiT, 81 frames at
     832x480, the window (1, 6), CUDA graphs and the Triton kernels: sample.py's defaults),
     each checked against the plain eager edit. Masks: 35 %, 90 %, 98 %, one kept token in
     each chunk after the first (the smallest bucket), and 100 % (no block runs after the
-    first chunk: model.KVCache.write_duplicates). Returns printed lines."""
+    first chunk: model.KVCache.write_duplicates). Returns printed lines; `figures` (a
+    dict), if given, gets the 100 % edit's DiT ms."""
     import triton_ops
     dit, context, latents = real_shape_dit()
     L, h, w = 21, 30, 52
@@ -352,6 +365,8 @@ def floor_bench(timer):
             for name, keep in masks:
                 edit = lambda: edit_latents(dit, latents, context, keep.cuda(), "lipar", (1, 6), runner)  # noqa: E731
                 ms = timer(edit)
+                if figures is not None and name == "100%":
+                    figures["floor_ms"] = ms
                 lines.append(f"| {name} | {lipar.prune_ratio(keep.cuda()):.1%} | {ms:.0f} "
                              f"| {relative_error(edit(), reference[name]):.1e} |")
             runner.release()
@@ -431,7 +446,7 @@ def page_figures(seen):
     return figures
 
 
-def live_bench(frames=240, folder=None, smoke=False):
+def live_bench(frames=240, folder=None, smoke=False, figures=None):
     """live.py at real shapes (random real-shape weights on local disk, 832x480, LIPAR with
     the window (1, 6), graphs and the Triton kernels: its defaults), with each VAE, against
     the CLI's stream of the same clip. For each VAE: sample.py on the clip in a fresh
@@ -440,7 +455,9 @@ def live_bench(frames=240, folder=None, smoke=False):
     up with (0.8x the CLI's steady rate; glass-to-glass latency and three prompts typed
     a quarter of the clip apart, their latencies' median and each), and a pace it does not (1.5x: the page's edited frames/s against the
     CLI's, the oldest waiting frames dropped). smoke: the demo's tiny models on the CPU
-    at 112x64, checking the harness. Returns printed lines."""
+    at 112x64, checking the harness. Returns printed lines; `figures` (a dict), if given,
+    gets per VAE the page's and the CLI's f/s, the prompt changes' latencies and what
+    bounds them: a chunk's period at the camera's pace plus the page's chunk latency."""
     folder = Path(folder or tempfile.mkdtemp(prefix="lipar_live_"))
     weights = demo.write_random_weights(folder / "weights") if smoke else real_shape_weights(folder)
     size = ["--height", "64", "--width", "112", "--device", "cpu"] if smoke else []
@@ -477,6 +494,10 @@ def live_bench(frames=240, folder=None, smoke=False):
         finally:
             server.terminate()
             server.wait(30)
+        if figures is not None:
+            figures[f"live {kind}"] = {"cli_fps": cli_fps, "page_fps": flooded["edited_fps"],
+                                       "switch_ms": camera["switch_ms"], "chunk_latency_ms": camera["chunk_latency_ms"],
+                                       "chunk_period_ms": 4 * 3 * 1e3 / (0.8 * cli_fps)}
         lines.append(f"| {kind} | {cli_fps:.1f} | {flooded['edited_fps']:.1f} | {flooded['edited_fps'] / cli_fps:.0%} "
                      f"| {camera['glass_ms'][0]:.0f} / {camera['glass_ms'][1]:.0f} | {camera['chunk_latency_ms']:.0f} "
                      f"| {statistics.median(camera['switch_ms'] or [float('nan')]):.0f} "
@@ -523,11 +544,13 @@ def edit_state_lines(window=(1, 6), height=480, width=832):
     return lines
 
 
-def compare_bench(count=321, folder=None):
+def compare_bench(count=321, folder=None, figures=None):
     """`sample.py --compare --save-mask` at real shapes (random real-shape weights, a clip of
     `count` frames at 832x480, sample.py's defaults) in a fresh process, beside a `lipar`
     edit alone and a `full` edit alone: wall time, the write stage against the edit's, GPU
-    peaks per stage, and the resident host memory between chunks. Returns printed lines."""
+    peaks per stage, and the resident host memory between chunks. Returns printed lines;
+    `figures` (a dict), if given, gets per run the GPU peak, the write stage's share of
+    the edit and the resident host memory per chunk."""
     folder = Path(folder or tempfile.mkdtemp(prefix="lipar_compare_"))
     weights = real_shape_weights(folder)
     clip = write_long_demo_clip(folder / "clip.mp4", count)
@@ -550,10 +573,13 @@ def compare_bench(count=321, folder=None):
                      f"{stats['peak_host_memory_gib']:.2f} GiB; resident between chunks (GiB): "
                      + " ".join(f"{r:.2f}" for r in resident))
         print(lines[-1], flush=True)
+        if figures is not None:
+            figures[f"compare {label}"] = {"gpu_peak_gib": stats["peak_gpu_memory_gib"], "resident_gib": resident,
+                                           "write_share": seconds.get("write", 0) / edit_s}
     return lines
 
 
-def vae_layout_bench(timer, peer_vae=None):
+def vae_layout_bench(timer, peer_vae=None, figures=None):
     """The Wan VAE's memory layout at real shapes (random bf16 weights, 81 frames at 832x480):
     NCDHW op by op, NCDHW with the Triton norm + SiLU, channels-last (vae_layout.channels_last)
     without the tap split, with it, with it and the residual blocks' biases folded into the
@@ -564,7 +590,8 @@ def vae_layout_bench(timer, peer_vae=None):
     wan/modules/vae.py) its WanVAE_ too, with the same weights, and the default's ratio to it.
     Then the conv inputs that were not channels-last on the GPU, the top kernels of the
     default decode, and the streamed path (9 frames, then 12 at a time, as sample.edit_chunks
-    feeds the VAE). Prints each line as it is measured; returns them."""
+    feeds the VAE). Prints each line as it is measured; returns them. `figures` (a dict),
+    if given, gets the default's encode + decode seconds and its ratio to the peer's."""
     import triton_ops  # here: CPU-only installs (bench.py --smoke) have no Triton
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -622,6 +649,9 @@ def vae_layout_bench(timer, peer_vae=None):
             f"{(folded[1] - not_folded[1]).abs().max().item():.1e}")
         for baseline in [name for name, _, _ in rows if name != default]:
             say(f"{default}: {totals[baseline] / totals[default]:.2f}x over {baseline}")
+        if figures is not None:
+            figures["wan_vae_s"] = totals[default] / 1e3
+            figures["wan_vae_vs_peer"] = totals[rows[-1][0]] / totals[default] if peer_vae else None
         say(f"{default}: {totals[default]:.0f} ms (target <= 1350 ms"
             + (f", >= 2.0x Self-Forcing's: {totals[rows[-1][0]] / totals[default]:.2f}x)" if peer_vae else ")"))
     # The streamed path: pieces of 9 frames (3 latent frames), then 12, one cache per clip.
@@ -851,7 +881,7 @@ def stream_bench(timer, lengths=(81, 321, 1281), folder=None):
     return lines
 
 
-def tiny_vae_bench(timer, frames=81):
+def tiny_vae_bench(timer, frames=81, baseline=True, figures=None):
     """The tiny VAE (TAEHV) against the Wan VAE (channels-last, as sample.py runs it on CUDA) at real
     shapes, in one process: encode and
     decode of 81 frames at 832x480 in bf16 with each stage's peak memory, and the whole
@@ -863,7 +893,9 @@ def tiny_vae_bench(timer, frames=81):
     of the two, alternating, each reported by its median run, and how far apart the two
     clocks' last output files are (the frames handed to the writers are the same run to
     run; the files have differed where they were: BENCHMARKS.md, "Where two runs' files differ").
-    Prints each line as soon as it is measured."""
+    baseline=False leaves that second clock out. Prints each line as soon as it is
+    measured; `figures` (a dict), if given, gets per VAE the defaults' whole-clip and
+    streamed steady frames/s."""
     import triton_ops
     kernels = triton_ops.Kernels()
     torch.manual_seed(0)
@@ -907,6 +939,8 @@ def tiny_vae_bench(timer, frames=81):
                     total = encode_ms + mask_ms + dit_ms + decode_ms
                     emit(f"| {name} | {label} | {dit_ms:.0f} | {total:.0f} "
                          f"| {frames / total * 1e3:.1f} |")
+                    if how is not None and figures is not None:
+                        figures[f"whole_fps {name}"] = frames / total * 1e3
     vaes = dit = runner = None  # free the GPU for the streamed edits below
     torch.cuda.empty_cache()
     folder = Path(tempfile.mkdtemp(prefix="lipar_tiny_"))
@@ -919,7 +953,9 @@ def tiny_vae_bench(timer, frames=81):
     apart = []
     for kind, vae_name in (("wan", "Wan VAE"), ("tiny", "tiny VAE")):
         models = sample.Models(weights, "cuda", torch.bfloat16, "cuda", vae=kind)
-        clocks = {vae_name: stream.Stopwatch, f"{vae_name}, waiting at every stage": SynchronizingStopwatch}
+        clocks = {vae_name: stream.Stopwatch}
+        if baseline:
+            clocks[f"{vae_name}, waiting at every stage"] = SynchronizingStopwatch
         runs = {name: [] for name in clocks}
         with torch.no_grad(), M.fusion(kernels):
             for _ in range(3):
@@ -927,13 +963,15 @@ def tiny_vae_bench(timer, frames=81):
                     runs[name].append(stream_fixed_mask(models, clip, keep, folder / f"out_{kind}_{i}.mp4", clock))
         models = None
         torch.cuda.empty_cache()
-        # The last run of each clock wrote its file: the same frames, or how far apart
-        first, second = (io.read_video(folder / f"out_{kind}_{i}.mp4")[0].int() for i in range(len(clocks)))
-        apart.append(f"{vae_name}: the two clocks' last runs wrote frames {(first - second).abs().max().item()} of "
-                     f"255 apart at most, {(first != second).float().mean().item():.2%} of their values differing")
+        if baseline:  # the last run of each clock wrote its file: the same frames, or how far apart
+            first, second = (io.read_video(folder / f"out_{kind}_{i}.mp4")[0].int() for i in range(len(clocks)))
+            apart.append(f"{vae_name}: the two clocks' last runs wrote frames {(first - second).abs().max().item()} of "
+                         f"255 apart at most, {(first != second).float().mean().item():.2%} of their values differing")
         for name, all_stats in runs.items():
             steady = [stats["stream"]["steady_fps"] for stats in all_stats]
             stats = all_stats[steady.index(statistics.median(steady))]
+            if name == vae_name and figures is not None:
+                figures[f"streamed_fps {vae_name}"] = statistics.median(steady)
             s, seconds = stats["stream"], stats["modes"]["lipar"]["seconds"]
             emit(f"| {name} | {s['first_frame_s']:.2f} | {s['steady_fps']:.1f} ({', '.join(f'{f:.1f}' for f in steady)}) "
                  f"| {stats['modes']['lipar']['end_to_end_fps']:.1f} | {stats['peak_gpu_memory_gib']:.2f} | "
@@ -1039,7 +1077,7 @@ def tape_bench(timer, ratios=(0.2, 0.35, 0.5), smoke=False):
               + (f"{s['psnr_db']:.2f} | {s['ssim']:.4f} | {s['latent_rel_error']:.4f} |" if s else "– | – | – |"))
 
 
-def recache_bench(timer, smoke=False):
+def recache_bench(timer, smoke=False, figures=None):
     """A prompt change's cost (prompts.py) beside the chunk work it interrupts, at real
     shapes: random bf16 DiT, 832x480, the M-degree window (1, 6) for LIPAR (35 %, a
     fixed coherent mask) and the whole causal cache for full, both in CUDA graphs with
@@ -1048,7 +1086,9 @@ def recache_bench(timer, smoke=False):
     forward of the next chunk (a denoising step), and that chunk's whole edit (3 steps
     and its memory step); then one more re-cache chunk by chunk, each of its memory
     steps timed on its own (the editor's forward, wrapped). The two re-caches' keys are
-    compared (bf16: they differ by rounding only). smoke: tiny models on the CPU."""
+    compared (bf16: they differ by rounding only). smoke: tiny models on the CPU.
+    `figures` (a dict), if given, gets per mode the one pass's ms and its ratio to a
+    forward."""
     torch.manual_seed(0)
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
     with torch.device(device):
@@ -1112,6 +1152,8 @@ def recache_bench(timer, smoke=False):
         queries = lambda start, f: f * h * w if mode == "full" else int(keep[start:start + f].sum())  # noqa: E731
         recache_flops = sum(step_flops(dit.cfg, queries(s, f), keys * h * w) for (s, f), keys in zip(replayed, seen))
         forward_flops = step_flops(dit.cfg, queries(15, 3), (seen[-1] + 3 if mode == "full" else 7) * h * w)
+        if figures is not None:
+            figures[f"recache {mode}"] = {"ms": at_once_ms, "forwards": at_once_ms / forward_ms}
         lines.append(f"| {mode} | {len(held)} | {at_once_ms:.1f} | {one_by_one_ms:.1f} | {forward_ms:.1f} "
                      f"| {at_once_ms / forward_ms:.2f} | {one_by_one_ms / forward_ms:.2f} "
                      f"| {recache_flops / forward_flops:.2f} | {chunk_ms:.1f} | relative error {error:.1e} |")
@@ -1150,6 +1192,159 @@ def random_(module, std=0.02):
 
 def _print(lines):
     print("\n".join(lines), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Every target of issues 23 and 24 in one run
+
+# The groups of figures a targets run measures, in order: name -> run(args, timer, figures).
+# Each is also one of the single-purpose runs below; here it records figures instead.
+TARGET_GROUPS = {
+    "kernels": lambda a, timer, figures: kernels_bench(timer, figures),
+    "floor": lambda a, timer, figures: floor_bench(timer, figures),
+    "recache": lambda a, timer, figures: recache_bench(timer, a.smoke, figures),
+    "vae": lambda a, timer, figures: vae_layout_bench(timer, a.peer_vae, figures),
+    "edit": lambda a, timer, figures: tiny_vae_bench(timer, baseline=False, figures=figures),
+    "cli": lambda a, timer, figures: cli_bench(timer, figures=figures),
+    "compare": lambda a, timer, figures: compare_bench(figures=figures),
+    "live": lambda a, timer, figures: live_bench(figures=figures),
+}
+SMOKE_TARGET_GROUPS = ("recache",)  # what runs on the CPU: the harness, not the figures
+WINDOW_FILLED_CHUNK = 7  # `full`'s 21 latent frames are cached from its 7th chunk on
+
+
+def targets_bench(args, timer):
+    """The measurements behind every target of issues 23 and 24, group by group
+    (TARGET_GROUPS; only those args.targets names, if it names any), then one table:
+    each target, what was measured, met or not. With --figures FILE the figures are kept
+    there, written after each group, and groups already in it are not measured again: a
+    run cut short (a per-command time limit) goes on where it stopped, and runs of some
+    groups each fill one table. Returns the table's lines."""
+    path = Path(args.figures) if args.figures else None
+    groups = json.loads(path.read_text()) if path and path.exists() else {}
+    device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
+    for name, run in TARGET_GROUPS.items():
+        if name in groups or (args.smoke and name not in SMOKE_TARGET_GROUPS) or name not in (args.targets or [name]):
+            continue
+        figures = {}
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        try:
+            with torch.no_grad():
+                run(args, timer, figures)
+        except Exception:  # the other groups still run; this one stays unmeasured, for the next run
+            traceback.print_exc()
+            print(f"the group {name} failed (above): the table leaves it unmeasured", flush=True)
+            continue
+        groups[name] = {"device": device, "date": started, "figures": figures}
+        if path:  # whole or not at all: a run killed mid-write leaves the previous file
+            path.with_suffix(".tmp").write_text(json.dumps(groups, indent=1))
+            path.with_suffix(".tmp").replace(path)
+        if not args.smoke:
+            torch.cuda.empty_cache()
+    lines = target_table(groups)
+    print("\n".join(lines), flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def is_figures_file(path):
+    """Whether `path` holds what targets_bench writes: {group: {"device", "date", "figures"}}."""
+    try:
+        groups = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(groups, dict) and all(
+        isinstance(g, dict) and {"device", "date", "figures"} <= set(g) for g in groups.values())
+
+
+def target_table(groups):
+    """Issue 23's and 24's targets against the figures of targets_bench's groups
+    ({group: {"device", "date", "figures"}}): lines of a markdown table, each group's
+    device and date first; a target whose group was not measured says so."""
+    def get(group, key):
+        return groups[group]["figures"].get(key) if group in groups else None
+
+    rows = []
+
+    def row(target, needs, measure):  # measure() -> (text, met) from figures that are there
+        if any(group not in groups for group in needs):
+            rows.append(f"| {target} | not measured ({', '.join(g for g in needs if g not in groups)}) | - |")
+        else:
+            try:
+                text, met = measure()
+            except (KeyError, TypeError, ValueError, ZeroDivisionError, statistics.StatisticsError) as e:
+                rows.append(f"| {target} | incomplete figures ({type(e).__name__}: {e}) | - |")
+                return
+            rows.append(f"| {target} | {text} | {'yes' if met else 'no'} |")
+
+    def dit(fusion, config):
+        return get("kernels", f"dit_ms {fusion} {config}")
+
+    row("sample.py's defaults: DiT `lipar` 35 % ≤ 940 ms, `full` ≤ 1,700 ms (old default: `--fusion off`)",
+        ["kernels"], lambda: (f"{dit('triton', 'lipar 35%'):.0f} / {dit('triton', 'full'):.0f} ms (old default "
+                              f"{dit('off', 'lipar 35%'):.0f} / {dit('off', 'full'):.0f})",
+                              dit("triton", "lipar 35%") <= 940 and dit("triton", "full") <= 1700))
+    speeds = lambda: [dit("compile", c) / dit("triton", c) for c in ("full", "lipar 35%")]  # noqa: E731
+    row("Triton ≥ 95 % of torch.compile's DiT speed (`full`, `lipar` 35 %)", ["kernels"],
+        lambda: (" / ".join(f"{r:.0%}" for r in speeds()), min(speeds()) >= 0.95))
+    row("a later process loads the kernels in ≤ 1 s", ["kernels"],
+        lambda: (f"{get('kernels', 'kernel_load_s'):.2f} s", get("kernels", "kernel_load_s") <= 1))
+    row("end to end `lipar` 35 %, whole clip: ≥ 35 f/s Wan VAE, ≥ 75 f/s tiny VAE", ["edit"],
+        lambda: (f"{get('edit', 'whole_fps Wan VAE'):.1f} / {get('edit', 'whole_fps tiny VAE'):.1f}",
+                 get("edit", "whole_fps Wan VAE") >= 35 and get("edit", "whole_fps tiny VAE") >= 75))
+    row("streamed steady state (321 frames, median of 3): ≥ 30 f/s Wan VAE, ≥ 70 f/s tiny VAE", ["edit"],
+        lambda: (f"{get('edit', 'streamed_fps Wan VAE'):.1f} / {get('edit', 'streamed_fps tiny VAE'):.1f}",
+                 get("edit", "streamed_fps Wan VAE") >= 30 and get("edit", "streamed_fps tiny VAE") >= 70))
+    vae_ratio = lambda: get("vae", "wan_vae_vs_peer")  # noqa: E731
+    row("Wan VAE encode + decode ≤ 1.35 s and ≥ 2.0× Self-Forcing's in the same call", ["vae"],
+        lambda: (f"{get('vae', 'wan_vae_s'):.3f} s, " + (f"{vae_ratio():.2f}×" if vae_ratio() else "no peer (--peer-vae)"),
+                 get("vae", "wan_vae_s") <= 1.35 and (vae_ratio() or 0) >= 2.0))
+    cli = lambda: get("cli", "cli_second_s") / get("cli", "cli_steady_s")  # noqa: E731
+    row("the user's command, second fresh run (without the text stage), ≤ 2× the steady state", ["cli"],
+        lambda: (f"{get('cli', 'cli_second_s'):.2f} s against {get('cli', 'cli_steady_s'):.2f} s: {cli():.1f}×",
+                 cli() <= 2))
+    runs = lambda: {label: get("compare", f"compare {label}") for label in  # noqa: E731
+                    ("--compare --save-mask", "lipar alone", "full alone")}
+    row("`--compare` ≤ 12 GiB GPU (321 frames)", ["compare"],
+        lambda: ("; ".join(f"{label} {r['gpu_peak_gib']:.2f} GiB" for label, r in runs().items()),
+                 runs()["--compare --save-mask"]["gpu_peak_gib"] <= 12))
+
+    def host():  # flat: after `full`'s window fills, the later half of the chunks no higher than the earlier
+        resident = runs()["--compare --save-mask"]["resident_gib"][WINDOW_FILLED_CHUNK - 1:]
+        half = len(resident) // 2
+        trend = statistics.mean(resident[half:]) - statistics.mean(resident[:half])
+        return (f"{min(resident):.2f}–{max(resident):.2f} GiB from chunk {WINDOW_FILLED_CHUNK} to "
+                f"{WINDOW_FILLED_CHUNK + len(resident) - 1}; later half {trend:+.3f} GiB against the earlier"), trend <= 0.05
+    row("host memory flat over 321 frames once the window has filled (`--compare --save-mask`)", ["compare"], host)
+    row("writing adds ≤ 10 % to the edit (alone, with `--compare --save-mask`)", ["compare"],
+        lambda: (f"{runs()['lipar alone']['write_share']:.0%} / {runs()['--compare --save-mask']['write_share']:.0%}",
+                 max(runs()[k]["write_share"] for k in ("lipar alone", "--compare --save-mask")) <= 0.10))
+    row("100 %-pruned DiT ≤ 150 ms", ["floor"],
+        lambda: (f"{get('floor', 'floor_ms'):.0f} ms", get("floor", "floor_ms") <= 150))
+    fp8_gain = lambda: dit("triton", "lipar 35%") / dit("triton + fp8", "lipar 35%")  # noqa: E731
+    row("`--fp8` DiT ≥ 1.2× bf16 at `lipar` 35 %", ["kernels"], lambda: (f"{fp8_gain():.2f}×", fp8_gain() >= 1.2))
+    recache = lambda mode: get("recache", f"recache {mode}")  # noqa: E731
+    row("a prompt switch re-caches in ≤ 2 chunk forwards (`lipar`; `full` beside it)", ["recache"],
+        lambda: (f"{recache('lipar')['forwards']:.2f} ({recache('lipar')['ms']:.1f} ms); full "
+                 f"{recache('full')['forwards']:.2f}", recache("lipar")["forwards"] <= 2))
+
+    def switch():  # the bound: a chunk's period at the camera's pace + the re-cache + the page's chunk latency
+        parts, met = [], True
+        for kind in ("tiny", "wan"):
+            live_kind = get("live", f"live {kind}")
+            bound = live_kind["chunk_period_ms"] + recache("lipar")["ms"] + live_kind["chunk_latency_ms"]
+            parts.append(f"{kind}: {', '.join(f'{ms:.0f}' for ms in live_kind['switch_ms'])} ms against {bound:.0f}")
+            met = met and bool(live_kind["switch_ms"]) and max(live_kind["switch_ms"]) <= bound
+        return "; ".join(parts), met
+    row("first frame under a new prompt within one chunk plus the re-cache (three changes, each VAE)",
+        ["live", "recache"], switch)
+    page = lambda kind: get("live", f"live {kind}")["page_fps"] / get("live", f"live {kind}")["cli_fps"]  # noqa: E731
+    row("the live page ≥ 90 % of the CLI stream's steady f/s, either VAE", ["live"],
+        lambda: (f"{page('tiny'):.0%} / {page('wan'):.0%}", min(page("tiny"), page("wan")) >= 0.9))
+    measured = [f"- {name}: {g['device']}, {g['date']}" for name, g in groups.items()]
+    return (["Groups measured (device, start):", *measured, "", "| target | measured | met |", "| --- | --- | --- |"]
+            + rows)
 
 
 # The single-purpose runs: --flag -> (what it times, run(args, timer, smoke, vae, video), whether
@@ -1193,11 +1388,24 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="print the top CUDA kernels of one LIPAR 35%% and one 100%% edit (CUDA graphs)")
     p.add_argument("--profile-vae", action="store_true", help="print the top CUDA kernels of VAE encode and decode")
+    p.add_argument("--targets", nargs="*", metavar="GROUP", choices=list(TARGET_GROUPS),
+                   help="measure every target of issues 23 and 24, or only the groups named (of "
+                   f"{', '.join(TARGET_GROUPS)}; --smoke: {', '.join(SMOKE_TARGET_GROUPS)} only), and print them met "
+                   "or not; needs --peer-vae for the VAE's ratio")
+    p.add_argument("--figures", metavar="FILE", help="with --targets: keep the figures in this JSON file and skip "
+                   "the groups it already holds (to go on after a run was cut short)")
     p.add_argument("--peer-vae", metavar="FILE", help="with --vae-layout: also time Self-Forcing's VAE, its "
                    "wan/modules/vae.py at FILE (from a checkout of guandeh17/Self-Forcing; needs einops)")
     for name, (text, _, _) in ONLY.items():
         p.add_argument(f"--{name}", action="store_true", help=f"only {text}, then exit")
     args = p.parse_args(argv)
+    if args.figures and args.targets is None:
+        p.error("--figures keeps the figures of a --targets run: add --targets")
+    if args.peer_vae and not Path(args.peer_vae).is_file():
+        p.error(f"--peer-vae {args.peer_vae} is not a file: give the path of wan/modules/vae.py in a checkout of "
+                "guandeh17/Self-Forcing")
+    if args.figures and Path(args.figures).exists() and not is_figures_file(Path(args.figures)):
+        p.error(f"{args.figures} is not the JSON file a --targets run writes: give a new path, or remove it")
 
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
@@ -1205,6 +1413,8 @@ def main(argv=None):
     frames, height, width = (21, 64, 112) if smoke else (81, 480, 832)
     runs, warmup = (1, 0) if smoke else (args.runs, args.warmup)
     timer = (lambda fn: wall_ms(fn, warmup, runs)) if smoke else (lambda fn: cuda_ms(fn, warmup, runs))
+    if args.targets is not None:
+        return targets_bench(args, timer)
     torch.manual_seed(0)
 
     dit_cfg = M.DiTConfig.tiny() if smoke else M.DiTConfig()

@@ -1,6 +1,7 @@
 """The benchmark harness: its smoke mode runs (as a user runs it), its masks and FLOP
 counts are right."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,86 @@ def test_clip_mask_row_uses_a_clip_that_prunes_like_a_real_one():
         ratios[lookahead] = lipar.prune_ratio(keep)
         assert 0.2 < ratios[lookahead] < 0.8
     assert ratios[1] > ratios[0]
+
+
+def _targets(tmp_path, *flags):
+    return subprocess.run([sys.executable, str(ROOT / "bench.py"), "--smoke", "--targets", *flags],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def test_targets_table_says_met_or_not_from_the_figures(tmp_path):
+    """A figures file with every group, made by hand around each threshold: the table
+    reads it without measuring anything again (the file stays as it was) and marks each
+    target as the hand-checked numbers say."""
+    def group(**figures):
+        return {"device": "hand-made", "date": "2026-12-06 00:00 UTC", "figures": figures}
+    dit = {"dit_ms triton lipar 35%": 900, "dit_ms triton full": 1600, "dit_ms off lipar 35%": 1400,
+           "dit_ms off full": 2450, "dit_ms compile lipar 35%": 880, "dit_ms compile full": 1500,  # 98 %, 94 %
+           "dit_ms triton + fp8 lipar 35%": 800, "dit_ms triton + fp8 full": 1500, "kernel_load_s": 0.5}
+    resident = [1.0, 1.3, 1.6, 1.9, 2.1, 2.2] + [2.30, 2.35, 2.31, 2.34, 2.30, 2.33]  # flat from chunk 7
+    live_run = lambda switch, page, cli: {"cli_fps": cli, "page_fps": page, "switch_ms": switch,  # noqa: E731
+                                          "chunk_latency_ms": 72.0, "chunk_period_ms": 160.0}
+    groups = {
+        "kernels": group(**dit), "floor": group(floor_ms=100.0),
+        "recache": group(**{"recache lipar": {"ms": 69.0, "forwards": 2.13}, "recache full": {"ms": 230.0, "forwards": 3.2}}),
+        "vae": group(wan_vae_s=1.30, wan_vae_vs_peer=2.1),
+        "edit": group(**{"whole_fps Wan VAE": 36.0, "whole_fps tiny VAE": 76.0, "streamed_fps Wan VAE": 31.0,
+                         "streamed_fps tiny VAE": 69.0}),
+        "cli": group(cli_second_s=4.0, cli_steady_s=1.5),
+        "compare": group(**{f"compare {label}": {"gpu_peak_gib": peak, "resident_gib": resident, "write_share": share}
+                            for label, peak, share in (("lipar alone", 10.6, 0.02), ("full alone", 14.5, 0.01),
+                                                       ("--compare --save-mask", 18.5, 0.12))}),
+        # tiny: every change within 160 + 69 + 72 = 301 ms; Wan: the last one past it
+        "live": group(**{"live tiny": live_run([80.0, 50.0, 240.0], 150.0, 94.0),
+                         "live wan": live_run([210.0, 250.0, 302.0], 50.0, 54.0)}),
+    }
+    figures = tmp_path / "figures.json"
+    figures.write_text(json.dumps(groups))
+    before = figures.read_bytes()
+    done = _targets(tmp_path, "--figures", str(figures))
+    assert done.returncode == 0, done.stderr
+    assert figures.read_bytes() == before  # every group was there: nothing measured, nothing rewritten
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in done.stdout.splitlines()]
+    met = [cells[2] for cells in rows if len(cells) == 3 and cells[2] in ("yes", "no")]
+    assert met == ["yes",  # DiT 900 / 1600 within 940 / 1700
+                                  "no",   # compile's full at 94 % of Triton's speed
+                                  "yes",  # kernels load in 0.5 s
+                                  "yes",  # whole clip 36 / 76 f/s
+                                  "no",   # the tiny VAE's stream at 69 f/s
+                                  "yes",  # the VAE 1.30 s, 2.1x
+                                  "no",   # 4.0 / 1.5 s = 2.7x
+                                  "no",   # --compare 18.5 GiB
+                                  "yes",  # resident memory flat from chunk 7
+                                  "no",   # writing 12 % with --compare
+                                  "yes",  # the floor 100 ms
+                                  "no",   # fp8 900 / 800 = 1.125x
+                                  "no",   # the re-cache 2.13 forwards
+                                  "no",   # Wan's third change 302 ms against 301
+                                  "yes"], met  # the page 160 % / 93 %
+    assert "4.00 s against 1.50 s: 2.7×" in done.stdout and "| 1.12× |" in done.stdout
+    assert "wan: 210, 250, 302 ms against 301" in done.stdout
+
+
+def test_targets_flags_are_checked_first(tmp_path):
+    alone = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--smoke", "--figures", "f.json"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert alone.returncode == 2 and "add --targets" in alone.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text('["not", "figures"]')
+    done = _targets(tmp_path, "--figures", str(broken))
+    assert done.returncode == 2 and "not the JSON file a --targets run writes" in done.stderr
+    assert broken.read_text() == '["not", "figures"]'
+    done = _targets(tmp_path, "--peer-vae", str(tmp_path / "missing.py"))
+    assert done.returncode == 2 and "is not a file" in done.stderr
+
+
+def test_targets_run_measures_the_smoke_group_and_keeps_it(tmp_path):
+    figures = tmp_path / "figures.json"
+    done = _targets(tmp_path, "--figures", str(figures))
+    assert done.returncode == 0, done.stderr
+    groups = json.loads(figures.read_text())
+    assert list(groups) == ["recache"] and groups["recache"]["device"] == "CPU (smoke)"
+    assert groups["recache"]["figures"]["recache lipar"]["forwards"] > 0
+    assert "not measured (kernels)" in done.stdout
+    assert [line for line in done.stdout.splitlines() if line.startswith("| a prompt switch")][0].endswith(
+        ("| yes |", "| no |"))
