@@ -434,6 +434,7 @@ def page_figures(seen):
     figures = {"edited_fps": fps, "frames": len(arrivals), "dropped": chunks[-1]["dropped"],
                "glass_ms": (statistics.median(glass), glass[int(0.9 * (len(glass) - 1))]),
                "chunk_latency_ms": statistics.median(c["chunk_latency_s"] for c in chunks[1:]) * 1e3,
+               "chunk_frames": statistics.median(c["frames"] for c in chunks[1:]),
                "prune_ratio": statistics.mean(c["prune_ratio"] for c in chunks[1:]), "gpu_gib": chunks[-1]["gpu_gib"]}
     figures["switch_ms"] = []
     for sent_ms, prompt in seen["prompts_sent"]:  # the prompts differ: the first chunk under each
@@ -487,9 +488,10 @@ def live_bench(frames=240, folder=None, smoke=False, figures=None):
                         raise RuntimeError(f"live.py did not start: {log.read_text()[-2000:]}") from None
                     time.sleep(0.5)
             url = f"http://127.0.0.1:{port}/ws"
-            asyncio.run(drive_page(url, rgba[:60], 0.8 * cli_fps))  # graphs captured, kernels loaded
+            camera_fps = 0.8 * cli_fps  # a pace the GPU keeps up with
+            asyncio.run(drive_page(url, rgba[:60], camera_fps))  # graphs captured, kernels loaded
             switches = [frames * k // 4 for k in (1, 2, 3)]
-            camera = page_figures(asyncio.run(drive_page(url, rgba, 0.8 * cli_fps, switch_at=switches)))
+            camera = page_figures(asyncio.run(drive_page(url, rgba, camera_fps, switch_at=switches)))
             flooded = page_figures(asyncio.run(drive_page(url, rgba, 1.5 * cli_fps)))
         finally:
             server.terminate()
@@ -497,7 +499,7 @@ def live_bench(frames=240, folder=None, smoke=False, figures=None):
         if figures is not None:
             figures[f"live {kind}"] = {"cli_fps": cli_fps, "page_fps": flooded["edited_fps"],
                                        "switch_ms": camera["switch_ms"], "chunk_latency_ms": camera["chunk_latency_ms"],
-                                       "chunk_period_ms": 4 * 3 * 1e3 / (0.8 * cli_fps)}
+                                       "chunk_period_ms": camera["chunk_frames"] * 1e3 / camera_fps}
         lines.append(f"| {kind} | {cli_fps:.1f} | {flooded['edited_fps']:.1f} | {flooded['edited_fps'] / cli_fps:.0%} "
                      f"| {camera['glass_ms'][0]:.0f} / {camera['glass_ms'][1]:.0f} | {camera['chunk_latency_ms']:.0f} "
                      f"| {statistics.median(camera['switch_ms'] or [float('nan')]):.0f} "
@@ -1198,7 +1200,7 @@ def _print(lines):
 # Every target of issues 23 and 24 in one run
 
 # The groups of figures a targets run measures, in order: name -> run(args, timer, figures).
-# Each is also one of the single-purpose runs below; here it records figures instead.
+# Each is also one of the single-purpose runs below; here it records its figures as well.
 TARGET_GROUPS = {
     "kernels": lambda a, timer, figures: kernels_bench(timer, figures),
     "floor": lambda a, timer, figures: floor_bench(timer, figures),
@@ -1213,18 +1215,19 @@ SMOKE_TARGET_GROUPS = ("recache",)  # what runs on the CPU: the harness, not the
 WINDOW_FILLED_CHUNK = 7  # `full`'s 21 latent frames are cached from its 7th chunk on
 
 
-def targets_bench(args, timer):
+def targets_bench(args, timer, groups):
     """The measurements behind every target of issues 23 and 24, group by group
     (TARGET_GROUPS; only those args.targets names, if it names any), then one table:
     each target, what was measured, met or not. With --figures FILE the figures are kept
     there, written after each group, and groups already in it are not measured again: a
     run cut short (a per-command time limit) goes on where it stopped, and runs of some
-    groups each fill one table. Returns the table's lines."""
+    groups each fill one table. groups: what the file held already (read_figures), or {}.
+    Returns the table's lines."""
     path = Path(args.figures) if args.figures else None
-    groups = json.loads(path.read_text()) if path and path.exists() else {}
     device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
+    wanted = args.targets or list(TARGET_GROUPS)
     for name, run in TARGET_GROUPS.items():
-        if name in groups or (args.smoke and name not in SMOKE_TARGET_GROUPS) or name not in (args.targets or [name]):
+        if name in groups or name not in wanted or (args.smoke and name not in SMOKE_TARGET_GROUPS):
             continue
         figures = {}
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -1248,14 +1251,17 @@ def targets_bench(args, timer):
     return lines
 
 
-def is_figures_file(path):
-    """Whether `path` holds what targets_bench writes: {group: {"device", "date", "figures"}}."""
+def read_figures(path):
+    """What targets_bench wrote to `path`, {group: {"device", "date", "figures"}}; None if
+    the file holds anything else."""
     try:
         groups = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(groups, dict) and all(
-        isinstance(g, dict) and {"device", "date", "figures"} <= set(g) for g in groups.values())
+        return None
+    if isinstance(groups, dict) and all(isinstance(g, dict) and {"device", "date", "figures"} <= set(g)
+                                        for g in groups.values()):
+        return groups
+    return None
 
 
 def target_table(groups):
@@ -1310,7 +1316,7 @@ def target_table(groups):
         lambda: ("; ".join(f"{label} {r['gpu_peak_gib']:.2f} GiB" for label, r in runs().items()),
                  runs()["--compare --save-mask"]["gpu_peak_gib"] <= 12))
 
-    def host():  # flat: after `full`'s window fills, the later half of the chunks no higher than the earlier
+    def host():  # flat: after `full`'s window fills, the later half of the chunks within 0.05 GiB of the earlier
         resident = runs()["--compare --save-mask"]["resident_gib"][WINDOW_FILLED_CHUNK - 1:]
         half = len(resident) // 2
         trend = statistics.mean(resident[half:]) - statistics.mean(resident[:half])
@@ -1404,7 +1410,8 @@ def main(argv=None):
     if args.peer_vae and not Path(args.peer_vae).is_file():
         p.error(f"--peer-vae {args.peer_vae} is not a file: give the path of wan/modules/vae.py in a checkout of "
                 "guandeh17/Self-Forcing")
-    if args.figures and Path(args.figures).exists() and not is_figures_file(Path(args.figures)):
+    measured = read_figures(Path(args.figures)) if args.figures and Path(args.figures).exists() else {}
+    if measured is None:
         p.error(f"{args.figures} is not the JSON file a --targets run writes: give a new path, or remove it")
 
     smoke = args.smoke
@@ -1414,7 +1421,7 @@ def main(argv=None):
     runs, warmup = (1, 0) if smoke else (args.runs, args.warmup)
     timer = (lambda fn: wall_ms(fn, warmup, runs)) if smoke else (lambda fn: cuda_ms(fn, warmup, runs))
     if args.targets is not None:
-        return targets_bench(args, timer)
+        return targets_bench(args, timer, measured)
     torch.manual_seed(0)
 
     dit_cfg = M.DiTConfig.tiny() if smoke else M.DiTConfig()

@@ -104,9 +104,9 @@ def test_module_attributes_finds_what_a_file_names():
 def test_every_function_a_file_calls_on_another_exists():
     """Lines that run only on CUDA (sample.edit_video's warm-up, the graph runner's
     replays) are never executed by this CPU suite; a name renamed in one file and not in
-    another would fail only on a GPU. Checked here by name, for every file and test. The
-    modules are imported to be read, except bench.py (no test imports it; its own names
-    are checked where other files use them: nowhere)."""
+    another would fail only on a GPU. Checked here by name, for every file and test, by
+    importing the module named; bench.py is only read, never imported (no test imports
+    it, and no other file names its attributes)."""
     import importlib
     missing = []
     for path in [*ROOT.glob("*.py"), *(ROOT / "tests").glob("*.py")]:
