@@ -1200,16 +1200,17 @@ def _print(lines):
 # Every target of issues 23 and 24 in one run
 
 # The groups of figures a targets run measures, in order: name -> run(args, timer, figures).
-# Each is also one of the single-purpose runs below; here it records its figures as well.
+# Each is also one of the single-purpose runs below, printing its lines as that run does;
+# here it records its figures as well.
 TARGET_GROUPS = {
-    "kernels": lambda a, timer, figures: kernels_bench(timer, figures),
+    "kernels": lambda a, timer, figures: _print(kernels_bench(timer, figures)),
     "floor": lambda a, timer, figures: floor_bench(timer, figures),
     "recache": lambda a, timer, figures: recache_bench(timer, a.smoke, figures),
     "vae": lambda a, timer, figures: vae_layout_bench(timer, a.peer_vae, figures),
     "edit": lambda a, timer, figures: tiny_vae_bench(timer, baseline=False, figures=figures),
-    "cli": lambda a, timer, figures: cli_bench(timer, figures=figures),
+    "cli": lambda a, timer, figures: _print(cli_bench(timer, figures=figures)),
     "compare": lambda a, timer, figures: compare_bench(figures=figures),
-    "live": lambda a, timer, figures: live_bench(figures=figures),
+    "live": lambda a, timer, figures: _print(live_bench(figures=figures)),
 }
 SMOKE_TARGET_GROUPS = ("recache",)  # what runs on the CPU: the harness, not the figures
 WINDOW_FILLED_CHUNK = 7  # `full`'s 21 latent frames are cached from its 7th chunk on
