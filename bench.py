@@ -152,10 +152,9 @@ def vae_variants(vae, video, timer, profile=False):
             encode_ms = timer(lambda: vae.encode(video))
             torch.cuda.reset_peak_memory_stats()
             decode_ms = timer(lambda: vae.decode(latents))
-            lines.append(f"VAE {name}: encode {encode_ms:.0f} ms, decode {decode_ms:.0f} ms, "
-                         f"decode peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
-                         f"vs op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
-            print(lines[-1])
+            say(lines, f"VAE {name}: encode {encode_ms:.0f} ms, decode {decode_ms:.0f} ms, "
+                       f"decode peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; "
+                       f"vs op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
             if profile:
                 print(profile_edit(lambda: vae.decode(latents), 12))
     return lines
@@ -240,9 +239,8 @@ def kernels_profile():
             runner = graphs.GraphRunner(model)
             for _ in range(2):  # eager, then captured
                 edit_latents(model, latents, context, keep, "lipar", (1, 6), runner)
-            lines.append(f"{name} (Triton kernels, replayed graphs)\n"
-                         + profile_edit(lambda: edit_latents(model, latents, context, keep, "lipar", (1, 6), runner), 14))
-            print(lines[-1], flush=True)
+            say(lines, f"{name} (Triton kernels, replayed graphs)\n"
+                       + profile_edit(lambda: edit_latents(model, latents, context, keep, "lipar", (1, 6), runner), 14))
             runner.release()
     return lines
 
@@ -310,31 +308,29 @@ def kernels_bench(timer, figures=None):
                     row.append(f"{name} {ms:.0f} ms (first clip {first_ms:.0f} ms; against plain eager "
                                f"{relative_error(out, reference[name]):.1e})")
                 runner.release()
-                lines.append(f"DiT, graphs, fusion {label}: warm-up {warm_s:.1f} s; " + "; ".join(row))
-                print(lines[-1], flush=True)
+                say(lines, f"DiT, graphs, fusion {label}: warm-up {warm_s:.1f} s; " + "; ".join(row))
                 if label in ("off", "triton"):  # compile's VAE: BENCHMARKS.md's earlier runs
                     start = time.perf_counter()
                     encoded = vae.encode(video)  # the first call compiles (compile, triton)
                     first_s = time.perf_counter() - start
                     encode_ms, decode_ms = timer(lambda: vae.encode(video)), timer(lambda: vae.decode(encoded))
                     times[label, "vae"] = encode_ms + decode_ms
-                    lines.append(f"Wan VAE, fusion {label}: encode {encode_ms:.0f} ms + decode {decode_ms:.0f} ms = "
-                                 f"{encode_ms + decode_ms:.0f} ms (first encode {first_s:.1f} s; latents against "
-                                 f"op by op {relative_error(encoded, vae_reference):.1e})")
-                    print(lines[-1], flush=True)
-        lines.append("triton's speed: " + ", ".join(
+                    say(lines, f"Wan VAE, fusion {label}: encode {encode_ms:.0f} ms + decode {decode_ms:.0f} ms = "
+                               f"{encode_ms + decode_ms:.0f} ms (first encode {first_s:.1f} s; latents against "
+                               f"op by op {relative_error(encoded, vae_reference):.1e})")
+        say(lines, "triton's speed: " + ", ".join(
             f"{name} {times['off', name] / times['triton', name]:.2f}x over off, "
             f"{times['compile', name] / times['triton', name]:.0%} of compile's" for name, _, _ in configs)
             + f"; Wan VAE {times['off', 'vae'] / times['triton', 'vae']:.2f}x over off")
-        lines.append("fp8 over bf16 (both triton): " + ", ".join(
+        say(lines, "fp8 over bf16 (both triton): " + ", ".join(
             f"{name} {times['triton', name] / times['triton + fp8', name]:.2f}x" for name, _, _ in configs))
         bf16_out = edit_latents(dit, latents, context, configs[1][2], "lipar", (1, 6))
         frames_bf16, frames_fp8 = (io.from_model(vae.decode(x)).float() for x in (bf16_out, fp8_out))
-        lines.append(f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16 "
-                     f"(eager, no fusion); decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
+        say(lines, f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16 "
+                   f"(eager, no fusion); decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
     done = subprocess.run([sys.executable, "-c", KERNEL_LOAD], capture_output=True, text=True, cwd=Path(__file__).parent,
                           env=fresh_env())
-    lines.append(done.stdout.strip() or done.stderr[-2000:])
+    say(lines, done.stdout.strip() or done.stderr[-2000:])
     if figures is not None:
         figures.update({f"dit_ms {label} {name}": ms for (label, name), ms in times.items() if name != "vae"})
         loaded = re.search(r"the kernels cost (-?[0-9.]+) s to load", done.stdout)
@@ -468,6 +464,7 @@ def live_bench(frames=240, folder=None, smoke=False, figures=None):
     lines = ["| VAE | CLI stream steady f/s | page f/s (paced 1.5x) | page / CLI | glass-to-glass ms median / p90 "
              "(paced 0.8x) | chunk latency ms | prompt typed → first frame under it, ms: median (each) | dropped (1.5x) | pruned "
              "| GPU GiB |", "|" + " --- |" * 10]
+    _print(lines)
     for kind in ("tiny", "wan"):
         _, stats, _ = run_sample(["--video", clip, "--weights", weights, "--vae", kind, "--out", folder / f"{kind}.mp4",
                                   *size])
@@ -500,12 +497,11 @@ def live_bench(frames=240, folder=None, smoke=False, figures=None):
             figures[f"live {kind}"] = {"cli_fps": cli_fps, "page_fps": flooded["edited_fps"],
                                        "switch_ms": camera["switch_ms"], "chunk_latency_ms": camera["chunk_latency_ms"],
                                        "chunk_period_ms": camera["chunk_frames"] * 1e3 / camera_fps}
-        lines.append(f"| {kind} | {cli_fps:.1f} | {flooded['edited_fps']:.1f} | {flooded['edited_fps'] / cli_fps:.0%} "
-                     f"| {camera['glass_ms'][0]:.0f} / {camera['glass_ms'][1]:.0f} | {camera['chunk_latency_ms']:.0f} "
-                     f"| {statistics.median(camera['switch_ms'] or [float('nan')]):.0f} "
-                     f"({', '.join(f'{ms:.0f}' for ms in camera['switch_ms'])}) | {flooded['dropped']} of {frames} "
-                     f"| {camera['prune_ratio']:.1%} | {camera['gpu_gib'] or float('nan'):.2f} |")
-        print(lines[-1], flush=True)
+        say(lines, f"| {kind} | {cli_fps:.1f} | {flooded['edited_fps']:.1f} | {flooded['edited_fps'] / cli_fps:.0%} "
+                   f"| {camera['glass_ms'][0]:.0f} / {camera['glass_ms'][1]:.0f} | {camera['chunk_latency_ms']:.0f} "
+                   f"| {statistics.median(camera['switch_ms'] or [float('nan')]):.0f} "
+                   f"({', '.join(f'{ms:.0f}' for ms in camera['switch_ms'])}) | {flooded['dropped']} of {frames} "
+                   f"| {camera['prune_ratio']:.1%} | {camera['gpu_gib'] or float('nan'):.2f} |")
     return lines
 
 
@@ -568,13 +564,12 @@ def compare_bench(count=321, folder=None, figures=None):
         resident = stats["stream"]["host_memory_gib_per_chunk"]
         peaks = "  ".join(f"{k} {v:.2f}" for k, v in stats["peak_gpu_memory_gib_per_stage"].items())
         edit_s = sum(v for k, v in seconds.items() if k.startswith(("dit", "decode", "encode", "mask")))
-        lines.append(f"{label}, {count} frames: {wall:.1f} s wall; write {seconds.get('write', 0):.2f} s against "
-                     f"{edit_s:.2f} s of encode, mask, DiT and decode ({seconds.get('write', 0) / edit_s:.0%}); "
-                     f"steady {stats['stream']['steady_fps']:.1f} frames/s; GPU peak "
-                     f"{stats['peak_gpu_memory_gib']:.2f} GiB (per stage: {peaks}); host peak "
-                     f"{stats['peak_host_memory_gib']:.2f} GiB; resident between chunks (GiB): "
-                     + " ".join(f"{r:.2f}" for r in resident))
-        print(lines[-1], flush=True)
+        say(lines, f"{label}, {count} frames: {wall:.1f} s wall; write {seconds.get('write', 0):.2f} s against "
+                   f"{edit_s:.2f} s of encode, mask, DiT and decode ({seconds.get('write', 0) / edit_s:.0%}); "
+                   f"steady {stats['stream']['steady_fps']:.1f} frames/s; GPU peak "
+                   f"{stats['peak_gpu_memory_gib']:.2f} GiB (per stage: {peaks}); host peak "
+                   f"{stats['peak_host_memory_gib']:.2f} GiB; resident between chunks (GiB): "
+                   + " ".join(f"{r:.2f}" for r in resident))
         if figures is not None:
             figures[f"compare {label}"] = {"gpu_peak_gib": stats["peak_gpu_memory_gib"], "resident_gib": resident,
                                            "write_share": seconds.get("write", 0) / edit_s}
@@ -613,10 +608,6 @@ def vae_layout_bench(timer, peer_vae=None, figures=None):
         rows.append(("Self-Forcing's WanVAE_", self_forcing_vae(peer_vae, ncdhw), None))
     lines, reference, totals, outputs = [], None, {}, {}
 
-    def say(line):
-        lines.append(line)
-        print(line, flush=True)
-
     def peak_gib(fn):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -640,22 +631,22 @@ def vae_layout_bench(timer, peer_vae=None, figures=None):
             totals[name] = encode_ms + decode_ms
             if name in (default, unfolded_name):  # the folded biases against the unfolded: in host memory, off the peaks
                 outputs[name] = latents.cpu(), decoded.cpu()
-            say(f"Wan VAE {name}: encode {encode_ms:.0f} ms + decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} "
-                f"ms (first encode + decode {first_s:.1f} s); peak encode {encode_gib:.2f} GiB, decode "
-                f"{decode_gib:.2f} GiB; against NCDHW op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
+            say(lines, f"Wan VAE {name}: encode {encode_ms:.0f} ms + decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} "
+                       f"ms (first encode + decode {first_s:.1f} s); peak encode {encode_gib:.2f} GiB, decode "
+                       f"{decode_gib:.2f} GiB; against NCDHW op by op: latents {errors[0]:.1e}, video {errors[1]:.1e}")
             if name == default:
                 assert errors[1] < 2e-2, f"the default VAE differs from the NCDHW one: video {errors[1]:.1e}"
         folded, not_folded = outputs[default], outputs[unfolded_name]
-        say(f"{default} against {unfolded_name}: largest difference of the latents "
-            f"{(folded[0] - not_folded[0]).abs().max().item():.1e}, of the video "
-            f"{(folded[1] - not_folded[1]).abs().max().item():.1e}")
+        say(lines, f"{default} against {unfolded_name}: largest difference of the latents "
+                   f"{(folded[0] - not_folded[0]).abs().max().item():.1e}, of the video "
+                   f"{(folded[1] - not_folded[1]).abs().max().item():.1e}")
         for baseline in [name for name, _, _ in rows if name != default]:
-            say(f"{default}: {totals[baseline] / totals[default]:.2f}x over {baseline}")
+            say(lines, f"{default}: {totals[baseline] / totals[default]:.2f}x over {baseline}")
         if figures is not None:
             figures["wan_vae_s"] = totals[default] / 1e3
             figures["wan_vae_vs_peer"] = totals[rows[-1][0]] / totals[default] if peer_vae else None
-        say(f"{default}: {totals[default]:.0f} ms (target <= 1350 ms"
-            + (f", >= 2.0x Self-Forcing's: {totals[rows[-1][0]] / totals[default]:.2f}x)" if peer_vae else ")"))
+        say(lines, f"{default}: {totals[default]:.0f} ms (target <= 1350 ms"
+                   + (f", >= 2.0x Self-Forcing's: {totals[rows[-1][0]] / totals[default]:.2f}x)" if peer_vae else ")"))
     # The streamed path: pieces of 9 frames (3 latent frames), then 12, one cache per clip.
     first, later = V.WanVAE.chunk_frames(3, True), V.WanVAE.chunk_frames(3, False)
     cuts = [0, *range(first, video.shape[2] + 1, later)]  # 0, 9, 21, ..., 81
@@ -673,20 +664,20 @@ def vae_layout_bench(timer, peer_vae=None, figures=None):
     with torch.no_grad(), M.fusion(kernels):
         off = vae_layout.conv_inputs_off_channels_last(
             lambda: channels_last.decode(channels_last.encode(video[:, :, :first])))
-        say(f"{default}: {len(off)} conv inputs not channels-last on the GPU (encode + decode "
-            f"of {first} frames)" + (f", first {off[:4]}" if off else ""))
+        say(lines, f"{default}: {len(off)} conv inputs not channels-last on the GPU (encode + decode "
+                   f"of {first} frames)" + (f", first {off[:4]}" if off else ""))
         latents = channels_last.encode(video)
-        say(f"{default}: decode, top CUDA kernels\n" + profile_edit(lambda: channels_last.decode(latents), 25))
-        say(f"{default}: encode, top CUDA kernels\n" + profile_edit(lambda: channels_last.encode(video), 15))
+        say(lines, f"{default}: decode, top CUDA kernels\n" + profile_edit(lambda: channels_last.decode(latents), 25))
+        say(lines, f"{default}: encode, top CUDA kernels\n" + profile_edit(lambda: channels_last.encode(video), 15))
         for name, vae in ((rows[1][0], ncdhw), (rows[2][0], without_taps), (default, channels_last)):
             latents = encode_streamed(vae)
             decoded = decode_streamed(vae, latents)
             errors = relative_error(latents, reference[0]), relative_error(decoded, reference[1])
             encode_ms = timer(lambda: encode_streamed(vae))
             decode_ms = timer(lambda: decode_streamed(vae, latents))
-            say(f"Wan VAE {name}, streamed ({first} frames, then {later} at a time): encode {encode_ms:.0f} ms + "
-                f"decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} ms; against NCDHW op by op, whole "
-                f"clip: latents {errors[0]:.1e}, video {errors[1]:.1e}")
+            say(lines, f"Wan VAE {name}, streamed ({first} frames, then {later} at a time): encode {encode_ms:.0f} ms + "
+                       f"decode {decode_ms:.0f} ms = {encode_ms + decode_ms:.0f} ms; against NCDHW op by op, whole "
+                       f"clip: latents {errors[0]:.1e}, video {errors[1]:.1e}")
     return lines
 
 
@@ -1196,6 +1187,12 @@ def _print(lines):
     print("\n".join(lines), flush=True)
 
 
+def say(lines, line):
+    """`line` added to a run's `lines` and printed at once: each line as it is measured."""
+    lines.append(line)
+    print(line, flush=True)
+
+
 # -----------------------------------------------------------------------------
 # Every target of issues 23 and 24 in one run
 
@@ -1203,14 +1200,14 @@ def _print(lines):
 # Each is also one of the single-purpose runs below, printing its lines as that run does;
 # here it records its figures as well.
 TARGET_GROUPS = {
-    "kernels": lambda a, timer, figures: _print(kernels_bench(timer, figures)),
+    "kernels": lambda a, timer, figures: kernels_bench(timer, figures),
     "floor": lambda a, timer, figures: floor_bench(timer, figures),
     "recache": lambda a, timer, figures: recache_bench(timer, a.smoke, figures),
     "vae": lambda a, timer, figures: vae_layout_bench(timer, a.peer_vae, figures),
     "edit": lambda a, timer, figures: tiny_vae_bench(timer, baseline=False, figures=figures),
     "cli": lambda a, timer, figures: _print(cli_bench(timer, figures=figures)),
     "compare": lambda a, timer, figures: compare_bench(figures=figures),
-    "live": lambda a, timer, figures: _print(live_bench(figures=figures)),
+    "live": lambda a, timer, figures: live_bench(figures=figures),
 }
 SMOKE_TARGET_GROUPS = ("recache",)  # what runs on the CPU: the harness, not the figures
 WINDOW_FILLED_CHUNK = 7  # `full`'s 21 latent frames are cached from its 7th chunk on
@@ -1371,9 +1368,9 @@ ONLY = {
                 lambda a, timer, smoke, *_: recache_bench(timer, smoke), True),
     "kernels": ("time the fusion choices (off, triton, compile) and --fp8; with --profile, only the top CUDA "
                 "kernels of a Triton-fused edit in bf16 and fp8 and a 100 %% pruned one",
-                lambda a, timer, *_: kernels_profile() if a.profile else _print(kernels_bench(timer)), False),
+                lambda a, timer, *_: kernels_profile() if a.profile else kernels_bench(timer), False),
     "live": ("time live.py driven by a scripted page against the CLI's stream, each VAE",
-             lambda a, timer, smoke, *_: _print(live_bench(48 if smoke else 240, smoke=smoke)), True),
+             lambda a, timer, smoke, *_: live_bench(48 if smoke else 240, smoke=smoke), True),
     "compare-memory": ("time sample.py --compare --save-mask on 321 frames beside lipar and full alone",
                        lambda *_: compare_bench(), False),
     "floor": ("time nearly and wholly pruned edits (the 100 %% pruned floor)",
