@@ -245,6 +245,7 @@ def kernels_profile():
     return lines
 
 
+KERNEL_LOAD_PROCESSES = 3  # the kernels' load: the median of this many fresh processes
 KERNEL_LOAD = (  # a fresh process loading the Triton kernels from a warm cache: python -c "$KERNEL_LOAD"
     "import time; t0 = time.perf_counter(); import torch, model as M, graphs, triton_ops; torch.zeros(1).cuda(); "
     "t1 = time.perf_counter(); torch.manual_seed(0)\n"
@@ -328,13 +329,17 @@ def kernels_bench(timer, figures=None):
         frames_bf16, frames_fp8 = (io.from_model(vae.decode(x)).float() for x in (bf16_out, fp8_out))
         say(lines, f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16 "
                    f"(eager, no fusion); decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
-    done = subprocess.run([sys.executable, "-c", KERNEL_LOAD], capture_output=True, text=True, cwd=Path(__file__).parent,
-                          env=fresh_env())
-    say(lines, done.stdout.strip() or done.stderr[-2000:])
+    loads = []  # three fresh processes: one process's start on a just-started machine varies by seconds
+    for _ in range(KERNEL_LOAD_PROCESSES):
+        done = subprocess.run([sys.executable, "-c", KERNEL_LOAD], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, env=fresh_env())
+        say(lines, done.stdout.strip() or done.stderr[-2000:])
+        loaded = re.search(r"the kernels cost (-?[0-9.]+) s to load", done.stdout)
+        loads.append(float(loaded.group(1)) if loaded else None)
     if figures is not None:
         figures.update({f"dit_ms {label} {name}": ms for (label, name), ms in times.items() if name != "vae"})
-        loaded = re.search(r"the kernels cost (-?[0-9.]+) s to load", done.stdout)
-        figures["kernel_load_s"] = float(loaded.group(1)) if loaded else None
+        figures["kernel_load_s"] = statistics.median(loads) if None not in loads else None
+        figures["kernel_load_each_s"] = loads
     return lines
 
 
@@ -1292,8 +1297,10 @@ def target_table(groups):
     speeds = lambda: [dit("compile", c) / dit("triton", c) for c in ("full", "lipar 35%")]  # noqa: E731
     row("Triton ≥ 95 % of torch.compile's DiT speed (`full`, `lipar` 35 %)", ["kernels"],
         lambda: (" / ".join(f"{r:.0%}" for r in speeds()), min(speeds()) >= 0.95))
-    row("a later process loads the kernels in ≤ 1 s", ["kernels"],
-        lambda: (f"{get('kernels', 'kernel_load_s'):.2f} s", get("kernels", "kernel_load_s") <= 1))
+    each = lambda: groups["kernels"]["figures"].get("kernel_load_each_s")  # noqa: E731  (runs before 2026-12-07: one)
+    row("a later process loads the kernels in ≤ 1 s (median of fresh processes)", ["kernels"],
+        lambda: (f"{get('kernels', 'kernel_load_s'):.2f} s"
+                 + (f" ({', '.join(f'{x:.2f}' for x in each())})" if each() else ""), get("kernels", "kernel_load_s") <= 1))
     row("end to end `lipar` 35 %, whole clip: ≥ 35 f/s Wan VAE, ≥ 75 f/s tiny VAE", ["edit"],
         lambda: (f"{get('edit', 'whole_fps Wan VAE'):.1f} / {get('edit', 'whole_fps tiny VAE'):.1f}",
                  get("edit", "whole_fps Wan VAE") >= 35 and get("edit", "whole_fps tiny VAE") >= 75))

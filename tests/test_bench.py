@@ -83,7 +83,8 @@ def test_targets_table_says_met_or_not_from_the_figures(tmp_path):
         return {"device": "hand-made", "date": "2026-12-06 00:00 UTC", "figures": figures}
     dit = {"dit_ms triton lipar 35%": 900, "dit_ms triton full": 1600, "dit_ms off lipar 35%": 1400,
            "dit_ms off full": 2450, "dit_ms compile lipar 35%": 880, "dit_ms compile full": 1500,  # 98 %, 94 %
-           "dit_ms triton + fp8 lipar 35%": 800, "dit_ms triton + fp8 full": 1500, "kernel_load_s": 0.5}
+           "dit_ms triton + fp8 lipar 35%": 800, "dit_ms triton + fp8 full": 1500, "kernel_load_s": 0.5,
+           "kernel_load_each_s": [0.4, 1.7, 0.5]}  # the median of three processes decides
     resident = [1.0, 1.3, 1.6, 1.9, 2.1, 2.2] + [2.30, 2.35, 2.31, 2.34, 2.30, 2.33]  # flat from chunk 7
     live_run = lambda switch, page, cli: {"cli_fps": cli, "page_fps": page, "switch_ms": switch,  # noqa: E731
                                           "chunk_latency_ms": 72.0, "chunk_period_ms": 160.0}
@@ -111,7 +112,7 @@ def test_targets_table_says_met_or_not_from_the_figures(tmp_path):
     met = [cells[2] for cells in rows if len(cells) == 3 and cells[2] in ("yes", "no")]
     assert met == ["yes",  # DiT 900 / 1600 within 940 / 1700
                                   "no",   # compile's full at 94 % of Triton's speed
-                                  "yes",  # kernels load in 0.5 s
+                                  "yes",  # kernels load in 0.5 s (one process in 1.7 s)
                                   "yes",  # whole clip 36 / 76 f/s
                                   "no",   # the tiny VAE's stream at 69 f/s
                                   "yes",  # the VAE 1.30 s, 2.1x
@@ -124,6 +125,7 @@ def test_targets_table_says_met_or_not_from_the_figures(tmp_path):
                                   "no",   # the re-cache 2.13 forwards
                                   "no",   # Wan's third change 302 ms against 301
                                   "yes"], met  # the page 160 % / 93 %
+    assert "| 0.50 s (0.40, 1.70, 0.50) |" in done.stdout
     assert "4.00 s against 1.50 s: 2.7×" in done.stdout and "| 1.12× |" in done.stdout
     assert "wan: 210, 250, 302 ms against 301" in done.stdout
 
