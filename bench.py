@@ -329,7 +329,7 @@ def kernels_bench(timer, figures=None):
         frames_bf16, frames_fp8 = (io.from_model(vae.decode(x)).float() for x in (bf16_out, fp8_out))
         say(lines, f"fp8 lipar 35 %: latents relative error {relative_error(fp8_out, bf16_out):.2e} against bf16 "
                    f"(eager, no fusion); decoded frames PSNR {psnr(((frames_fp8 - frames_bf16) ** 2).mean().item()):.1f} dB")
-    loads = []  # three fresh processes: one process's start on a just-started machine varies by seconds
+    loads = []  # KERNEL_LOAD_PROCESSES fresh processes: one process on a just-started machine varied by a second
     for _ in range(KERNEL_LOAD_PROCESSES):
         done = subprocess.run([sys.executable, "-c", KERNEL_LOAD], capture_output=True, text=True,
                               cwd=Path(__file__).parent, env=fresh_env())
@@ -1297,7 +1297,7 @@ def target_table(groups):
     speeds = lambda: [dit("compile", c) / dit("triton", c) for c in ("full", "lipar 35%")]  # noqa: E731
     row("Triton ≥ 95 % of torch.compile's DiT speed (`full`, `lipar` 35 %)", ["kernels"],
         lambda: (" / ".join(f"{r:.0%}" for r in speeds()), min(speeds()) >= 0.95))
-    each = lambda: groups["kernels"]["figures"].get("kernel_load_each_s")  # noqa: E731  (runs before 2026-12-07: one)
+    each = lambda: get("kernels", "kernel_load_each_s")  # noqa: E731  (None in files that timed one process)
     row("a later process loads the kernels in ≤ 1 s (median of fresh processes)", ["kernels"],
         lambda: (f"{get('kernels', 'kernel_load_s'):.2f} s"
                  + (f" ({', '.join(f'{x:.2f}' for x in each())})" if each() else ""), get("kernels", "kernel_load_s") <= 1))
