@@ -346,6 +346,8 @@ def parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--fusion", choices=["triton", "compile", "off"],
                    help="the fused kernels on CUDA, as sample.py --fusion (default triton)")
+    p.add_argument("--fp8", action="store_true", help="the DiT's feed-forward products in fp8, as sample.py --fp8 "
+                   "(GPUs of compute capability 8.9+)")
     return p
 
 
@@ -359,6 +361,8 @@ def settings_of(args, random_weights):
         problems.append(f"--device {args.device!r}: {problem}")
     problems += [p for p in (cli.cuda_only_problem(args.device, {"fusion": args.fusion}),
                              cli.prompt_problem(args.prompt)) if p]
+    if args.fp8 and not cli.device_problem(args.device) and (problem := cli.fp8_problem(torch.device(args.device))):
+        problems.append(problem)
     if not 0 < args.port < 65536:
         problems.append(f"--port {args.port} is not a port; give 1 to 65535")
     else:
@@ -375,7 +379,7 @@ def make_server(args):
     random_weights = not Path(args.weights).exists()
     settings = settings_of(args, random_weights)
     models = sample.Models(None if random_weights else args.weights, args.device, cli.model_dtype(args),
-                           args.device, vae=settings.vae)
+                           args.device, vae=settings.vae, fp8=args.fp8)
     encoder = models.text_encoder()  # kept: every prompt typed is encoded with it
     models.vae(), models.dit()  # loaded now, not when the first page connects
 

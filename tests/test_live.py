@@ -302,6 +302,18 @@ def test_bad_flags_are_one_sentence(flags, named, capsys):
     assert err.startswith("error: ") and named in err and err.count("\n") == 1
 
 
+def test_fp8_gives_the_page_an_fp8_dit(server):
+    """--fp8 reaches the server's models: the FFN's products are fp8 layers there, and
+    not in the server made without it (tiny random models on the CPU)."""
+    import fp8
+
+    args = live.parser().parse_args(["--weights", "/nonexistent", "--device", "cpu", "--fp8"])
+    args.dtype = None
+    made, _ = live.make_server(args)
+    assert all(isinstance(block.ffn[i], fp8.Fp8Linear) for block in made.models.dit().blocks for i in (0, 2))
+    assert not any(isinstance(m, fp8.Fp8Linear) for m in server.models.dit().modules())
+
+
 def test_a_port_in_use_is_one_sentence(capsys):
     """The models load, then the bind fails: one sentence naming the address, exit code 2."""
     import socket
