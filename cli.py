@@ -302,7 +302,7 @@ def value_problems(args, values):
     for flag, device in (("--device", args.device), ("--text-device", args.text_device)):
         if device is not None and (problem := device_problem(device)):
             problems.append(f"{flag} {device!r}: {problem}")
-    if args.fp8 and not device_problem(args.device) and (problem := fp8_problem(torch.device(args.device))):
+    if problem := fp8_problem(args.device, args.fp8):
         problems.append(problem)
     if problem := cuda_only_problem(args.device, {"no-graphs": args.no_graphs, "fusion": args.fusion}):
         problems.append(problem)
@@ -324,8 +324,12 @@ def prompt_problem(prompt):
     return None if prompt.strip() else "--prompt is empty; say what the edited video should show"
 
 
-def fp8_problem(device):
-    """Why --fp8 cannot run on `device` (a sentence), or None."""
+def fp8_problem(device, fp8=True):
+    """Why --fp8 (when given) cannot run on `device` (a sentence), or None; a device that
+    is no device at all is device_problem's to name (sample.py, evaluate.py, live.py)."""
+    if not fp8 or device_problem(device):
+        return None
+    device = torch.device(device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         name = torch.cuda.get_device_name(device)
         return (f"--fp8 needs a GPU with fp8 products (compute capability 8.9 or later: Ada, Hopper); {name} has "

@@ -361,7 +361,7 @@ def settings_of(args, random_weights):
         problems.append(f"--device {args.device!r}: {problem}")
     problems += [p for p in (cli.cuda_only_problem(args.device, {"fusion": args.fusion}),
                              cli.prompt_problem(args.prompt)) if p]
-    if args.fp8 and not cli.device_problem(args.device) and (problem := cli.fp8_problem(torch.device(args.device))):
+    if problem := cli.fp8_problem(args.device, args.fp8):
         problems.append(problem)
     if not 0 < args.port < 65536:
         problems.append(f"--port {args.port} is not a port; give 1 to 65535")

@@ -87,12 +87,14 @@ def test_fp8_on_a_gpu_without_fp8_products_is_one_sentence(monkeypatch):
     """An Ampere GPU (8.0) has no fp8 products: --fp8 is refused, naming the GPU and the fix."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
-    problem = cli.fp8_problem(torch.device("cuda"))
+    monkeypatch.setattr(cli, "device_problem", lambda device: None)  # as if this machine had that GPU
+    assert cli.fp8_problem("cuda", fp8=False) is None  # not asked for: nothing to refuse
+    problem = cli.fp8_problem("cuda")
     assert problem == ("--fp8 needs a GPU with fp8 products (compute capability 8.9 or later: Ada, Hopper); "
                        "NVIDIA A100 has 8.0: drop --fp8")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert cli.fp8_problem(torch.device("cuda")) is None
-    assert cli.fp8_problem(torch.device("cpu")) is None  # torch._scaled_mm runs on the CPU too
+    assert cli.fp8_problem("cuda") is None
+    assert cli.fp8_problem("cpu") is None  # torch._scaled_mm runs on the CPU too
 
 
 def test_the_fusion_flag_on_the_cpu_and_without_triton(monkeypatch, capsys):
