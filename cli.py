@@ -325,16 +325,12 @@ def prompt_problem(prompt):
 
 
 def fp8_problem(device, fp8=True):
-    """Why --fp8 (when given) cannot run on `device` (a sentence), or None; a device that
-    is no device at all is device_problem's to name (sample.py, evaluate.py, live.py)."""
-    if not fp8 or device_problem(device):
+    """Why --fp8 (if given) cannot run on `device` (a sentence), or None; a bad device is device_problem's."""
+    if not fp8 or device_problem(device) or (device := torch.device(device)).type != "cuda" \
+            or (capability := torch.cuda.get_device_capability(device)) >= (8, 9):
         return None
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        return (f"--fp8 needs a GPU with fp8 products (compute capability 8.9 or later: Ada, Hopper); {name} has "
-                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: drop --fp8")
-    return None
+    return (f"--fp8 needs a GPU with fp8 products (compute capability 8.9 or later: Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, capability))}: drop --fp8")
 
 
 def device_problem(device):
