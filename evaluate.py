@@ -26,7 +26,6 @@ import datetime
 import itertools
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -545,5 +544,5 @@ def finish_distributed(world):
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    sys.exit(cli.guarded(main))
+if __name__ == "__main__":  # every output is closed (a stopped job's removed): end without the teardown,
+    signals.exit_at_once(cli.guarded(main))  # in which a run stopped by SIGTERM could crash (SIGSEGV) after its line
