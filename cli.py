@@ -302,11 +302,9 @@ def value_problems(args, values):
     for flag, device in (("--device", args.device), ("--text-device", args.text_device)):
         if device is not None and (problem := device_problem(device)):
             problems.append(f"{flag} {device!r}: {problem}")
-    if problem := fp8_problem(args.device, args.fp8):
-        problems.append(problem)
-    if problem := cuda_only_problem(args.device, {"no-graphs": args.no_graphs, "fusion": args.fusion}):
-        problems.append(problem)
-    return problems
+    return problems + [p for p in (fp8_problem(args.device, args.fp8),
+                                   cuda_only_problem(args.device, {"no-graphs": args.no_graphs, "fusion": args.fusion}))
+                       if p]
 
 
 def cuda_only_problem(device, flags):
@@ -326,11 +324,12 @@ def prompt_problem(prompt):
 
 def fp8_problem(device, fp8=True):
     """Why --fp8 (if given) cannot run on `device` (a sentence), or None; a bad device is device_problem's."""
-    if not fp8 or device_problem(device) or (device := torch.device(device)).type != "cuda" \
-            or (capability := torch.cuda.get_device_capability(device)) >= (8, 9):
+    if not fp8 or device_problem(device) or torch.device(device).type != "cuda":
         return None
-    return (f"--fp8 needs a GPU with fp8 products (compute capability 8.9 or later: Ada, Hopper); "
-            f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, capability))}: drop --fp8")
+    capability = torch.cuda.get_device_capability(device)
+    return None if capability >= (8, 9) else ("--fp8 needs a GPU with fp8 products (compute capability 8.9 or later: "
+                                              f"Ada, Hopper); {torch.cuda.get_device_name(device)} has "
+                                              f"{'.'.join(map(str, capability))}: drop --fp8")
 
 
 def device_problem(device):
